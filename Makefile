@@ -1,0 +1,57 @@
+# napari-mammo-sae: the two commands a new user needs are `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+SYSTEM_PACKAGES := xvfb xauth libgl1 libegl1 libxkbcommon-x11-0 libxcb-cursor0 libxcb-icccm4 \
+	libxcb-image0 libxcb-keysyms1 libxcb-randr0 libxcb-render-util0 libxcb-shape0 libxcb-xfixes0 \
+	libxcb-xinerama0 libxcb-xinput0 libdbus-1-3 libfontconfig1
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: demo test system-deps venv lint format screenshots benchmarks weights clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Xvfb and the OpenGL/xcb libraries napari needs for headless rendering (Debian/Ubuntu).
+system-deps:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then SUDO=sudo; \
+	  else echo "Missing system packages:$$missing -- install them (apt-get install$$missing) and re-run."; exit 1; fi; \
+	  echo "Installing system packages:$$missing"; \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $$missing; \
+	fi
+
+test: system-deps venv
+	$(PY) -m pytest -q
+
+lint: venv
+	$(VENV)/bin/ruff check src tests benchmarks scripts
+	$(VENV)/bin/ruff format --check src tests benchmarks scripts
+
+format: venv
+	$(VENV)/bin/ruff format src tests benchmarks scripts
+	$(VENV)/bin/ruff check --fix src tests benchmarks scripts
+
+# Opens napari on a sample with the analysis run; with no display, writes images and says where.
+demo: venv
+	$(PY) scripts/demo.py
+
+screenshots: system-deps venv
+	xvfb-run -a -s "-screen 0 1920x1200x24" $(PY) scripts/screenshots.py
+
+benchmarks: venv
+	$(PY) benchmarks/run_all.py
+
+weights: venv
+	$(PY) scripts/make_weights.py
+
+clean:
+	rm -rf $(VENV) build dist .pytest_cache .ruff_cache

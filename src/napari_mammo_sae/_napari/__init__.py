@@ -1,0 +1,1 @@
+"""napari adapters: reader, sample data, layers and widgets. Only this sub-package imports Qt/napari."""

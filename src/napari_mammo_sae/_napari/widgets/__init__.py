@@ -1,0 +1,1 @@
+"""Dock widgets declared in napari.yaml."""

@@ -1,0 +1,1 @@
+"""Neuron rankings, interventions, localisation and metrics (numpy/torch, no Qt)."""

@@ -1,0 +1,1 @@
+"""Backbones, concept heads, sparse autoencoders, checkpoint conversion and weight files."""

