@@ -1,0 +1,67 @@
+"""The installable package: manifest, console script, and a Qt-free core."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_installed_package_carries_the_top_level_manifest():
+    shipped = resources.files("napari_mammo_sae").joinpath("napari.yaml").read_text()
+    assert shipped == (ROOT / "napari.yaml").read_text()
+
+
+def test_npe2_validate_with_imports():
+    npe2 = Path(sys.executable).with_name("npe2")
+    result = subprocess.run(
+        [str(npe2), "validate", "napari-mammo-sae", "--imports"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "valid" in result.stdout
+
+
+def test_manifest_commands_resolve_to_callables():
+    from npe2 import PluginManifest
+
+    manifest = PluginManifest.from_distribution("napari-mammo-sae")
+    for command in manifest.contributions.commands:
+        assert callable(_resolve(command)), command.python_name
+
+
+def _resolve(command):
+    module_name, _, attr = command.python_name.partition(":")
+    module = __import__(module_name, fromlist=[attr])
+    return getattr(module, attr)
+
+
+@pytest.mark.parametrize("flag", ["--help", "--version"])
+def test_console_script(flag):
+    exe = Path(sys.executable).with_name("napari-mammo-sae")
+    result = subprocess.run([str(exe), flag], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "napari-mammo-sae" in result.stdout
+
+
+def test_core_never_imports_qt_or_napari():
+    code = (
+        "import sys, importlib, pkgutil, napari_mammo_sae as p\n"
+        "for m in pkgutil.walk_packages(p.__path__, 'napari_mammo_sae.'):\n"
+        "    if '._napari' in m.name: continue\n"
+        "    importlib.import_module(m.name)\n"
+        "bad = sorted(k for k in sys.modules if k.split('.')[0] in {'napari','qtpy','PyQt6','PySide6','PyQt5','vispy','magicgui'})\n"
+        "print(','.join(bad))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ""
