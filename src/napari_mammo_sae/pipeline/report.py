@@ -1,0 +1,382 @@
+"""Write an evaluation's results as a report folder: results.json, CSVs, PNG plots and index.html.
+
+The HTML is static (no JavaScript) and links its files relatively, so the folder can be copied,
+zipped or opened from any browser. Plots use matplotlib's Agg backend (no display needed).
+
+Expected ``results`` keys (all optional except ``meta``), as :mod:`.evaluate` produces them:
+
+- ``table1``: rows ``{variant, concept, head, without: metrics, with: metrics}``
+- ``figure2``: rows ``{variant, concept, mode ("activated"|"deactivated"), k: [...],
+  union_size: [...], auroc: [...], auroc_ci: [[lo, hi], ...]}``
+- ``table2``: rows ``{variant, concept, neurons: [...], ap: [...], mean_ap}``
+- ``figure4``: rows ``{variant, concept, top_neurons: [...], mean_positive: str (npz key),
+  mean_negative: ...}`` with the vectors passed separately in ``arrays``
+- ``confounder``: rows ``{variant, concept, neurons: [{neuron, iou_cue, iou_lesion, on_cue}],
+  cue_negatives: {...}}``
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def _ci(ci: Any) -> str:
+    if not ci or any(v is None or (isinstance(v, float) and math.isnan(v)) for v in ci):
+        return ""
+    return f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot serialise {type(obj).__name__}")
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def _slug(*parts: str) -> str:
+    return "_".join(str(p).replace(" ", "-").replace("/", "-") for p in parts)
+
+
+# --- plots -------------------------------------------------------------------------------------
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_figure2(rows: list[Mapping[str, Any]], path: Path, title: str) -> None:
+    """AUROC versus k for top-k activated and top-k deactivated (the paper's Figure 2)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    xmax = 1.0
+    for row in rows:
+        ks = np.asarray(row["union_size"], dtype=float)
+        au = np.asarray(row["auroc"], dtype=float)
+        style = "o-" if row["mode"] == "activated" else "s--"
+        (line,) = ax.plot(ks, au, style, label=f"top-k {row['mode']}")
+        cis = row.get("auroc_ci")
+        if cis:
+            lo = np.array([c[0] if c else np.nan for c in cis], dtype=float)
+            hi = np.array([c[1] if c else np.nan for c in cis], dtype=float)
+            ax.fill_between(ks, lo, hi, alpha=0.12, color=line.get_color(), lw=0)
+        xmax = max(xmax, float(np.nanmax(ks)) if ks.size else 1.0)
+    if rows and rows[0].get("baseline") is not None:
+        ax.axhline(rows[0]["baseline"], color="grey", lw=1, ls=":", label="with SAE, all latents")
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlim(0, xmax * 1.5)
+    ax.set_xlabel("neurons in the top-k union (class 0 and class 1)")
+    ax.set_ylabel("AUROC (test)")
+    ax.set_ylim(0.0, 1.02)
+    ax.axhline(0.5, color="k", lw=0.5)
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_figure4(
+    mean_pos: np.ndarray, mean_neg: np.ndarray, top: list[int], path: Path, title: str
+) -> None:
+    """Class-wise mean latent activations, positive vs negative, top neurons labelled (Figure 4)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8.0, 3.6), dpi=100)
+    x = np.arange(mean_pos.size)
+    ax.plot(x, mean_neg, color="tab:blue", lw=0.8, label="class 0 (negative)")
+    ax.plot(x, mean_pos, color="tab:red", lw=0.8, alpha=0.8, label="class 1 (positive)")
+    for n in top:
+        ax.annotate(
+            str(n),
+            (n, mean_pos[n]),
+            textcoords="offset points",
+            xytext=(0, 4),
+            ha="center",
+            fontsize=7,
+            color="tab:red",
+        )
+        ax.plot([n], [mean_pos[n]], "v", color="tab:red", ms=4)
+    ax.set_xlabel("latent neuron")
+    ax.set_ylabel("mean activation (train)")
+    ax.margins(y=0.12)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_table2(row: Mapping[str, Any], path: Path, title: str) -> None:
+    """AP@0.25 per top-10 class-1 neuron, as bars (Table 2 as a picture)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 3.2), dpi=100)
+    ap = np.nan_to_num(np.asarray(row["ap"], dtype=float))
+    ax.bar(np.arange(ap.size), ap, color="tab:green")
+    ax.set_xticks(np.arange(ap.size), [str(n) for n in row["neurons"]], fontsize=8)
+    ax.set_xlabel("top class-1 neuron (rank order)")
+    ax.set_ylabel("AP @ IoU 0.25")
+    ax.set_ylim(0, 1)
+    mean_ap = row.get("mean_ap")
+    if mean_ap is not None and not math.isnan(mean_ap):
+        ax.axhline(mean_ap, color="k", ls="--", lw=1, label=f"mean {mean_ap:.3f}")
+        ax.legend(fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# --- the report --------------------------------------------------------------------------------
+_CSS = """body{font-family:sans-serif;margin:2em;max-width:70em}table{border-collapse:collapse;margin:1em 0}
+td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}th{background:#eee}
+td.l,th.l{text-align:left}img{max-width:100%;border:1px solid #ddd;margin:4px 0}
+.warn{color:#a40}"""
+
+
+def write_report(
+    results: Mapping[str, Any],
+    out_dir: str | Path,
+    arrays: Mapping[str, np.ndarray] | None = None,
+) -> Path:
+    """Write results.json, CSVs, PNGs and index.html into ``out_dir``; return index.html's path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    arrays = dict(arrays or {})
+    body: list[str] = []
+    esc = html.escape
+    meta = results.get("meta", {})
+
+    body.append("<h1>Mammo-SAE evaluation report</h1>")
+    body.append("<table>")
+    for key, value in meta.items():
+        if isinstance(value, (dict, list)):
+            value = json.dumps(value, default=_json_default)
+        body.append(f"<tr><th class=l>{esc(str(key))}</th><td class=l>{esc(str(value))}</td></tr>")
+    body.append("</table>")
+    for note in results.get("notes", []):
+        body.append(f"<p class=warn>{esc(note)}</p>")
+
+    # (a) Table 1
+    rows = results.get("table1", [])
+    body.append("<h2>(a) Table 1: AUROC without vs with SAE reconstruction</h2>")
+    if rows:
+        csv_rows = []
+        body.append(
+            "<table><tr><th class=l>variant</th><th class=l>concept</th><th>n (pos)</th>"
+            "<th>AUROC without SAE [95% CI]</th><th>AUROC with SAE [95% CI]</th>"
+            "<th>AUPRC without / with</th><th>F1@0.5 without / with</th></tr>"
+        )
+        for r in rows:
+            wo, wi = r["without"], r["with"]
+            body.append(
+                f"<tr><td class=l>{esc(r['variant'])}</td><td class=l>{esc(r['concept'])}</td>"
+                f"<td>{wo['n']} ({wo['positives']})</td>"
+                f"<td>{_fmt(wo['auroc'])}{_ci(wo.get('auroc_ci'))}</td>"
+                f"<td>{_fmt(wi['auroc'])}{_ci(wi.get('auroc_ci'))}</td>"
+                f"<td>{_fmt(wo['auprc'])} / {_fmt(wi['auprc'])}</td>"
+                f"<td>{_fmt(wo['f1'])} / {_fmt(wi['f1'])}</td></tr>"
+            )
+            csv_rows.append(
+                [r["variant"], r["concept"], wo["n"], wo["positives"]]
+                + [wo["auroc"], *(wo.get("auroc_ci") or [None, None])]
+                + [wi["auroc"], *(wi.get("auroc_ci") or [None, None])]
+                + [wo["auprc"], wi["auprc"], wo["precision"], wo["recall"], wo["f1"]]
+                + [wi["precision"], wi["recall"], wi["f1"]]
+            )
+        body.append("</table>")
+        _write_csv(
+            out / "table1_auroc.csv",
+            ["variant", "concept", "n", "positives", "auroc_without", "ci_lo_without"]
+            + ["ci_hi_without", "auroc_with", "ci_lo_with", "ci_hi_with", "auprc_without"]
+            + ["auprc_with", "precision_without", "recall_without", "f1_without"]
+            + ["precision_with", "recall_with", "f1_with"],
+            csv_rows,
+        )
+        body.append('<p><a href="table1_auroc.csv">table1_auroc.csv</a></p>')
+    else:
+        body.append("<p>No heads evaluated.</p>")
+
+    # (b) Figure 2
+    rows = results.get("figure2", [])
+    body.append("<h2>(b) Figure 2: AUROC vs k, top-k activated and deactivated</h2>")
+    if rows:
+        groups: dict[tuple[str, str], list] = {}
+        csv_rows = []
+        for r in rows:
+            groups.setdefault((r["variant"], r["concept"]), []).append(r)
+            cis = r.get("auroc_ci") or [None] * len(r["k"])
+            for k, u, a, ci in zip(r["k"], r["union_size"], r["auroc"], cis, strict=True):
+                csv_rows.append(
+                    [r["variant"], r["concept"], r["mode"], k, u, a, *(ci or [None, None])]
+                )
+        _write_csv(
+            out / "figure2_topk.csv",
+            ["variant", "concept", "mode", "k", "union_size", "auroc", "ci_lo", "ci_hi"],
+            csv_rows,
+        )
+        for (variant, concept), group in groups.items():
+            name = f"figure2_{_slug(variant, concept)}.png"
+            plot_figure2(group, out / name, f"{concept}, {variant}")
+            body.append(f'<h3>{esc(concept)}, {esc(variant)}</h3><img src="{name}" alt="{name}">')
+            body.append("<table><tr><th>k</th><th>union</th>")
+            body.extend(f"<th>AUROC {esc(g['mode'])}</th>" for g in group)
+            body.append("</tr>")
+            for i, k in enumerate(group[0]["k"]):
+                body.append(f"<tr><td>{esc(str(k))}</td><td>{group[0]['union_size'][i]}</td>")
+                body.extend(f"<td>{_fmt(g['auroc'][i])}</td>" for g in group)
+                body.append("</tr>")
+            body.append("</table>")
+        body.append('<p><a href="figure2_topk.csv">figure2_topk.csv</a></p>')
+    else:
+        body.append("<p>Not computed.</p>")
+
+    # (c) Table 2
+    rows = results.get("table2", [])
+    body.append("<h2>(c) Table 2: localisation AP@0.25 of the top-10 class-1 neurons</h2>")
+    if rows:
+        method = results.get("meta", {}).get("localisation", "")
+        if method:
+            body.append(f"<p>{esc(str(method))}</p>")
+        csv_rows = []
+        width = max(len(r["neurons"]) for r in rows)
+        body.append("<table><tr><th class=l>concept</th><th class=l>variant</th>")
+        body.extend(f"<th>{i + 1}</th>" for i in range(width))
+        body.append("<th>mean</th></tr>")
+        for r in rows:
+            body.append(
+                f"<tr><td class=l>{esc(r['concept'])}</td><td class=l>{esc(r['variant'])}</td>"
+            )
+            for i in range(width):
+                if i < len(r["neurons"]):
+                    body.append(f"<td>{_fmt(r['ap'][i])}<br><small>#{r['neurons'][i]}</small></td>")
+                else:
+                    body.append("<td></td>")
+            body.append(f"<td><b>{_fmt(r['mean_ap'])}</b></td></tr>")
+            for rank, (n, ap) in enumerate(zip(r["neurons"], r["ap"], strict=True), 1):
+                csv_rows.append([r["variant"], r["concept"], rank, n, ap])
+            name = f"table2_{_slug(r['variant'], r['concept'])}.png"
+            plot_table2(r, out / name, f"{r['concept']}, {r['variant']}")
+        body.append("</table>")
+        for r in rows:
+            name = f"table2_{_slug(r['variant'], r['concept'])}.png"
+            body.append(f'<img src="{name}" alt="{name}">')
+        _write_csv(
+            out / "table2_localisation.csv",
+            ["variant", "concept", "rank", "neuron", "ap"],
+            csv_rows,
+        )
+        body.append('<p><a href="table2_localisation.csv">table2_localisation.csv</a></p>')
+    else:
+        body.append("<p>Not computed (no annotation boxes).</p>")
+
+    # (d) Figure 4
+    rows = results.get("figure4", [])
+    body.append("<h2>(d) Figure 4: class-wise mean latent activations</h2>")
+    if rows:
+        for r in rows:
+            pos = np.asarray(arrays[r["mean_positive"]], dtype=float)
+            neg = np.asarray(arrays[r["mean_negative"]], dtype=float)
+            slug = _slug(r["variant"], r["concept"])
+            name = f"figure4_{slug}.png"
+            plot_figure4(
+                pos, neg, list(r["top_neurons"]), out / name, f"{r['concept']}, {r['variant']}"
+            )
+            _write_csv(
+                out / f"figure4_{slug}.csv",
+                ["neuron", "mean_negative", "mean_positive"],
+                [[i, float(neg[i]), float(pos[i])] for i in range(pos.size)],
+            )
+            tops = ", ".join(str(n) for n in r["top_neurons"])
+            body.append(
+                f'<h3>{esc(r["concept"])}, {esc(r["variant"])}</h3><img src="{name}" alt="{name}">'
+                f"<p>top class-1 neurons: {esc(tops)} &middot; "
+                f'<a href="figure4_{slug}.csv">figure4_{slug}.csv</a></p>'
+            )
+    else:
+        body.append("<p>Not computed.</p>")
+
+    # (e) confounder check
+    rows = results.get("confounder", [])
+    if rows:
+        body.append("<h2>(e) Confounder check (phantom: planted cue vs lesions)</h2>")
+        csv_rows = []
+        for r in rows:
+            body.append(f"<h3>{esc(r['concept'])}, {esc(r['variant'])}</h3>")
+            body.append(
+                "<table><tr><th>neuron</th><th>mean IoU with cue</th><th>mean IoU with lesion</th>"
+                "<th>boxes on cue</th><th>boxes on lesion</th><th class=l>verdict</th></tr>"
+            )
+            for n in r["neurons"]:
+                verdict = "CUE (confounder)" if n["on_cue"] else "lesion" if n["on_lesion"] else "-"
+                body.append(
+                    f"<tr><td>{n['neuron']}</td><td>{_fmt(n['iou_cue'])}</td>"
+                    f"<td>{_fmt(n['iou_lesion'])}</td><td>{_fmt(n['frac_cue'])}</td>"
+                    f"<td>{_fmt(n['frac_lesion'])}</td><td class=l>{verdict}</td></tr>"
+                )
+                csv_rows.append(
+                    [r["variant"], r["concept"], n["neuron"], n["iou_cue"], n["iou_lesion"]]
+                    + [n["frac_cue"], n["frac_lesion"], n["on_cue"]]
+                )
+            body.append("</table>")
+            eff = r.get("cue_negatives")
+            if eff:
+                body.append(
+                    f"<p>Cue-only negatives (n={eff['n']}): mean probability "
+                    f"{_fmt(eff['mean_probability'])} with all latents, "
+                    f"{_fmt(eff['mean_probability_without_cue_neurons'])} with the cue neurons "
+                    f"{esc(str(eff['neurons']))} deactivated; clean negatives (n={eff['n_clean']}): "
+                    f"{_fmt(eff['mean_probability_clean'])}.</p>"
+                )
+        _write_csv(
+            out / "confounder.csv",
+            ["variant", "concept", "neuron", "iou_cue", "iou_lesion", "frac_cue", "frac_lesion"]
+            + ["on_cue"],
+            csv_rows,
+        )
+        body.append('<p><a href="confounder.csv">confounder.csv</a></p>')
+
+    body.append(
+        '<p><a href="results.json">results.json</a> (all figures above, machine-readable)</p>'
+    )
+    (out / "results.json").write_text(
+        json.dumps(results, indent=1, default=_json_default, allow_nan=True)
+    )
+    page = (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>Mammo-SAE report</title>"
+        f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
+    index = out / "index.html"
+    index.write_text(page, encoding="utf-8")
+    return index
