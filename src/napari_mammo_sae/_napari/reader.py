@@ -1,0 +1,156 @@
+"""npe2 reader for DICOM mammograms (``*.dcm``, ``*.dicom``) and folders of them.
+
+Each image becomes one image layer named by laterality and view (``"R CC"``), in millimetres
+(``scale`` = pixel spacing, ``units`` = mm), grey colormap, contrast limits from the file's window
+(MONOCHROME1 already inverted so dense tissue is bright), and metadata with the UIDs, laterality, view,
+spacing and where each came from - never patient data. Every image, a lone file included, hangs by
+:func:`napari_mammo_sae.layout.hanging_layout`: right breasts on the viewer's left, left breasts on the
+right, CC row above MLO row, chest walls toward the middle (mirrored when needed). Overlays must follow
+the same placement: ``layer.metadata["placement"].transform(scale, translate)`` (see ``layout.py``);
+``layer.metadata["record"]`` is the :class:`~napari_mammo_sae.dicom.MammogramRecord` for analysis.
+
+Bad files never raise into the viewer: the typed error's message is shown as a napari notification and
+the file yields no layer (a folder keeps its readable files).
+
+napari's built-in reader also claims ``.dcm``. To use this one:
+
+* in code and tests: ``viewer.open(path, plugin="napari-mammo-sae")``;
+* on the command line: ``napari --plugin napari-mammo-sae exam.dcm`` (or a folder);
+* as the default for drag-and-drop / File > Open: Preferences > Plugins > "File extension readers",
+  or in Python ``napari.settings.get_settings().plugins.extension2reader["*.dcm"] = "napari-mammo-sae"``
+  (same for ``*.dicom``); napari also asks which reader to use, with "remember", on first open.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..dicom import MammogramRecord, read_directory_with_errors, read_mammogram
+from ..errors import DicomReadError
+from ..layout import Placement, hanging_layout
+
+logger = logging.getLogger(__name__)
+
+PLUGIN_NAME = "napari-mammo-sae"
+SUFFIXES = (".dcm", ".dicom")
+
+LayerDataTuple = tuple[Any, dict, str]
+
+
+def _accepts(path: str | Path) -> bool:
+    p = Path(path)
+    return p.is_dir() or p.suffix.lower() in SUFFIXES
+
+
+def napari_get_reader(path: str | Sequence[str]) -> Callable[[Any], list] | None:
+    """Return the DICOM reader for .dcm/.dicom files and folders, else None."""
+    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    if not paths or not all(_accepts(p) for p in paths):
+        return None
+    return read_dicom
+
+
+def notify_error(message: str) -> None:
+    """Show an error notification in the viewer (logged when napari cannot show it)."""
+    try:
+        from napari.utils.notifications import show_error
+
+        show_error(message)
+    except Exception:  # pragma: no cover - no napari/Qt: log instead of crashing
+        logger.error("%s", message)
+
+
+def read_records(path: str | Path | Sequence[str | Path]) -> list[MammogramRecord]:
+    """Read files/folders into records; each typed error becomes a notification, not an exception."""
+    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    records: list[MammogramRecord] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            found, errors = read_directory_with_errors(p)
+            records += found
+            for name, exc in errors:
+                notify_error(f"{p.name}/{name}: {exc}")
+            if not found and not errors:
+                notify_error(
+                    f"{p.name} holds no DICOM files (.dcm, .dicom); open a folder of mammograms."
+                )
+            continue
+        try:
+            records.append(read_mammogram(p))
+        except DicomReadError as exc:
+            notify_error(str(exc))
+        except Exception as exc:  # never a traceback in the viewer
+            logger.exception("unexpected error reading %s", p.name)
+            notify_error(
+                f"{p.name}: unexpected {type(exc).__name__} while reading; please report it."
+            )
+    return records
+
+
+def layer_metadata(placement: Placement) -> dict:
+    """Layer metadata: UIDs, laterality, view, spacing and their sources (no patient data)."""
+    rec = placement.record
+    return {
+        "source_file": rec.source,
+        "sop_instance_uid": rec.sop_instance_uid,
+        "study_instance_uid": rec.study_instance_uid,
+        "series_instance_uid": rec.series_instance_uid,
+        "laterality": rec.laterality,
+        "laterality_source": rec.laterality_source,
+        "view": rec.view,
+        "view_source": rec.view_source,
+        "spacing_mm": tuple(rec.spacing_mm),
+        "spacing_source": rec.spacing_source,
+        "photometric": rec.photometric,
+        "window": None
+        if rec.window is None
+        else {
+            "center": rec.window.center,
+            "width": rec.window.width,
+            "function": rec.window.function,
+            "source": rec.window.source,
+        },
+        "frame": rec.frame,
+        "transfer_syntax": rec.transfer_syntax,
+        "flipped": placement.flip,
+        "chest_wall": placement.chest_wall,
+        "chest_wall_source": placement.chest_wall_source,
+        "placement": placement,
+        "record": rec,
+    }
+
+
+def layer_data_tuples(
+    records: Sequence[MammogramRecord], gap_mm: float = 10.0
+) -> list[LayerDataTuple]:
+    """Image layer data tuples for records, placed in the hanging layout."""
+    out: list[LayerDataTuple] = []
+    for placement in hanging_layout(records, gap_mm=gap_mm):
+        rec = placement.record
+        out.append(
+            (
+                rec.display_pixels(),
+                {
+                    "name": rec.name,
+                    **placement.layer_kwargs(),
+                    "units": ("mm", "mm"),
+                    "contrast_limits": list(rec.display_limits()),
+                    "colormap": "gray",
+                    "metadata": layer_metadata(placement),
+                },
+                "image",
+            )
+        )
+    return out
+
+
+def read_dicom(path: str | Sequence[str]) -> list:
+    """Reader function: layer data tuples, or napari's empty sentinel when nothing could be read."""
+    records = read_records(path)
+    if not records:
+        return [(None,)]  # napari: the reader handled the path and opened no layer
+    return layer_data_tuples(records)
