@@ -1,0 +1,624 @@
+"""``napari-mammo-sae evaluate``: the paper's analyses on the test split, written as a report folder.
+
+For every concept head (``--heads``), paired with the feature store extracted by the same backbone:
+
+(a) Table 1 - AUROC of the head on the original features vs on the SAE reconstruction;
+(b) Figure 2 - AUROC vs k with only the top-k union kept ("activated") or removed ("deactivated"),
+    computed in closed form from pooled latents (``analysis/interventions.py``);
+(c) Table 2 - AP@0.25 of the top-10 class-1 neurons' heatmap boxes against the annotation boxes;
+(d) Figure 4 - class-wise mean latents (training split), positive vs negative;
+(e) on phantom data (``confounder_annotations.csv`` in ``--data``), the confounder check: which top
+    neurons' boxes land on the planted cue rather than on the lesions, and what deactivating them
+    does to the probability of cue-only negatives.
+
+Neurons are ranked by the class-mean score (the paper) over the store's training split.
+AUROCs carry seeded bootstrap 95% CIs; ``--protocol image|row`` picks the label protocol.
+
+Exit codes: 2 unknown split/concept/protocol or a feature dimension that does not match the SAE
+(ConfigError); 4 unreadable annotations (AnnotationError); 5 unreadable weights (CheckpointError);
+6 missing, incomplete or corrupt store, or heads whose backbone does not match any store (StoreError).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import AnnotationError, ConfigError, StoreError
+from .probe import CONCEPTS, check_dims, head_parts, sae_dims, sae_parts, top_neurons
+
+log = logging.getLogger(__name__)
+
+K_VALUES: tuple[int | str, ...] = (0, 1, 2, 5, 10, 20, 50, 100, 250, 500, 1000, 5000, 10000, "all")
+LOCALISATION_TOP = 10
+
+
+@dataclass
+class StoreSummary:
+    """What one pass over a store gives: pooled test latents/features and train class sums."""
+
+    view: Any
+    test_rows: np.ndarray
+    pooled_z: np.ndarray  # (N_test, m)
+    pooled_x: np.ndarray  # (N_test, C)
+    means: dict[str, np.ndarray] = field(default_factory=dict)  # concept -> (2, m)
+    counts: dict[str, np.ndarray] = field(default_factory=dict)  # concept -> (2,)
+
+
+def summarise_store(
+    view: Any, sae: Any, *, device: str = "cpu", progress: Any = None
+) -> StoreSummary:
+    """One pass: class sums of pooled latents over training, pooled latents/features over test."""
+    import torch
+
+    from ..progress import check_cancelled
+
+    _, m = sae_dims(sae)
+    train_rows = view.rows("training")
+    test_rows = view.rows("test")
+    if len(test_rows) == 0:
+        raise ConfigError("the store holds no test-split images: extract the test split too")
+    labels = {c: view.labels(c) for c in CONCEPTS}
+    sums = {c: np.zeros((2, m)) for c in CONCEPTS}
+    counts = {c: np.zeros(2, dtype=np.int64) for c in CONCEPTS}
+    pooled_z = np.zeros((len(test_rows), m), dtype=np.float32)
+    pooled_x = np.zeros((len(test_rows), view.feature_dim), dtype=np.float32)
+    test_pos = {int(r): i for i, r in enumerate(test_rows)}
+    rows = np.concatenate([train_rows, test_rows])
+    if progress is not None:
+        progress.set_description("encoding store")
+        progress.set_total(len(rows))
+    for row, fmap in view.iter_maps(rows):
+        check_cancelled(progress)
+        tokens = torch.as_tensor(np.asarray(fmap), device=device).float()
+        tokens = tokens.reshape(tokens.shape[0], -1).T
+        with torch.inference_mode():
+            z = sae.encode(tokens).mean(0).float().cpu().numpy()
+        i = test_pos.get(int(row))
+        if i is not None:
+            pooled_z[i] = z
+            pooled_x[i] = tokens.mean(0).float().cpu().numpy()
+        else:
+            for c in CONCEPTS:
+                y = int(labels[c][row])
+                sums[c][y] += z
+                counts[c][y] += 1
+        if progress is not None:
+            progress.update(1)
+    summary = StoreSummary(view, test_rows, pooled_z, pooled_x)
+    for c in CONCEPTS:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            summary.means[c] = sums[c] / np.maximum(counts[c], 1)[:, None]
+        summary.counts[c] = counts[c]
+    return summary
+
+
+def reconstruction_logits(pooled_z: np.ndarray, sae: Any, w: np.ndarray, c: float) -> np.ndarray:
+    """Head logits on the SAE reconstruction: w . (W_dec mean z + b_dec) + c (pooling is linear)."""
+    _, _, W_dec, b_dec = sae_parts(sae)
+    W_dec = W_dec.float().cpu().numpy()
+    b_dec = b_dec.float().cpu().numpy()
+    return pooled_z @ (W_dec.T @ w) + float(w @ b_dec) + c
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(x, -60, 60)))
+
+
+@dataclass
+class LabelSource:
+    """Per-image row labels and boxes from the dataset's annotation files."""
+
+    rows: dict[str, dict[str, list[int]]]  # concept -> image_id -> per-row labels
+    boxes: dict[
+        str, dict[str, list[tuple[float, float, float, float]]]
+    ]  # concept -> image -> boxes
+    cue_boxes: dict[str, list[tuple[float, float, float, float]]] | None = None
+
+
+def load_label_source(data_dir: str | Path) -> LabelSource:
+    """Row labels, concept boxes and (phantom) cue boxes from a VinDr-layout folder."""
+    from .. import annotations as ann
+
+    root = Path(data_dir)
+    if not root.exists():
+        raise AnnotationError(f"no dataset folder at {root}: pass the folder given to 'extract'")
+    vindr = ann.load_vindr(root)
+    rows: dict[str, dict[str, list[int]]] = {}
+    boxes: dict[str, dict[str, list]] = {}
+    for concept in CONCEPTS:
+        rows[concept] = _row_labels(ann, vindr, concept)
+        boxes[concept] = {
+            image_id: [tuple(map(float, b)) for b in image.boxes(concept)]
+            for image_id, image in vindr.images.items()
+        }
+    cue = _cue_boxes(root)
+    return LabelSource(rows, boxes, cue)
+
+
+def _row_labels(ann: Any, vindr: Any, concept: str) -> dict[str, list[int]]:
+    """image_id -> list of per-row labels (Mammo-CLIP protocol)."""
+    table = ann.row_labels(vindr, concept)
+    out: dict[str, list[int]] = {}
+    if isinstance(table, dict):
+        for image_id, value in table.items():
+            out[str(image_id)] = [
+                int(v) for v in (value if isinstance(value, (list, tuple)) else [value])
+            ]
+        return out
+    for image_id, label in table:  # sequence of (image_id, label) rows
+        out.setdefault(str(image_id), []).append(int(label))
+    return out
+
+
+def _cue_boxes(root: Path) -> dict[str, list[tuple[float, float, float, float]]] | None:
+    """image_id -> planted-cue boxes from the phantom's confounder_annotations.csv (None if absent)."""
+    path = root / "confounder_annotations.csv"
+    if not path.exists():
+        return None
+    out: dict[str, list] = {}
+    with path.open(newline="") as fh:
+        for rec in csv.DictReader(fh):
+            try:
+                box = tuple(float(rec[k]) for k in ("xmin", "ymin", "xmax", "ymax"))
+            except (KeyError, ValueError):
+                continue
+            out.setdefault(rec["image_id"], []).append(box)
+    return out
+
+
+# --- the analyses ------------------------------------------------------------------------------
+def _samples(
+    summary: StoreSummary, scores: np.ndarray, labels: LabelSource, concept: str, protocol: str
+):
+    from ..analysis.metrics import protocol_samples
+
+    ids = [str(summary.view.index.image_id[r]) for r in summary.test_rows]
+    if protocol == "image":
+        own = summary.view.labels(concept)
+        lab = {i: [int(own[r])] for i, r in zip(ids, summary.test_rows, strict=True)}
+    else:
+        lab = labels.rows[concept]
+    return protocol_samples(ids, scores, lab, protocol)
+
+
+def _metrics(summary, logits, labels, concept, protocol, n_bootstrap, seed) -> dict:
+    from ..analysis.metrics import classification_report
+
+    y, p, g = _samples(summary, _sigmoid(logits), labels, concept, protocol)
+    rep = classification_report(y, p, n_bootstrap=n_bootstrap, seed=seed, groups=g)
+    return rep.to_dict()
+
+
+def topk_curves(
+    summary: StoreSummary,
+    sae: Any,
+    head_model: Any,
+    scores: np.ndarray,
+    labels: LabelSource,
+    concept: str,
+    protocol: str,
+    *,
+    n_bootstrap: int,
+    seed: int,
+    k_values: Sequence[int | str] = K_VALUES,
+) -> list[dict]:
+    """AUROC vs k for top-k activated (keep) and top-k deactivated (remove), closed form."""
+    from ..analysis.interventions import intervened_logits, topk_union
+
+    _, m = sae_dims(sae)
+    out = []
+    for mode, name in (("keep", "activated"), ("remove", "deactivated")):
+        aucs, cis, unions, ks = [], [], [], []
+        for k in k_values:
+            kk = m if k == "all" else min(int(k), m)
+            neurons = np.asarray(topk_union(scores[0], scores[1], kk), dtype=np.int64)
+            logits = np.asarray(intervened_logits(summary.pooled_z, sae, head_model, neurons, mode))
+            met = _metrics(summary, logits, labels, concept, protocol, n_bootstrap, seed)
+            ks.append(k)
+            unions.append(int(neurons.size))
+            aucs.append(met["auroc"])
+            cis.append(met["auroc_ci"])
+        out.append({"mode": name, "k": ks, "union_size": unions, "auroc": aucs, "auroc_ci": cis})
+    return out
+
+
+def neuron_boxes(
+    summary: StoreSummary,
+    sae: Any,
+    neurons: list[int],
+    rows: Sequence[int],
+    *,
+    device: str = "cpu",
+    progress: Any = None,
+    **box_kw: Any,
+) -> dict[int, dict[str, list]]:
+    """neuron -> image_id -> scored boxes (original pixels) of its heatmap, for the given rows."""
+    import torch
+
+    from ..analysis.localisation import heatmap_boxes
+    from .probe import encode_latents
+
+    out: dict[int, dict[str, list]] = {n: {} for n in neurons}
+    if not neurons or len(rows) == 0:
+        return out
+    view = summary.view
+    for row, fmap in view.iter_maps(np.asarray(sorted(set(int(r) for r in rows)))):
+        c, h, w = fmap.shape
+        tokens = torch.as_tensor(np.asarray(fmap), device=device).float().reshape(c, -1).T
+        with torch.inference_mode():
+            z = encode_latents(sae, tokens, neurons).float().cpu().numpy()
+        geometry = view.geometry(row)
+        image_id = str(view.index.image_id[row])
+        for col, n in enumerate(neurons):
+            out[n][image_id] = heatmap_boxes(z[:, col].reshape(h, w), geometry, **box_kw)
+        if progress is not None:
+            progress.update(1)
+    return out
+
+
+def localisation_table(
+    boxes: dict[int, dict[str, list]],
+    gt: dict[str, list],
+    neurons: list[int],
+    image_ids: Sequence[str],
+) -> dict:
+    """AP@0.25 per neuron over the images with ground-truth boxes (Table 2 row)."""
+    from ..analysis.localisation import average_precision
+
+    aps = []
+    for n in neurons:
+        pred = {i: boxes[n].get(i, []) for i in image_ids}
+        truth = {i: gt.get(i, []) for i in image_ids}
+        aps.append(average_precision(pred, truth, 0.25))
+    finite = [a for a in aps if not math.isnan(a)]
+    return {
+        "neurons": neurons,
+        "ap": aps,
+        "mean_ap": float(np.mean(finite)) if finite else math.nan,
+    }
+
+
+def confounder_check(
+    boxes: dict[int, dict[str, list]],
+    lesion: dict[str, list],
+    cue: dict[str, list],
+    neurons: list[int],
+    image_ids: Sequence[str],
+) -> list[dict]:
+    """Per neuron: mean best IoU of its top box with cue boxes vs lesion boxes on the given images."""
+    from ..analysis.localisation import iou_matrix
+
+    rows = []
+    for n in neurons:
+        iou_cue, iou_les = [], []
+        for image_id in image_ids:
+            pred = boxes[n].get(image_id, [])
+            if not pred:
+                continue
+            top = [pred[0].box]
+            if cue.get(image_id):
+                iou_cue.append(float(iou_matrix(top, cue[image_id]).max()))
+            if lesion.get(image_id):
+                iou_les.append(float(iou_matrix(top, lesion[image_id]).max()))
+        frac_cue = float(np.mean([v > 0.1 for v in iou_cue])) if iou_cue else math.nan
+        frac_les = float(np.mean([v > 0.1 for v in iou_les])) if iou_les else math.nan
+        mc = float(np.mean(iou_cue)) if iou_cue else math.nan
+        ml = float(np.mean(iou_les)) if iou_les else math.nan
+        on_cue = bool(iou_cue) and (math.isnan(ml) or mc > ml) and frac_cue >= 0.5
+        on_les = bool(iou_les) and not on_cue and frac_les >= 0.25
+        rows.append(
+            {
+                "neuron": int(n),
+                "iou_cue": mc,
+                "iou_lesion": ml,
+                "frac_cue": frac_cue,
+                "frac_lesion": frac_les,
+                "on_cue": on_cue,
+                "on_lesion": on_les,
+            }
+        )
+    return rows
+
+
+# --- pairing heads with stores -------------------------------------------------------------------
+def _head_info(folder: str | Path) -> tuple[Any, dict]:
+    from ..models.weights import load_weights
+
+    path = Path(folder)
+    if not path.exists():
+        raise ConfigError(f"no head weights at {path}: pass folders written by 'train-head'")
+    model, config = load_weights(path)
+    return model.eval(), dict(config)
+
+
+def _provenance(config: dict) -> dict:
+    prov = config.get("provenance")
+    return prov if isinstance(prov, dict) else config
+
+
+def pair_heads(
+    views: list[Any], heads: list[tuple[str, Any, dict]]
+) -> list[tuple[Any, str, Any, dict]]:
+    """Match each head to the store extracted with its backbone (StoreError if none matches)."""
+    pairs = []
+    for folder, model, config in heads:
+        prov = _provenance(config)
+        sig = prov.get("backbone_signature") or config.get("backbone_signature")
+        match = [v for v in views if sig and v.backbone_signature == sig]
+        if not match:
+            if len(views) == 1 and (not sig or not views[0].backbone_signature):
+                log.warning(
+                    "head %s has no backbone signature; pairing it with the only store", folder
+                )
+                match = views
+            else:
+                raise StoreError(
+                    f"the head {Path(folder).name} was trained on a backbone that matches none of the "
+                    "stores: run 'extract --weights' with this head's folder and pass that store"
+                )
+        pairs.append((match[0], folder, model, config))
+    return pairs
+
+
+# --- the whole evaluation ----------------------------------------------------------------------
+def evaluate(
+    stores: Sequence[str | Path],
+    sae_folder: str | Path,
+    head_folders: Sequence[str | Path],
+    data_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    protocol: str = "image",
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    k_values: Sequence[int | str] = K_VALUES,
+    localisation: str = "percentile",
+    box_score: str = "max",
+    device: str = "cpu",
+    progress: Any = None,
+) -> Path:
+    """Run analyses (a)-(e) and write the report folder; returns the path of its index.html."""
+    from ..analysis.metrics import PROTOCOLS
+    from ..models.weights import load_weights
+    from .probe import open_view, sae_sha256
+    from .report import write_report
+
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"unknown label protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
+    if not head_folders:
+        raise ConfigError("pass at least one concept head folder with --heads")
+    views = [open_view(s) for s in stores]
+    try:
+        sae, _ = load_weights(sae_folder)
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            f"no SAE weights at {sae_folder}: pass the folder written by 'train'"
+        ) from exc
+    sae = sae.to(device).eval()
+    for v in views:
+        check_dims(v.store, sae)
+    heads = [(str(f), *_head_info(f)) for f in head_folders]
+    pairs = pair_heads(views, heads)
+    labels = load_label_source(data_dir)
+
+    box_kw = {"method": localisation, "score": box_score}
+    summaries: dict[int, StoreSummary] = {}
+    results: dict[str, Any] = {
+        "meta": {
+            "stores": [Path(s).name for s in stores],
+            "sae_sha256": sae_sha256(sae_folder),
+            "protocol": protocol,
+            "bootstrap": n_bootstrap,
+            "seed": seed,
+            "ranking": "class mean of pooled latents over the training split (paper eq. 2)",
+            "localisation": (
+                f"heatmaps upsampled bilinearly to the model input, thresholded "
+                f"({'95th percentile, 8-connected components' if localisation == 'percentile' else '0.3 x max, contours >= 10 px'}), "
+                f"boxes mapped to original pixels; box score = heatmap {box_score}; AP at IoU 0.25 "
+                "(VOC all-point) over the test images with boxes of the concept"
+            ),
+        },
+        "table1": [],
+        "figure2": [],
+        "table2": [],
+        "figure4": [],
+        "notes": [],
+    }
+    arrays: dict[str, np.ndarray] = {}
+    figure4_done: set[tuple[int, str, str]] = set()
+    for view, folder, model, config in pairs:
+        prov = _provenance(config)
+        concept = prov.get("concept") or config.get("concept")
+        variant = str(prov.get("variant") or config.get("variant") or Path(folder).name)
+        if concept not in CONCEPTS:
+            raise ConfigError(
+                f"the head {Path(folder).name} is not a concept head (task {prov.get('task')!r}): "
+                f"pass heads trained with --task concept"
+            )
+        key = id(view)
+        if key not in summaries:
+            summaries[key] = summarise_store(view, sae, device=device, progress=progress)
+        summary = summaries[key]
+        w, c = head_parts(model)
+        if w.size != view.feature_dim:
+            raise StoreError(
+                f"the head {Path(folder).name} takes {w.size} features but the store holds "
+                f"{view.feature_dim}: extract the store with this head's backbone"
+            )
+        logits_x = summary.pooled_x @ w + c
+        logits_sae = reconstruction_logits(summary.pooled_z, sae, w, c)
+        results["table1"].append(
+            {
+                "variant": variant,
+                "concept": concept,
+                "head": Path(folder).name,
+                "without": _metrics(
+                    summary, logits_x, labels, concept, protocol, n_bootstrap, seed
+                ),
+                "with": _metrics(summary, logits_sae, labels, concept, protocol, n_bootstrap, seed),
+            }
+        )
+        scores = summary.means[concept]
+        curves = topk_curves(
+            summary, sae, model, scores, labels, concept, protocol,
+            n_bootstrap=min(n_bootstrap, 200), seed=seed, k_values=k_values,
+        )  # fmt: skip
+        baseline = results["table1"][-1]["with"]["auroc"]
+        for curve in curves:
+            results["figure2"].append(
+                {"variant": variant, "concept": concept, "baseline": baseline, **curve}
+            )
+
+        top = top_neurons(scores[1], LOCALISATION_TOP)
+        f4key = (key, concept, variant)
+        if f4key not in figure4_done:
+            figure4_done.add(f4key)
+            pos_key, neg_key = f"{variant}_{concept}_pos", f"{variant}_{concept}_neg"
+            arrays[pos_key], arrays[neg_key] = scores[1], scores[0]
+            results["figure4"].append(
+                {
+                    "variant": variant,
+                    "concept": concept,
+                    "top_neurons": top,
+                    "counts": summary.counts[concept].tolist(),
+                    "mean_positive": pos_key,
+                    "mean_negative": neg_key,
+                }
+            )
+
+        test_ids = [str(view.index.image_id[r]) for r in summary.test_rows]
+        gt = labels.boxes[concept]
+        with_boxes = [i for i in test_ids if gt.get(i)]
+        cue = labels.cue_boxes or {}
+        cue_ids = [i for i in test_ids if cue.get(i)]
+        id_to_row = {i: int(r) for i, r in zip(test_ids, summary.test_rows, strict=True)}
+        wanted = sorted({id_to_row[i] for i in with_boxes + cue_ids})
+        boxes = neuron_boxes(summary, sae, top, wanted, device=device, **box_kw)
+        if with_boxes:
+            results["table2"].append(
+                {
+                    "variant": variant,
+                    "concept": concept,
+                    **localisation_table(boxes, gt, top, with_boxes),
+                }
+            )
+        else:
+            results["notes"].append(f"{concept}, {variant}: no test image has a {concept} box")
+        if labels.cue_boxes is not None:
+            results.setdefault("confounder", []).append(
+                _confounder(summary, sae, model, boxes, gt, cue, top, test_ids, concept, variant)
+            )
+    results["meta"]["images_test"] = {
+        Path(stores[i]).name: int(len(summaries[id(v)].test_rows))
+        for i, v in enumerate(views)
+        if id(v) in summaries
+    }
+    return write_report(results, out_dir, arrays)
+
+
+def _confounder(summary, sae, model, boxes, gt, cue, top, test_ids, concept, variant) -> dict:
+    """Which top neurons sit on the planted cue, and their effect on cue-only negatives."""
+    from ..analysis.interventions import intervened_logits
+
+    ids = [i for i in test_ids if cue.get(i) or gt.get(i)]
+    neurons = confounder_check(boxes, gt, cue, top, ids)
+    cue_neurons = [n["neuron"] for n in neurons if n["on_cue"]]
+    own = summary.view.labels(concept)
+    pos = {i: k for k, i in enumerate(test_ids)}
+    cue_neg = [pos[i] for i in test_ids if cue.get(i) and not own[summary.test_rows[pos[i]]]]
+    clean_neg = [pos[i] for i in test_ids if not cue.get(i) and not own[summary.test_rows[pos[i]]]]
+    w, c = head_parts(model)
+    base = _sigmoid(reconstruction_logits(summary.pooled_z, sae, w, c))
+    removed = base
+    if cue_neurons:
+        removed = _sigmoid(
+            np.asarray(
+                intervened_logits(summary.pooled_z, sae, model, np.asarray(cue_neurons), "remove")
+            )
+        )
+
+    def _mean(values: np.ndarray, idx: list[int]) -> float:
+        return float(np.mean(values[idx])) if idx else math.nan
+
+    return {
+        "variant": variant,
+        "concept": concept,
+        "neurons": neurons,
+        "cue_negatives": {
+            "n": len(cue_neg),
+            "n_clean": len(clean_neg),
+            "neurons": cue_neurons,
+            "mean_probability": _mean(base, cue_neg),
+            "mean_probability_without_cue_neurons": _mean(removed, cue_neg),
+            "mean_probability_clean": _mean(base, clean_neg),
+        },
+    }
+
+
+# --- command line ------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``napari-mammo-sae evaluate``."""
+    parser.add_argument(
+        "--store", required=True, nargs="+", help="feature store(s); each head is paired with the "
+        "store extracted by its backbone"
+    )  # fmt: skip
+    parser.add_argument("--sae", required=True, help="SAE weights folder written by 'train'")
+    parser.add_argument(
+        "--heads", required=True, nargs="+", help="concept head folders ('train-head')"
+    )
+    parser.add_argument("--data", required=True, help="dataset folder (annotation CSVs)")
+    parser.add_argument("--out", required=True, help="report folder to write")
+    parser.add_argument("--protocol", default="image", help="label protocol: image | row")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument(
+        "--localisation", default="percentile", choices=("percentile", "contour"),
+        help="box extraction: 95th percentile (paper text) or 0.3 x max contours (paper code)",
+    )  # fmt: skip
+    parser.add_argument("--box-score", default="max", choices=("max", "mean"), help="AP box score")
+    parser.add_argument(
+        "--k", help="comma-separated k values for Figure 2 (default: the paper's list)"
+    )
+    parser.add_argument("--device", default="cpu", help="torch device")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``evaluate`` from parsed arguments; returns the exit status."""
+    from ..progress import TqdmProgress
+
+    k_values: Sequence[int | str] = K_VALUES
+    if args.k:
+        try:
+            k_values = [k if k == "all" else int(k) for k in args.k.split(",")]
+        except ValueError as exc:
+            raise ConfigError(f"--k takes integers or 'all', comma-separated: {args.k!r}") from exc
+    progress = TqdmProgress(desc="evaluate")
+    try:
+        index = evaluate(
+            args.store,
+            args.sae,
+            args.heads,
+            args.data,
+            args.out,
+            protocol=args.protocol,
+            n_bootstrap=args.bootstrap,
+            seed=args.seed,
+            k_values=k_values,
+            localisation=args.localisation,
+            box_score=args.box_score,
+            device=args.device,
+            progress=progress,
+        )
+    finally:
+        progress.close()
+    print(f"report: {index}")
+    return 0

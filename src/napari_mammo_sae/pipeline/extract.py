@@ -1,0 +1,489 @@
+"""``napari-mammo-sae extract``: a DICOM dataset + a model -> an HDF5 store of feature maps.
+
+Each image of a VinDr-layout folder (``breast-level_annotations.csv``, ``finding_annotations.csv``,
+``images/<study_id>/<image_id>.dicom``; real VinDr-Mammo or a phantom set) is read, preprocessed
+(``mammoclip`` or ``robust``) and run through the backbone; its ``C x h x w`` feature map (fp16 by
+default) goes to the store with an index row: image id, study id, SOPInstanceUID, laterality, view,
+split, per-image labels of both concepts, and the geometry (JSON) that maps the feature grid back
+to the DICOM pixels.
+
+- Decoding and preprocessing run in DataLoader worker processes (``--workers``) while the model
+  computes, so the backbone is the bottleneck.
+- Resumable: images already in the store are skipped. Atomic: the store only reads as complete
+  once every selected image is stored (the store's completion flag is set last).
+- Under ``torchrun`` (``RANK``/``WORLD_SIZE`` set) rank r extracts images i with i % world == r into
+  ``STORE.rank<r>-of-<world>.h5``; the last rank to finish writes ``STORE`` as an index that joins
+  the shards (readers open it like a single store).
+
+Exit codes: 2 unknown split / preprocessing / bad size (ConfigError); 4 annotation files missing
+or unreadable (AnnotationError); 5 weights unreadable (CheckpointError); 6 a store made with another
+backbone or preprocessing at the output path (StoreError).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import AnnotationError, ConfigError, DicomReadError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("training", "test")
+CONCEPTS = ("mass", "calcification")
+DEFAULT_SIZE = (1520, 912)
+
+
+# --- dataset listing ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ImageItem:
+    """One image of a VinDr-layout dataset, with what the store index and the trainers need."""
+
+    image_id: str
+    study_id: str
+    path: Path
+    split: str
+    laterality: str
+    view: str
+    density: str
+    labels: dict[str, int] = field(default_factory=dict)  # concept -> per-image label
+
+
+def image_path(root: Path, study_id: str, image_id: str) -> Path:
+    """Where VinDr-Mammo keeps an image: images/<study_id>/<image_id>.dicom (or .dcm)."""
+    base = root / "images" / study_id / image_id
+    for suffix in (".dicom", ".dcm", ""):
+        candidate = base.with_name(base.name + suffix)
+        if candidate.exists():
+            return candidate
+    return base.with_name(base.name + ".dicom")
+
+
+def list_images(
+    data_dir: str | Path, *, split: str | None = None, limit: int | None = None
+) -> list[ImageItem]:
+    """Every annotated image of a VinDr-layout folder, in annotation order, optionally one split."""
+    from .. import annotations as ann
+
+    root = Path(data_dir)
+    if split is not None and split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+    if not root.is_dir():
+        raise AnnotationError(f"no dataset folder at {root}: pass a VinDr-Mammo or phantom folder")
+    vindr = ann.load_vindr(root)
+    items = []
+    for image_id, image in vindr.images.items():
+        if split is not None and image.split != split:
+            continue
+        items.append(
+            ImageItem(
+                image_id=str(image_id),
+                study_id=str(image.study_id),
+                path=image_path(root, str(image.study_id), str(image_id)),
+                split=str(image.split),
+                laterality=str(image.laterality),
+                view=str(image.view),
+                density=str(getattr(image, "density", "") or ""),
+                labels={c: int(bool(image.has(c))) for c in CONCEPTS},
+            )
+        )
+        if limit is not None and len(items) >= limit:
+            break
+    if not items:
+        raise AnnotationError(
+            f"no images{' in split ' + repr(split) if split else ''} in the annotations of {root}"
+        )
+    return items
+
+
+def parse_size(text: str | Sequence[int] | None) -> tuple[int, int]:
+    """'HxW' (or a pair) -> (H, W); ConfigError when malformed."""
+    if text is None:
+        return DEFAULT_SIZE
+    if not isinstance(text, str):
+        h, w = (int(v) for v in text)
+        return (h, w)
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError as exc:
+        raise ConfigError(
+            f"input size must look like 1520x912 (height x width), got {text!r}"
+        ) from exc
+    if h < 32 or w < 32:
+        raise ConfigError(f"input size {h}x{w} is too small: use at least 32x32")
+    return (h, w)
+
+
+def geometry_to_json(geometry: Any) -> str:
+    """A Geometry as compact JSON (dataclass fields)."""
+    return json.dumps(asdict(geometry), separators=(",", ":"))
+
+
+def geometry_from_json(text: str) -> Any:
+    """Rebuild a Geometry from :func:`geometry_to_json`'s text."""
+    from ..geometry import Geometry
+
+    data = json.loads(text)
+    return Geometry(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+class PreprocessedImages:
+    """A torch Dataset: item i = (i, image (3, H, W) float32, geometry JSON, SOPInstanceUID) or None."""
+
+    def __init__(
+        self, items: Sequence[ImageItem], preprocess: str = "mammoclip", size=DEFAULT_SIZE
+    ):
+        from ..preprocess import PREPROCESSORS
+
+        if preprocess not in PREPROCESSORS:
+            raise ConfigError(
+                f"unknown preprocessing {preprocess!r}: use one of {', '.join(PREPROCESSORS)}"
+            )
+        self.items = list(items)
+        self.preprocess = preprocess
+        self.size = tuple(size)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        from ..dicom import read_mammogram
+        from ..preprocess import PREPROCESSORS
+
+        item = self.items[i]
+        try:
+            record = read_mammogram(item.path)
+        except (DicomReadError, OSError) as exc:
+            log.warning("skipping image %s: %s", item.image_id, exc)
+            return None
+        pre = PREPROCESSORS[self.preprocess](record, size=self.size)
+        return (i, np.ascontiguousarray(pre.image, dtype=np.float32), geometry_to_json(pre.geometry),
+                record.sop_instance_uid)  # fmt: skip
+
+
+def collate(batch):
+    """Stack the readable items of a batch; None when none was readable."""
+    import torch
+
+    batch = [b for b in batch if b is not None]
+    if not batch:
+        return None
+    idx, images, geoms, uids = zip(*batch, strict=True)
+    return list(idx), torch.from_numpy(np.stack(images)), list(geoms), list(uids)
+
+
+def make_loader(dataset: Any, *, batch_size: int, workers: int, pin_memory: bool = False):
+    """A DataLoader that decodes/preprocesses in ``workers`` processes, in order."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if workers > 0 else None,
+        persistent_workers=False,
+    )
+
+
+# --- models ------------------------------------------------------------------------------------
+def backbone_signature(model: Any) -> str:
+    """sha256 over the backbone's tensors (names, shapes, fp32 bytes): equal iff same features."""
+    import hashlib
+
+    import torch
+
+    backbone = getattr(model, "backbone", model)
+    h = hashlib.sha256()
+    for name, tensor in sorted(backbone.state_dict().items()):
+        if name.endswith("num_batches_tracked"):
+            continue
+        t = tensor.detach().to("cpu", torch.float32).contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_model(
+    weights: str | Path | None = None,
+    mammoclip_checkpoint: str | Path | None = None,
+    *,
+    trust_pickle: bool = False,
+) -> tuple[Any, dict]:
+    """A classifier (backbone + head) from our weights folder or a Mammo-CLIP .pth, and its config."""
+    if (weights is None) == (mammoclip_checkpoint is None):
+        raise ConfigError("pass exactly one of --weights FOLDER or --mammoclip-checkpoint PATH")
+    if weights is not None:
+        from ..models.weights import load_weights
+
+        if not Path(weights).exists():
+            raise ConfigError(
+                f"no weights folder at {weights}: pass a folder written by 'train-head'"
+            )
+        model, config = load_weights(weights)
+        return model, dict(config)
+    from ..models.checkpoints import load_mammoclip_classifier
+
+    model = load_mammoclip_classifier(mammoclip_checkpoint, trust_pickle=trust_pickle)
+    return model, {"source": Path(mammoclip_checkpoint).name}
+
+
+def backbone_name(model: Any, config: dict) -> str:
+    """The backbone's architecture name as recorded in its config (or the timm default_cfg)."""
+    for key in ("backbone", "backbone_name", "architecture"):
+        if isinstance(config.get(key), str):
+            return config[key]
+    prov = config.get("provenance")
+    if isinstance(prov, dict) and isinstance(prov.get("backbone"), str):
+        return prov["backbone"]
+    bb = getattr(model, "backbone", model)
+    cfg = getattr(bb, "pretrained_cfg", None) or getattr(bb, "default_cfg", None) or {}
+    return str(cfg.get("architecture", type(bb).__name__))
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> cuda if available else cpu."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+# --- extraction --------------------------------------------------------------------------------
+@dataclass
+class ExtractResult:
+    """What an extraction did."""
+
+    path: Path
+    stored: int
+    skipped_existing: int
+    unreadable: list[str]
+    seconds: float
+    complete: bool
+
+    @property
+    def images_per_second(self) -> float:
+        """Throughput of the images computed in this run."""
+        return self.stored / self.seconds if self.seconds > 0 else float("nan")
+
+
+def distributed_env() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment variables; (0, 1) outside torchrun."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def shard_path(out: Path, rank: int, world: int) -> Path:
+    """The file rank ``rank`` writes under torchrun."""
+    return out.with_name(f"{out.stem}.rank{rank}-of-{world}{out.suffix}")
+
+
+def extract_features(
+    data_dir: str | Path,
+    model: Any,
+    out: str | Path,
+    *,
+    config: dict | None = None,
+    split: str | None = None,
+    limit: int | None = None,
+    workers: int = 0,
+    dtype: str = "float16",
+    preprocess: str = "mammoclip",
+    input_size: tuple[int, int] | str | None = None,
+    batch_size: int = 1,
+    device: str = "cpu",
+    rank: int = 0,
+    world: int = 1,
+    progress: Any = None,
+    stop_after: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> ExtractResult:
+    """Extract feature maps of a dataset into a store (resumable, atomic); returns what it did.
+
+    ``stop_after`` stores at most that many images and leaves the store incomplete (tests and
+    interrupted runs look the same).
+    """
+    import torch
+
+    from ..progress import check_cancelled
+    from . import storeio
+
+    if dtype not in ("float16", "float32"):
+        raise ConfigError(f"unknown feature dtype {dtype!r}: use float16 or float32")
+    size = parse_size(input_size)
+    items = list_images(data_dir, split=split, limit=limit)
+    if world > 1:
+        items = [it for i, it in enumerate(items) if i % world == rank]
+    out = Path(out)
+    path = shard_path(out, rank, world) if world > 1 else out
+    device = resolve_device(device)
+    model = model.to(device).eval()
+    config = dict(config or {})
+    attrs = {
+        "backbone": backbone_name(model, config),
+        "backbone_signature": backbone_signature(model),
+        "preprocess": preprocess,
+        "input_size": list(size),
+        "feature_dtype": dtype,
+        "weights_source": str(config.get("source") or config.get("name") or ""),
+    }
+    # feature shape from one dry forward (cheap, and it checks the model runs at this size)
+    with torch.inference_mode():
+        probe = model.forward_features(torch.zeros(1, 3, *size, device=device))
+    c, h, w = (int(v) for v in probe.shape[1:])
+    store = storeio.open_for_append(
+        path, feature_dim=c, grid=(h, w), dtype=dtype, attrs=attrs, n_expected=len(items)
+    )
+    done = storeio.stored_ids(store)
+    todo = [it for it in items if it.image_id not in done]
+    skipped = len(items) - len(todo)
+    if progress is not None:
+        progress.set_total(len(items))
+        progress.update(skipped)
+    dataset = PreprocessedImages(todo, preprocess, size)
+    loader = make_loader(
+        dataset, batch_size=batch_size, workers=workers, pin_memory=device.startswith("cuda")
+    )
+    torch_dtype = torch.float16 if dtype == "float16" else torch.float32
+    stored, unreadable = 0, []
+    t0 = time.perf_counter()
+    try:
+        for batch in loader:
+            check_cancelled(progress)
+            if batch is None:
+                continue
+            idx, images, geoms, uids = batch
+            with torch.inference_mode():
+                feats = model.forward_features(images.to(device, non_blocking=True))
+                feats = feats.to(torch_dtype).cpu().numpy()
+            rows = []
+            for k, i in enumerate(idx):
+                it = todo[i]
+                rows.append(
+                    {
+                        "image_id": it.image_id,
+                        "study_id": it.study_id,
+                        "sop_instance_uid": uids[k],
+                        "split": it.split,
+                        "laterality": it.laterality,
+                        "view": it.view,
+                        "density": it.density,
+                        "label_mass": it.labels["mass"],
+                        "label_calcification": it.labels["calcification"],
+                        "geometry": geoms[k],
+                    }
+                )
+            storeio.append(store, feats, rows)
+            stored += len(rows)
+            if progress is not None:
+                progress.update(len(rows))
+            if on_batch is not None:
+                on_batch(stored)
+            if stop_after is not None and stored >= stop_after:
+                break
+        seconds = time.perf_counter() - t0
+        seen = {it.image_id for it in todo[: len(dataset)]}
+        unreadable = sorted(seen - storeio.stored_ids(store) - done) if stop_after is None else []
+        complete = stop_after is None or stored + skipped >= len(items)
+        if complete:
+            storeio.mark_complete(store, n_unreadable=len(unreadable))
+    finally:
+        storeio.close(store)
+    result = ExtractResult(path, stored, skipped, unreadable, seconds, complete)
+    if world > 1 and complete:
+        storeio.join_shards(out, [shard_path(out, r, world) for r in range(world)])
+    return result
+
+
+# --- command line ------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``napari-mammo-sae extract``."""
+    parser.add_argument(
+        "--data", required=True, help="dataset folder (VinDr layout: real or phantom)"
+    )
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--weights", help="classifier weights folder (train-head output)")
+    src.add_argument("--mammoclip-checkpoint", help="Mammo-CLIP downstream classifier .pth")
+    parser.add_argument(
+        "--trust-pickle", action="store_true",
+        help="allow unpickling a legacy Mammo-CLIP checkpoint (only for files you trust)",
+    )  # fmt: skip
+    parser.add_argument("--out", required=True, help="output store (.h5)")
+    parser.add_argument("--split", help="only this split (training | test); default: all")
+    parser.add_argument("--limit", type=int, help="at most this many images (before sharding)")
+    parser.add_argument(
+        "--workers", type=int, default=2, help="DataLoader decode/preprocess workers"
+    )
+    parser.add_argument(
+        "--dtype", default="fp16", choices=("fp16", "fp32"), help="stored feature dtype"
+    )
+    parser.add_argument("--preprocess", default="mammoclip", choices=("mammoclip", "robust"))
+    parser.add_argument(
+        "--input-size", help="model input HxW (default 1520x912 or the weights' own)"
+    )
+    parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
+    parser.add_argument(
+        "--device", default="auto", help="torch device: auto, cpu, cuda, cuda:1 ..."
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``extract`` from parsed arguments; returns the exit status."""
+    from ..progress import TqdmProgress
+
+    model, config = load_model(
+        args.weights, args.mammoclip_checkpoint, trust_pickle=args.trust_pickle
+    )
+    size = args.input_size or _config_size(config)
+    rank, world = distributed_env()
+    progress = TqdmProgress(
+        desc=f"extract{f' rank {rank}' if world > 1 else ''}", disable=rank != 0
+    )
+    try:
+        result = extract_features(
+            args.data,
+            model,
+            args.out,
+            config=config,
+            split=args.split,
+            limit=args.limit,
+            workers=args.workers,
+            dtype="float16" if args.dtype == "fp16" else "float32",
+            preprocess=args.preprocess,
+            input_size=size,
+            batch_size=args.batch_size,
+            device=args.device,
+            rank=rank,
+            world=world,
+            progress=progress,
+        )
+    finally:
+        progress.close()
+    msg = (
+        f"{result.path}: {result.stored} images stored ({result.images_per_second:.2f}/s), "
+        f"{result.skipped_existing} already there"
+    )
+    if result.unreadable:
+        msg += f", {len(result.unreadable)} unreadable (see the log)"
+    print(msg)
+    return 0
+
+
+def _config_size(config: dict) -> tuple[int, int] | None:
+    for src in (config, config.get("provenance") or {}):
+        size = src.get("input_size") if isinstance(src, dict) else None
+        if size:
+            return tuple(size)  # type: ignore[return-value]
+    return None

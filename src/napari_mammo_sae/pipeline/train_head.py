@@ -1,0 +1,595 @@
+"""``napari-mammo-sae train-head``: fit a concept head (linear probe or fine-tune) or a pretext task.
+
+Variants (the paper's naming):
+
+- ``pretrained``: linear probe. The backbone's weights are frozen and it runs in eval mode, so its
+  BatchNorm running statistics stay as they were. (Mammo-CLIP's own linear probes left BN in train
+  mode, so their statistics drifted - SPEC 1.1; ``--update-bn-stats`` reproduces that.) Freezing
+  the statistics keeps the backbone of every pretrained head identical, so one feature store serves
+  the mass and the calcification probe alike. Without augmentation the frozen backbone runs once per
+  image and the head trains on the cached pooled features.
+- ``finetuned``: backbone and head trained end to end (BN in train mode).
+
+Tasks: ``concept`` (mass or calcification, per-image labels), and pretext tasks to give a backbone
+something to learn before it is frozen: ``view`` (MLO = 1 vs CC = 0) and ``density`` (dense C/D = 1
+vs A/B = 0). Loss: BCE with pos_weight = negatives / positives of the training split (Mammo-CLIP).
+Optional training augmentation (``--augment``): Mammo-CLIP's flips, affine and elastic (SPEC 2).
+
+Checkpoints (``checkpoint.pt`` in the output folder, loadable with ``weights_only=True``) are
+written after every epoch and when SIGINT/SIGTERM arrives; ``--resume`` continues from one. The
+result is a weights folder (``save_weights``) whose config records the task, concept, variant,
+backbone, its signature and the train/test AUROC.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+TASKS = ("concept", "view", "density")
+VARIANTS = ("pretrained", "finetuned")
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class HeadConfig:
+    """Everything that defines a train-head run (saved in the checkpoint and the weights config)."""
+
+    data: str
+    task: str = "concept"
+    concept: str | None = None
+    variant: str = "pretrained"
+    backbone: str = "tf_efficientnet_b5"
+    init_weights: str | None = None
+    input_size: tuple[int, int] = (1520, 912)
+    preprocess: str = "mammoclip"
+    epochs: int = 10
+    lr: float | None = None
+    batch_size: int = 8
+    weight_decay: float = 0.0
+    augment: bool = False
+    update_bn_stats: bool = False
+    seed: int = 10
+    workers: int = 0
+    limit: int | None = None
+    device: str = "cpu"
+
+    def learning_rate(self) -> float:
+        """The given lr, else 1e-3 for a linear probe and 5e-5 for fine-tuning."""
+        if self.lr is not None:
+            return float(self.lr)
+        return 1e-3 if self.variant == "pretrained" else 5e-5
+
+    def validate(self) -> None:
+        """ConfigError for unknown task/variant/concept or bad numbers."""
+        if self.task not in TASKS:
+            raise ConfigError(f"unknown task {self.task!r}: use one of {', '.join(TASKS)}")
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"unknown variant {self.variant!r}: use one of {', '.join(VARIANTS)}")
+        if self.task == "concept" and self.concept not in ("mass", "calcification"):
+            raise ConfigError(
+                f"unknown concept {self.concept!r}: use --concept mass or --concept calcification"
+            )
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError("--epochs and --batch-size must be at least 1")
+
+    def identity(self) -> dict:
+        """The fields a resumed run must share with the checkpoint."""
+        keys = ("task", "concept", "variant", "backbone", "input_size", "preprocess", "seed")
+        return {k: _jsonable(getattr(self, k)) for k in keys}
+
+
+def _jsonable(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
+
+
+# --- labels ----------------------------------------------------------------------------------
+def task_label(item: Any, task: str, concept: str | None) -> int | None:
+    """The binary label of an image for a task; None when the image does not take part."""
+    if task == "concept":
+        return int(item.labels[concept])
+    if task == "view":
+        view = (item.view or "").upper()
+        return 1 if view == "MLO" else 0 if view == "CC" else None
+    if task == "density":
+        d = (item.density or "").upper().replace("DENSITY", "").strip()
+        return 1 if d in ("C", "D") else 0 if d in ("A", "B") else None
+    raise ConfigError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
+
+
+def pos_weight(labels: np.ndarray) -> float:
+    """negatives / positives (Mammo-CLIP's BCE weight); ConfigError without positives."""
+    pos = int(np.sum(labels == 1))
+    neg = int(np.sum(labels == 0))
+    if pos == 0 or neg == 0:
+        raise ConfigError(
+            f"the training split has {pos} positive and {neg} negative images for this task: "
+            "both are needed"
+        )
+    return neg / pos
+
+
+# --- augmentation (SPEC 2) -------------------------------------------------------------------
+def augment_image(image: Any, generator: Any) -> Any:
+    """Mammo-CLIP's training augmentation on a (3, H, W) tensor; each transform with p = 0.5."""
+    import torch
+    from torchvision.transforms.v2 import functional as TF
+
+    def coin() -> bool:
+        return bool(torch.rand((), generator=generator) < 0.5)
+
+    def uniform(lo: float, hi: float) -> float:
+        return float(lo + (hi - lo) * torch.rand((), generator=generator))
+
+    if coin():
+        image = torch.flip(image, dims=[-1])
+    if coin():
+        image = torch.flip(image, dims=[-2])
+    if coin():
+        h, w = image.shape[-2:]
+        fill = float(image.min())
+        image = TF.affine(
+            image,
+            angle=uniform(-20, 20),
+            translate=[round(uniform(-0.1, 0.1) * w), round(uniform(-0.1, 0.1) * h)],
+            scale=uniform(0.8, 1.2),
+            shear=[uniform(-20, 20), 0.0],
+            fill=fill,
+        )
+    if coin():
+        h, w = image.shape[-2:]
+        noise = torch.rand((1, h, w, 2), generator=generator) * 2 - 1
+        kernel = 2 * int(4 * 15) + 1
+        sigma = 15.0
+        disp = TF.gaussian_blur(noise.permute(0, 3, 1, 2), [min(kernel, 2 * (h // 2) - 1),
+                                                             min(kernel, 2 * (w // 2) - 1)],
+                                [sigma, sigma]).permute(0, 2, 3, 1)  # fmt: skip
+        disp = disp * 10.0 / torch.tensor([w, h], dtype=disp.dtype)  # alpha 10 px, normalised
+        image = TF.elastic(image, displacement=disp, fill=float(image.min()))
+    return image
+
+
+class _Images:
+    """Dataset of (index, image, label) with optional seeded augmentation."""
+
+    def __init__(self, base: Any, labels: np.ndarray, augment: bool, seed: int, epoch: int = 0):
+        self.base, self.labels, self.augment, self.seed, self.epoch = (
+            base,
+            labels,
+            augment,
+            seed,
+            epoch,
+        )
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        import torch
+
+        got = self.base[i]
+        if got is None:
+            return None
+        image = torch.from_numpy(got[1])
+        if self.augment:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 10_007 + i)
+            image = augment_image(image, g)
+        return i, image, float(self.labels[i])
+
+
+def _collate(batch):
+    import torch
+
+    batch = [b for b in batch if b is not None]
+    if not batch:
+        return None
+    idx, images, labels = zip(*batch, strict=True)
+    return list(idx), torch.stack(images), torch.tensor(labels, dtype=torch.float32)
+
+
+# --- model -------------------------------------------------------------------------------------
+def build_classifier(backbone: str, init_weights: str | None = None) -> Any:
+    """A ConceptClassifier (backbone + Linear(C, 1) head), backbone optionally from a weights folder."""
+    from ..models.backbone import create_backbone
+    from ..models.classifier import ConceptClassifier
+
+    model = ConceptClassifier(create_backbone(backbone))
+    if init_weights:
+        from ..models.weights import load_weights
+
+        if not Path(init_weights).exists():
+            raise ConfigError(
+                f"no weights folder at {init_weights}: pass a 'train-head' output folder"
+            )
+        source, _ = load_weights(init_weights)
+        src = getattr(source, "backbone", source)
+        try:
+            model.backbone.load_state_dict(src.state_dict())
+        except RuntimeError as exc:
+            raise CheckpointError(
+                f"the weights in {Path(init_weights).name} do not fit backbone {backbone!r}: "
+                "pass the --backbone they were trained with"
+            ) from exc
+    return model
+
+
+# --- checkpoints and signals -------------------------------------------------------------------
+def _save_checkpoint(folder: Path, state: dict) -> None:
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (CHECKPOINT + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(folder / CHECKPOINT)
+
+
+def _load_checkpoint(folder: Path) -> dict | None:
+    import torch
+
+    path = folder / CHECKPOINT
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint means the same to the user
+        raise CheckpointError(
+            f"{path} is not a readable train-head checkpoint ({exc}): delete it to start over"
+        ) from exc
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[dict]:
+    """Turn SIGINT/SIGTERM into a flag the loop checks (it then checkpoints and stops)."""
+    flag = {"stop": False, "signal": None}
+
+    def handler(signum, _frame):
+        flag["stop"], flag["signal"] = True, signum
+
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            old[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread
+            pass
+    try:
+        yield flag
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+# --- training ----------------------------------------------------------------------------------
+@dataclass
+class TrainHeadResult:
+    """Where the weights went and how well the head does."""
+
+    folder: Path
+    epochs_run: int
+    train_auroc: float
+    test_auroc: float
+    stopped: bool = False
+
+
+def _items(cfg: HeadConfig, split: str):
+    from .extract import list_images
+
+    try:
+        items = list_images(cfg.data, split=split, limit=cfg.limit)
+    except Exception as exc:  # a missing split is fine for test
+        if split == "test":
+            log.warning("no test images: %s", exc)
+            return [], np.zeros(0)
+        raise
+    pairs = [(it, task_label(it, cfg.task, cfg.concept)) for it in items]
+    pairs = [(it, y) for it, y in pairs if y is not None]
+    return [p[0] for p in pairs], np.asarray([p[1] for p in pairs], dtype=np.float32)
+
+
+def _scores(model: Any, dataset: Any, device: str, batch_size: int, workers: int) -> np.ndarray:
+    import torch
+
+    from .extract import make_loader
+
+    out = np.full(len(dataset), np.nan, dtype=np.float64)
+    model.eval()
+    for batch in make_loader(dataset, batch_size=batch_size, workers=workers):
+        if batch is None:
+            continue
+        idx, images, _, _ = batch
+        with torch.inference_mode():
+            out[idx] = model(images.to(device)).reshape(-1).float().cpu().numpy()
+    return out
+
+
+def _pooled(model: Any, dataset: Any, device: str, batch_size: int, workers: int, progress) -> Any:
+    """Pooled backbone features (N, C) of a dataset, frozen backbone in eval mode."""
+    import torch
+
+    from .extract import make_loader
+
+    feats = None
+    model.eval()
+    for batch in make_loader(dataset, batch_size=batch_size, workers=workers):
+        if batch is None:
+            continue
+        idx, images, _, _ = batch
+        with torch.inference_mode():
+            f = model.forward_features(images.to(device)).float().mean(dim=(-2, -1)).cpu()
+        if feats is None:
+            feats = torch.full((len(dataset), f.shape[1]), float("nan"))
+        feats[idx] = f
+        if progress is not None:
+            progress.update(len(idx))
+    return feats
+
+
+def _auroc(y: np.ndarray, s: np.ndarray) -> float:
+    from ..analysis.metrics import auroc
+
+    ok = np.isfinite(s)
+    return auroc(y[ok], s[ok]) if ok.any() else math.nan
+
+
+def train_head(
+    cfg: HeadConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    progress: Any = None,
+    stop_after_steps: int | None = None,
+) -> TrainHeadResult:
+    """Train a head (or a fine-tune) per ``cfg`` and write our weights format to ``out``."""
+    import torch
+
+    from ..models.weights import save_weights
+    from .extract import PreprocessedImages, backbone_signature, resolve_device
+
+    cfg.validate()
+    out = Path(out)
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    train_items, y_train = _items(cfg, "training")
+    test_items, y_test = _items(cfg, "test")
+    pw = pos_weight(y_train)
+    model = build_classifier(cfg.backbone, cfg.init_weights).to(device)
+    head = model.head
+    frozen = cfg.variant == "pretrained"
+    if frozen:
+        for p in model.backbone.parameters():
+            p.requires_grad_(False)
+    params = [p for p in (head.parameters() if frozen else model.parameters()) if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg.learning_rate(), weight_decay=cfg.weight_decay)
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pw, device=device))
+
+    start_epoch, start_step, history = 0, 0, []
+    if resume:
+        state = _load_checkpoint(out)
+        if state is None:
+            log.warning("no checkpoint in %s: starting from scratch", out)
+        else:
+            saved = json.loads(state["identity"])
+            if saved != cfg.identity():
+                raise ConfigError(
+                    f"the checkpoint in {out} was made with {saved}, not {cfg.identity()}: "
+                    "use the same settings to resume, or another --out"
+                )
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            start_epoch, start_step = int(state["epoch"]), int(state["step"])
+            history = json.loads(state["history"])
+    elif (out / CHECKPOINT).exists():
+        raise ConfigError(
+            f"{out} holds a checkpoint: pass --resume to continue it, or another --out"
+        )
+
+    base_train = PreprocessedImages(train_items, cfg.preprocess, cfg.input_size)
+    base_test = PreprocessedImages(test_items, cfg.preprocess, cfg.input_size)
+    cached = frozen and not cfg.augment and not cfg.update_bn_stats
+    n_batches = math.ceil(len(train_items) / cfg.batch_size)
+    if progress is not None:
+        progress.set_total(cfg.epochs * n_batches + (len(train_items) if cached else 0))
+        progress.update(start_epoch * n_batches + start_step)
+    pooled = None
+    if cached:
+        if progress is not None:
+            progress.set_description("backbone features")
+        pooled = _pooled(model, base_train, device, cfg.batch_size, cfg.workers, progress).to(
+            device
+        )
+
+    def checkpoint(epoch: int, step: int) -> None:
+        _save_checkpoint(
+            out,
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch,
+                "step": step,
+                "identity": json.dumps(cfg.identity()),
+                "history": json.dumps(history),
+            },
+        )
+
+    stopped = False
+    steps_done = 0
+    with _stop_on_signals() as flag:
+        for epoch in range(start_epoch, cfg.epochs):
+            if progress is not None:
+                progress.set_description(f"epoch {epoch + 1}/{cfg.epochs}")
+            g = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
+            order = torch.randperm(len(train_items), generator=g)
+            if not frozen or cfg.update_bn_stats:
+                model.train()
+                if frozen:  # BN statistics update, weights stay frozen
+                    head.train()
+            else:
+                model.eval()
+            data = _Images(base_train, y_train, cfg.augment, cfg.seed, epoch)
+            losses = []
+            for step in range(start_step if epoch == start_epoch else 0, n_batches):
+                idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size].tolist()
+                if cached:
+                    logits = head(pooled[idx])
+                    target = torch.as_tensor(y_train[idx], device=device)
+                else:
+                    got = _collate([data[i] for i in idx])
+                    if got is None:
+                        continue
+                    _, images, target = got
+                    logits = model(images.to(device))
+                    target = target.to(device)
+                loss = loss_fn(logits.reshape(-1), target.reshape(-1))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+                steps_done += 1
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{losses[-1]:.4f}")
+                if flag["stop"] or (
+                    stop_after_steps is not None and steps_done >= stop_after_steps
+                ):
+                    checkpoint(epoch, step + 1)
+                    stopped = True
+                    break
+            if stopped:
+                break
+            history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else None})
+            checkpoint(epoch + 1, 0)
+    if stopped:
+        if flag["signal"] is not None:
+            raise KeyboardInterrupt
+        return TrainHeadResult(out, len(history), math.nan, math.nan, stopped=True)
+
+    if progress is not None:
+        progress.set_description("scoring")
+    model.eval()
+    if cached:
+        with torch.inference_mode():
+            s_train = head(pooled).reshape(-1).float().cpu().numpy()
+    else:
+        s_train = _scores(model, base_train, device, cfg.batch_size, cfg.workers)
+    s_test = (
+        _scores(model, base_test, device, cfg.batch_size, cfg.workers)
+        if test_items
+        else np.zeros(0)
+    )
+    train_auc = _auroc(y_train, s_train)
+    test_auc = _auroc(y_test, s_test) if test_items else math.nan
+    model = model.cpu()
+    provenance = {
+        **asdict(cfg),
+        "input_size": list(cfg.input_size),
+        "data": Path(cfg.data).name,
+        "lr": cfg.learning_rate(),
+        "pos_weight": pw,
+        "backbone_signature": backbone_signature(model),
+        "train_auroc": train_auc,
+        "test_auroc": test_auc,
+        "n_train": len(train_items),
+        "n_test": len(test_items),
+        "history": history,
+        "bn_stats": "updated" if (not frozen or cfg.update_bn_stats) else "frozen",
+    }
+    save_weights(out, model, _weights_config(cfg, provenance))
+    return TrainHeadResult(out, len(history), train_auc, test_auc)
+
+
+def _weights_config(cfg: HeadConfig, provenance: dict) -> dict:
+    """Config for save_weights: what load_weights needs to rebuild the classifier, plus provenance."""
+    return {
+        "kind": "classifier",
+        "backbone": cfg.backbone,
+        "input_size": list(cfg.input_size),
+        "preprocess": cfg.preprocess,
+        "task": cfg.task,
+        "concept": cfg.concept,
+        "variant": cfg.variant,
+        "provenance": provenance,
+    }
+
+
+# --- command line ------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``napari-mammo-sae train-head``."""
+    parser.add_argument("--data", required=True, help="dataset folder (VinDr layout)")
+    parser.add_argument("--task", default="concept", choices=TASKS, help="what to predict")
+    parser.add_argument("--concept", help="mass | calcification (task concept)")
+    parser.add_argument(
+        "--variant", default="pretrained", help="pretrained (linear probe) | finetuned"
+    )
+    parser.add_argument("--backbone", default="tf_efficientnet_b5", help="timm backbone name")
+    parser.add_argument("--init-weights", help="weights folder to take the backbone from")
+    parser.add_argument("--input-size", default="1520x912", help="model input HxW")
+    parser.add_argument("--preprocess", default="mammoclip", choices=("mammoclip", "robust"))
+    parser.add_argument("--out", required=True, help="output weights folder")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument(
+        "--lr", type=float, help="learning rate (default 1e-3 probe, 5e-5 fine-tune)"
+    )
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--augment", action="store_true", help="Mammo-CLIP training augmentation")
+    parser.add_argument(
+        "--update-bn-stats", action="store_true",
+        help="pretrained: let BN running statistics update as Mammo-CLIP's probes did",
+    )  # fmt: skip
+    parser.add_argument("--seed", type=int, default=10)
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers for scoring")
+    parser.add_argument("--limit", type=int, help="at most this many images per split")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the checkpoint in --out"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``train-head`` from parsed arguments; returns the exit status."""
+    from ..progress import TqdmProgress
+    from .extract import parse_size
+
+    cfg = HeadConfig(
+        data=args.data,
+        task=args.task,
+        concept=args.concept,
+        variant=args.variant,
+        backbone=args.backbone,
+        init_weights=args.init_weights,
+        input_size=parse_size(args.input_size),
+        preprocess=args.preprocess,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        weight_decay=args.weight_decay,
+        augment=args.augment,
+        update_bn_stats=args.update_bn_stats,
+        seed=args.seed,
+        workers=args.workers,
+        limit=args.limit,
+        device=args.device,
+    )
+    progress = TqdmProgress(desc="train-head")
+    try:
+        result = train_head(cfg, args.out, resume=args.resume, progress=progress)
+    finally:
+        progress.close()
+    print(
+        f"{result.folder}: {result.epochs_run} epochs, train AUROC {result.train_auroc:.3f}, "
+        f"test AUROC {result.test_auroc:.3f}"
+    )
+    return 0
