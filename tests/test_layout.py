@@ -46,10 +46,11 @@ def test_four_view_positions(tmp_path):
     for view in ("CC", "MLO"):
         assert ext[f"R {view}"][3] == pytest.approx(-5.0)
         assert ext[f"L {view}"][1] == pytest.approx(5.0)
-    # CC row above the MLO row, separated by the gap, tops aligned within a row
+    # CC row above the MLO row, at least the gap apart, tops aligned within a row
+    tallest = max(p.height_mm for p in placements)
     cc_bottom = max(ext["R CC"][2], ext["L CC"][2])
-    assert ext["R MLO"][0] == pytest.approx(cc_bottom + 10.0)
-    assert ext["L MLO"][0] == pytest.approx(cc_bottom + 10.0)
+    assert ext["R MLO"][0] == ext["L MLO"][0] == pytest.approx(tallest * 1.02 + 10.0)
+    assert ext["R MLO"][0] >= cc_bottom + 10.0
     assert ext["R CC"][0] == ext["L CC"][0] == pytest.approx(0.0)
     # no mirroring needed: chest walls already face the middle
     assert not any(p.flip for p in placements)
@@ -146,9 +147,9 @@ def test_unknown_laterality_and_extra_views(tmp_path):
     placements = hanging_layout([*recs, extra, unknown])
     assert len(placements) == 6
     by = _by_name(placements)
-    # XCCL gets its own row between CC and MLO; the unknown image goes right of everything
-    assert by["L CC"].world_extent()[2] < by["L XCCL"].world_extent()[0]
-    assert by["L XCCL"].world_extent()[2] < by["L MLO"].world_extent()[0]
+    # XCCL gets its own row below CC and MLO; the unknown image goes right of everything
+    assert by["L CC"].world_extent()[2] < by["L MLO"].world_extent()[0]
+    assert by["L MLO"].world_extent()[2] < by["L XCCL"].world_extent()[0]
     assert by["? ?"].world_extent()[1] > max(
         p.world_extent()[3] for p in placements if p is not by["? ?"]
     )
@@ -165,6 +166,24 @@ def test_real_cbis_exam_hangs_without_mirroring(cbis_files):
     assert not any(p.flip for p in placements)  # CBIS images already hang chest wall inward
     assert by["R CC"].world_extent()[3] < 0 < by["L CC"].world_extent()[1]
     assert by["R CC"].world_extent()[2] < by["R MLO"].world_extent()[0]
+
+
+def _overlap(a, b):
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def test_files_opened_one_at_a_time_do_not_overlap(tmp_path):
+    """napari calls the reader once per file when several files are selected."""
+    placements = [hanging_layout([rec], gap_mm=10.0)[0] for rec in _exam(tmp_path, flip_right=True)]
+    by = _by_name(placements)
+    ext = {k: p.world_extent() for k, p in by.items()}
+    names = list(ext)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert not _overlap(ext[a], ext[b]), (a, b)
+    assert ext["R CC"][3] < 0 < ext["L CC"][1] and ext["R MLO"][3] < 0 < ext["L MLO"][1]
+    assert max(ext["R CC"][2], ext["L CC"][2]) < min(ext["R MLO"][0], ext["L MLO"][0])
+    assert by["R CC"].flip and by["R MLO"].flip
 
 
 def test_empty():

@@ -2,7 +2,7 @@
 
 Right and left breasts back to back: right images on the viewer's left with their chest wall on their
 right edge, left images on the viewer's right with their chest wall on their left edge; the CC row above
-the MLO row; other views (ML, XCCL, ...) in further rows below. Images whose chest wall is on the wrong
+the MLO row; other views (XCCL, ML, ...) in further rows below. Images whose chest wall is on the wrong
 side (found from Patient Orientation, else from the pixels) are mirrored left-right, as a workstation does.
 
 Coordinates: an image layer placed *in its own frame* has ``scale=spacing_mm`` and ``translate=(0, 0)``
@@ -115,8 +115,20 @@ def _row_key(view: str | None) -> tuple[int, str]:
     return (len(VIEW_ROWS), view or "~")
 
 
+def view_rows(views: Sequence[str | None]) -> dict[str | None, int]:
+    """Row index per view: CC always row 0, MLO always row 1, other views below in a fixed order."""
+    rows: dict[str | None, int] = {"CC": 0, "MLO": 1}
+    others = sorted({v for v in views if v not in rows}, key=_row_key)
+    rows.update({v: 2 + i for i, v in enumerate(others)})
+    return rows
+
+
 def hanging_layout(records: Sequence[MammogramRecord], gap_mm: float = 10.0) -> list[Placement]:
-    """Place records in the standard screening hanging; returns one Placement per record, same order."""
+    """Place records in the standard screening hanging; returns one Placement per record, same order.
+
+    Rows have a uniform pitch (tallest image + 2 % + gap) and fixed indices (CC 0, MLO 1), so images of
+    one exam opened one file at a time still land in the same rows without overlapping.
+    """
     if not records:
         return []
     # mirror decision per image
@@ -127,14 +139,9 @@ def hanging_layout(records: Sequence[MammogramRecord], gap_mm: float = 10.0) -> 
         flip = bool(side and wanted and side != wanted)
         info.append((side, source if side else "unknown", flip))
 
-    views = sorted({rec.view for rec in records}, key=_row_key)
-    row_of = {v: i for i, v in enumerate(views)}
-    # row heights and tops
-    heights = [0.0] * len(views)
-    for rec in records:
-        r = row_of[rec.view]
-        heights[r] = max(heights[r], rec.shape[0] * rec.spacing_mm[0])
-    tops = np.concatenate([[0.0], np.cumsum(np.asarray(heights) + gap_mm)])[: len(views)]
+    row_of = view_rows([rec.view for rec in records])
+    pitch = max(rec.shape[0] * rec.spacing_mm[0] for rec in records) * 1.02 + gap_mm
+    tops = {view: row * pitch for view, row in row_of.items()}
 
     # horizontal: right images grow leftward from -gap/2, left images rightward from +gap/2;
     # images without laterality go to the right of everything
@@ -151,7 +158,7 @@ def hanging_layout(records: Sequence[MammogramRecord], gap_mm: float = 10.0) -> 
             continue
         key = (r, rec.laterality)
         edge = cursor.get(key, gap_mm / 2.0)  # distance of the next image's inner edge from x=0
-        ty = float(tops[r]) + 0.5 * sy
+        ty = float(tops[rec.view]) + 0.5 * sy
         if rec.laterality == "R":
             tx = -edge - width + 0.5 * sx  # right (inner) edge at x = -edge
         else:
@@ -167,7 +174,7 @@ def hanging_layout(records: Sequence[MammogramRecord], gap_mm: float = 10.0) -> 
             rec = records[i]
             side, source, flip = info[i]
             sy, sx = rec.spacing_mm
-            ty = float(tops[row_of[rec.view]]) + 0.5 * sy
+            ty = float(tops[rec.view]) + 0.5 * sy
             placements[i] = Placement(rec, (ty, x + 0.5 * sx), False, side, source)
             x += rec.shape[1] * sx + gap_mm
     return [p for p in placements if p is not None]

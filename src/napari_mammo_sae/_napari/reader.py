@@ -125,9 +125,16 @@ def layer_metadata(placement: Placement) -> dict:
 
 
 def layer_data_tuples(
-    records: Sequence[MammogramRecord], gap_mm: float = 10.0
+    records: Sequence[MammogramRecord], gap_mm: float | None = None
 ) -> list[LayerDataTuple]:
-    """Image layer data tuples for records, placed in the hanging layout."""
+    """Image layer data tuples for records, placed in the hanging layout.
+
+    The default gap is 10 mm, or 2 % of the widest image when that is larger (files without pixel
+    spacing are laid out in pixels, where 10 "mm" would be invisible).
+    """
+    if gap_mm is None:
+        widest = max((r.shape[1] * r.spacing_mm[1] for r in records), default=0.0)
+        gap_mm = max(10.0, 0.02 * widest)
     out: list[LayerDataTuple] = []
     for placement in hanging_layout(records, gap_mm=gap_mm):
         rec = placement.record
