@@ -194,6 +194,9 @@ def test_jpeg_lossless_with_rescale_and_multiple_windows():
 def test_jpeg_lossless_and_extended_decode():
     rec = read_mammogram(pydicom_data_file("JPEG-LL.dcm"))
     assert rec.pixels.shape == (1024, 256) and rec.pixels.max() > 0
+    assert (
+        rec.modality == "NM" and rec.laterality is None
+    )  # no chest-wall guess outside mammography
     ext = read_mammogram(pydicom_data_file("JPGExtended.dcm"))
     assert ext.pixels.shape == (1024, 256) and ext.bits_stored == 12
 
@@ -538,8 +541,15 @@ def test_read_directory_keeps_readable_files(tmp_path):
     write_structured_report(tmp_path / "sr.dcm")
     write_not_dicom(tmp_path / "readme.dcm")
     (tmp_path / "notes.txt").write_text("ignored")
+    (tmp_path / "LICENSE").write_text("ignored too: no suffix and no DICM prefix")
+    write_structured_report(tmp_path / "DICOMDIR")  # a medium's index, skipped
+    (tmp_path / "IM0001").write_bytes(
+        write_mammogram(
+            tmp_path / "x.tmp", image_laterality="R", view_code="CC", chest_wall="right"
+        ).read_bytes()
+    )
     records = read_directory(tmp_path)
-    assert sorted(r.name for r in records) == ["L CC", "R MLO"]
+    assert sorted(r.name for r in records) == ["L CC", "R CC", "R MLO"]
     _records, errors = read_directory_with_errors(tmp_path)
     assert sorted((n, type(e)) for n, e in errors) == [
         ("readme.dcm", NotDicomError),

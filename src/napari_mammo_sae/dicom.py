@@ -25,7 +25,8 @@ What the reader does, in the order a workstation does it:
 * **Laterality**: Image Laterality, else Laterality, else text such as ``LEFT_CC`` / ``R MLO`` in
   Series Description, Protocol Name, Image Comments or Patient ID (read for parsing only, never
   logged or echoed), else the image content: the side of the image the breast touches (its chest
-  wall) - standard display puts a left breast's chest wall on the image's left edge.
+  wall) - standard display puts a left breast's chest wall on the image's left edge. No guess is made
+  for modalities that are certainly not mammography (CT, MR, US, ...).
 * **View**: View Code Sequence (SNOMED-RT and SNOMED CT codes of DICOM CID 4014, then its code
   meaning), else View Position, else the same text tags.
 * **Multi-frame objects** (tomosynthesis, enhanced objects): refused by default with
@@ -98,6 +99,11 @@ _VIEW_MEANINGS: list[tuple[str, str]] = [
     ("caudocranial", "FB"),
     ("craniocaudal", "CC"),
 ]
+
+#: modalities whose images are certainly not mammograms: no laterality guess from the pixels
+NON_MAMMO_MODALITIES = frozenset(
+    {"CT", "MR", "US", "NM", "PT", "XA", "RF", "SEG", "SR", "PR", "ECG"}
+)
 
 #: view abbreviations recognised in View Position and free text
 KNOWN_VIEWS = ("XCCL", "XCCM", "MLO", "LMO", "CC", "ML", "LM", "FB", "SIO", "ISO")
@@ -700,7 +706,7 @@ def read_mammogram(path: str | Path, *, frame: int | None = None) -> MammogramRe
                 f"{name}: a damaged DICOM element prevents reading ({type(exc).__name__}). "
                 "Export the image again from the PACS or modality."
             ) from None
-    if record.laterality is None:
+    if record.laterality is None and record.modality.upper() not in NON_MAMMO_MODALITIES:
         side = chest_wall_side_from_pixels(record.display_pixels())
         if side is not None:
             from dataclasses import replace
@@ -723,7 +729,7 @@ def read_mammogram(path: str | Path, *, frame: int | None = None) -> MammogramRe
 
 
 def read_directory(path: str | Path) -> list[MammogramRecord]:
-    """Every readable single-frame DICOM image in a folder (non-recursive); others are logged and skipped."""
+    """Readable images among a folder's *.dcm, *.dicom and extension-less DICOM files (not recursive)."""
     records, _errors = read_directory_with_errors(path)
     return records
 
@@ -740,8 +746,10 @@ def read_directory_with_errors(
     records: list[MammogramRecord] = []
     errors: list[tuple[str, DicomReadError]] = []
     for file in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
-        dicom_like = file.suffix.lower() in (".dcm", ".dicom", "") or _has_dicm_prefix(file)
-        if not dicom_like:
+        if file.name.upper() == "DICOMDIR":
+            continue  # the index of a DICOM medium, not an image
+        suffix = file.suffix.lower()
+        if not (suffix in (".dcm", ".dicom") or (suffix == "" and _has_dicm_prefix(file))):
             continue
         try:
             records.append(read_mammogram(file))

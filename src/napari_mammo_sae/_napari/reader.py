@@ -12,13 +12,17 @@ the same placement: ``layer.metadata["placement"].transform(scale, translate)`` 
 Bad files never raise into the viewer: the typed error's message is shown as a napari notification and
 the file yields no layer (a folder keeps its readable files).
 
-napari's built-in reader also claims ``.dcm``. To use this one:
+napari's built-in reader (imageio) also claims ``*.dcm``/``*.dicom`` and cannot decode compressed
+(RLE, JPEG, JPEG 2000) files. How to get this reader, as verified with napari 0.9.2:
 
-* in code and tests: ``viewer.open(path, plugin="napari-mammo-sae")``;
-* on the command line: ``napari --plugin napari-mammo-sae exam.dcm`` (or a folder);
-* as the default for drag-and-drop / File > Open: Preferences > Plugins > "File extension readers",
-  or in Python ``napari.settings.get_settings().plugins.extension2reader["*.dcm"] = "napari-mammo-sae"``
-  (same for ``*.dicom``); napari also asks which reader to use, with "remember", on first open.
+* in scripts and tests: ``viewer.open(path, plugin="napari-mammo-sae")``. Note that ``viewer.open``
+  defaults to ``plugin="napari"`` (the built-in reader) and ignores the preference below unless you
+  pass ``plugin=None``;
+* from the shell: ``napari --plugin napari-mammo-sae exam.dcm`` (or a folder);
+* File > Open and drag-and-drop: napari asks which reader to use and offers to remember the choice;
+  or set it once under Preferences > Plugins > "File extension readers", or in Python
+  ``napari.settings.get_settings().plugins.extension2reader["*.dcm"] = "napari-mammo-sae"`` (and
+  ``"*.dicom"``); these preferences apply to the GUI and to ``viewer.open(path, plugin=None)``.
 """
 
 from __future__ import annotations
