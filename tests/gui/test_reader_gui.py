@@ -9,9 +9,12 @@ import pytest
 
 from data_helpers import (
     PATIENT_VALUES,
+    pydicom_data_file,
+    write_broken_sequence,
     write_mammogram,
     write_not_dicom,
     write_structured_report,
+    write_truncated,
 )
 from napari_mammo_sae._napari.reader import napari_get_reader
 from napari_mammo_sae.dicom import read_mammogram
@@ -117,25 +120,61 @@ def test_folder_opens_in_hanging_layout_and_reports_bad_files(
     assert not any("Traceback" in m for m in errors)
 
 
-@pytest.mark.parametrize(
-    ("writer", "expected"),
-    [
-        (lambda p: write_not_dicom(p), "not a DICOM file"),
-        (lambda p: write_structured_report(p), "contains no image"),
-        (lambda p: write_mammogram(p, frames=3), "frame"),
-    ],
-)
+def _missing_openjpeg(monkeypatch):
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import JPEG2000Lossless
+
+    monkeypatch.setattr(get_decoder(JPEG2000Lossless), "_available", {})
+
+
+BAD_INPUTS = {
+    "not_dicom": (lambda p, mp: write_not_dicom(p / "bad.dcm"), "not a DICOM file"),
+    "truncated": (
+        lambda p, mp: write_truncated(write_mammogram(p / "full.dcm", rows=256), p / "bad.dcm"),
+        "truncated or corrupt",
+    ),
+    "broken_sequence": (lambda p, mp: write_broken_sequence(p / "bad.dcm"), "damaged"),
+    "no_pixels": (lambda p, mp: write_structured_report(p / "bad.dcm"), "contains no image"),
+    "multi_frame": (lambda p, mp: write_mammogram(p / "bad.dcm", frames=3), "frame"),
+    "colour": (lambda p, mp: pydicom_data_file("SC_rgb.dcm"), "colour image"),
+    "missing_decoder": (
+        lambda p, mp: (_missing_openjpeg(mp), pydicom_data_file("RG1_J2KR.dcm"))[1],
+        "pip install pylibjpeg pylibjpeg-openjpeg",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_file_gives_notification_and_no_layer(
-    make_napari_viewer, tmp_path, notifications, writer, expected
+    make_napari_viewer, tmp_path, monkeypatch, notifications, case
 ):
-    path = writer(tmp_path / "bad.dcm")
+    make, expected = BAD_INPUTS[case]
+    path = make(tmp_path, monkeypatch)
     viewer = make_napari_viewer()
     layers = viewer.open(path, plugin=PLUGIN)  # must not raise
     assert list(layers) == [] and len(viewer.layers) == 0
     errors = [str(n.message) for n in notifications if n.severity == "error"]
-    assert len(errors) == 1 and expected in errors[0] and "bad.dcm" in errors[0]
+    assert len(errors) == 1, errors
+    assert expected in errors[0] and path.name in errors[0]
+    assert "Traceback" not in errors[0]
     for value in PATIENT_VALUES:
         assert value not in errors[0]
+
+
+def test_unexpected_failure_is_a_notification_too(
+    make_napari_viewer, tmp_path, monkeypatch, notifications
+):
+    from napari_mammo_sae._napari import reader
+
+    def boom(path, **kw):
+        raise RuntimeError("internal bug")
+
+    monkeypatch.setattr(reader, "read_mammogram", boom)
+    path = write_mammogram(tmp_path / "ok.dcm")
+    viewer = make_napari_viewer()
+    assert list(viewer.open(path, plugin=PLUGIN)) == []
+    errors = [str(n.message) for n in notifications if n.severity == "error"]
+    assert len(errors) == 1 and "ok.dcm" in errors[0] and "RuntimeError" in errors[0]
 
 
 def test_cbis_sample_data(make_napari_viewer):
