@@ -564,3 +564,18 @@ def test_record_is_light_and_typed(tmp_path):
     assert "pydicom" not in sys.modules or not any(
         isinstance(v, pydicom.Dataset) for v in vars(rec).values()
     )
+
+
+def test_headerless_and_incomplete_files():
+    # no preamble/meta but a real DICOM data set (an RT plan): recognised as DICOM without an image
+    with pytest.raises(NoPixelDataError, match="RT Ion Plan"):
+        read_mammogram(pydicom_data_file("ExplVR_LitEndNoMeta.dcm"))
+    # meta without transfer syntax and no Bits Allocated: the message names the missing element
+    with pytest.raises(CorruptPixelDataError, match="Bits Allocated"):
+        read_mammogram(pydicom_data_file("meta_missing_tsyntax.dcm"))
+    # a deflated data set decodes
+    rec = read_mammogram(pydicom_data_file("image_dfl.dcm"))
+    assert rec.transfer_syntax == "Deflated Explicit VR Little Endian" and rec.pixels.shape == (
+        512,
+        512,
+    )

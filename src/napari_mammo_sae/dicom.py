@@ -275,7 +275,7 @@ def _read_dataset(path: Path, name: str):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 ds = pydicom.dcmread(str(path), force=True)
-            plausible = "SOPClassUID" in ds and ("Rows" in ds or "PixelData" in ds)
+            plausible = "SOPClassUID" in ds or ("Rows" in ds and "PixelData" in ds)
         except Exception:
             plausible = False
         if not plausible:
@@ -283,12 +283,17 @@ def _read_dataset(path: Path, name: str):
                 f"{name} is not a DICOM file (no DICOM header). Open a DICOM mammogram (.dcm) "
                 "exported from the PACS or modality."
             )
-        if "TransferSyntaxUID" not in ds.file_meta:
-            from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    if (
+        "TransferSyntaxUID" not in ds.file_meta
+    ):  # headerless or incomplete meta: use the encoding read
+        from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-            ds.file_meta.TransferSyntaxUID = (
-                ImplicitVRLittleEndian if ds.original_encoding[0] else ExplicitVRLittleEndian
-            )
+        implicit, little = getattr(ds, "original_encoding", (True, True))
+        ds.file_meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian
+            if implicit
+            else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+        )
     ds._mammo_truncated = truncated  # type: ignore[attr-defined]
     ds._mammo_has_header = has_header  # type: ignore[attr-defined]
     return ds
@@ -382,9 +387,12 @@ def _decode(ds, name: str, frame: int | None, n_frames: int) -> np.ndarray:
             f"pip install {' '.join(packages)}"
         ) from None
     except Exception as exc:
-        reason = (
-            str(exc) if "length" in str(exc).lower() and "pixel data" in str(exc).lower() else ""
+        text = str(exc)
+        # pydicom's messages about lengths and missing image-pixel elements quote no values
+        safe = ("length" in text.lower() and "pixel data" in text.lower()) or text.startswith(
+            "Missing required element"
         )
+        reason = text if safe else ""
         raise CorruptPixelDataError(
             f"{name}: the {tsyntax.name} pixel data is truncated or corrupt and does not decode "
             f"({type(exc).__name__}{': ' + reason if reason else ''}). Export the image again from the "
