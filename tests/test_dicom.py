@@ -579,3 +579,22 @@ def test_headerless_and_incomplete_files():
         512,
         512,
     )
+
+
+@pytest.mark.parametrize(
+    ("code", "scheme", "meaning", "view"),
+    [
+        ("399368009", "SCT", "medio-lateral oblique", "MLO"),  # SNOMED CT
+        ("R-1024A", "SRT", "cranio-caudal exaggerated laterally", "XCCL"),
+        ("R-10224", "SRT", "medio-lateral", "ML"),
+        ("X-UNKNOWN", "99LOCAL", "Latero-medial", "LM"),  # unknown code: its meaning decides
+    ],
+)
+def test_view_code_sequence_codes(tmp_path, code, scheme, meaning, view):
+    path = write_mammogram(tmp_path / "v.dcm", view_code="CC", view_position="CC")
+    ds = pydicom.dcmread(path)
+    item = ds.ViewCodeSequence[0]
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = code, scheme, meaning
+    ds.save_as(path)
+    rec = read_mammogram(path)
+    assert (rec.view, rec.view_source) == (view, "ViewCodeSequence")
