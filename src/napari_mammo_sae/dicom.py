@@ -757,7 +757,7 @@ def read_directory_with_errors(
         if file.name.upper() == "DICOMDIR":
             continue  # the index of a DICOM medium, not an image
         suffix = file.suffix.lower()
-        if not (suffix in (".dcm", ".dicom") or (suffix == "" and _has_dicm_prefix(file))):
+        if not (suffix in (".dcm", ".dicom") or (suffix == "" and has_dicm_prefix(file))):
             continue
         try:
             records.append(read_mammogram(file))
@@ -767,7 +767,8 @@ def read_directory_with_errors(
     return records, errors
 
 
-def _has_dicm_prefix(file: Path) -> bool:
+def has_dicm_prefix(file: Path) -> bool:
+    """True when the file has the 128-byte preamble followed by b"DICM"."""
     try:
         with open(file, "rb") as fh:
             head = fh.read(132)

@@ -46,11 +46,18 @@ def _four_view_folder(folder, *, mirror_right=False):
     return folder
 
 
-def test_get_reader_claims_dicom_and_folders(tmp_path):
+def test_get_reader_claims_dicom_and_folders_of_dicom(tmp_path):
     assert napari_get_reader(str(tmp_path / "a.dcm")) is not None
     assert napari_get_reader(str(tmp_path / "a.DICOM")) is not None
-    assert napari_get_reader(str(tmp_path)) is not None
     assert napari_get_reader(str(tmp_path / "a.png")) is None
+    assert napari_get_reader(str(tmp_path)) is None  # empty folder: not ours
+    (tmp_path / "notes.txt").write_text("x")
+    assert napari_get_reader(str(tmp_path)) is None
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "IM0001").write_bytes(write_mammogram(tmp_path / "x.dcm").read_bytes())
+    assert napari_get_reader(str(plain)) is not None  # extension-less DICOM with DICM prefix
+    assert napari_get_reader(str(tmp_path)) is not None  # now holds x.dcm
 
 
 def test_open_cbis_file(make_napari_viewer, cbis_files, notifications):

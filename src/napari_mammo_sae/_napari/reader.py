@@ -44,13 +44,36 @@ SUFFIXES = (".dcm", ".dicom")
 LayerDataTuple = tuple[Any, dict, str]
 
 
+def _folder_has_dicom(folder: Path, max_probe: int = 20) -> bool:
+    """True when a folder holds *.dcm/*.dicom files or extension-less files with the DICM prefix."""
+    from ..dicom import has_dicm_prefix
+
+    probed = 0
+    try:
+        for entry in folder.iterdir():
+            if not entry.is_file() or entry.name.startswith("."):
+                continue
+            suffix = entry.suffix.lower()
+            if suffix in SUFFIXES:
+                return True
+            if suffix == "" and probed < max_probe:
+                probed += 1
+                if has_dicm_prefix(entry):
+                    return True
+    except OSError:
+        return False
+    return False
+
+
 def _accepts(path: str | Path) -> bool:
     p = Path(path)
-    return p.is_dir() or p.suffix.lower() in SUFFIXES
+    if p.is_dir():
+        return _folder_has_dicom(p)
+    return p.suffix.lower() in SUFFIXES
 
 
 def napari_get_reader(path: str | Sequence[str]) -> Callable[[Any], list] | None:
-    """Return the DICOM reader for .dcm/.dicom files and folders, else None."""
+    """Return the DICOM reader for .dcm/.dicom files and folders holding DICOM files, else None."""
     paths = [path] if isinstance(path, (str, Path)) else list(path)
     if not paths or not all(_accepts(p) for p in paths):
         return None
@@ -76,8 +99,8 @@ def read_records(path: str | Path | Sequence[str | Path]) -> list[MammogramRecor
         if p.is_dir():
             found, errors = read_directory_with_errors(p)
             records += found
-            for name, exc in errors:
-                notify_error(f"{p.name}/{name}: {exc}")
+            for _name, exc in errors:
+                notify_error(str(exc))  # the message starts with the file name
             if not found and not errors:
                 notify_error(
                     f"{p.name} holds no DICOM files (.dcm, .dicom); open a folder of mammograms."
