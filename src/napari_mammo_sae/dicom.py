@@ -330,8 +330,8 @@ def _check_image(ds, name: str, frame: int | None) -> int:
             )
         kind = sop_class or "a non-image object"
         raise NoPixelDataError(
-            f"{name} contains no image ({kind}): structured reports and presentation states carry "
-            "no pixels. Open the mammogram image files of the study instead."
+            f"{name} contains no image ({kind}); objects such as structured reports, presentation "
+            "states or plans carry no pixels. Open the mammogram image files of the study instead."
         )
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
