@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import AnnotationError, ConfigError, StoreError
+from ..errors import ConfigError, StoreError
 from .probe import CONCEPTS, check_dims, head_parts, sae_dims, sae_parts, top_neurons
 
 log = logging.getLogger(__name__)
@@ -126,37 +126,13 @@ class LabelSource:
 
 def load_label_source(data_dir: str | Path) -> LabelSource:
     """Row labels, concept boxes and (phantom) cue boxes from a VinDr-layout folder."""
-    from .. import annotations as ann
+    from .extract import load_dataset
 
     root = Path(data_dir)
-    if not root.exists():
-        raise AnnotationError(f"no dataset folder at {root}: pass the folder given to 'extract'")
-    vindr = ann.load_vindr(root)
-    rows: dict[str, dict[str, list[int]]] = {}
-    boxes: dict[str, dict[str, list]] = {}
-    for concept in CONCEPTS:
-        rows[concept] = _row_labels(ann, vindr, concept)
-        boxes[concept] = {
-            image_id: [tuple(map(float, b)) for b in image.boxes(concept)]
-            for image_id, image in vindr.images.items()
-        }
-    cue = _cue_boxes(root)
-    return LabelSource(rows, boxes, cue)
-
-
-def _row_labels(ann: Any, vindr: Any, concept: str) -> dict[str, list[int]]:
-    """image_id -> list of per-row labels (Mammo-CLIP protocol)."""
-    table = ann.row_labels(vindr, concept)
-    out: dict[str, list[int]] = {}
-    if isinstance(table, dict):
-        for image_id, value in table.items():
-            out[str(image_id)] = [
-                int(v) for v in (value if isinstance(value, (list, tuple)) else [value])
-            ]
-        return out
-    for image_id, label in table:  # sequence of (image_id, label) rows
-        out.setdefault(str(image_id), []).append(int(label))
-    return out
+    images = load_dataset(root)
+    rows = {c: {im.image_id: list(im.rows[c]) for im in images} for c in CONCEPTS}
+    boxes = {c: {im.image_id: list(im.boxes[c]) for im in images} for c in CONCEPTS}
+    return LabelSource(rows, boxes, _cue_boxes(root))
 
 
 def _cue_boxes(root: Path) -> dict[str, list[tuple[float, float, float, float]]] | None:
@@ -331,12 +307,12 @@ def confounder_check(
 
 # --- pairing heads with stores -------------------------------------------------------------------
 def _head_info(folder: str | Path) -> tuple[Any, dict]:
-    from ..models.weights import load_weights
+    from .train_head import load_model_folder
 
     path = Path(folder)
     if not path.exists():
         raise ConfigError(f"no head weights at {path}: pass folders written by 'train-head'")
-    model, config = load_weights(path)
+    model, config = load_model_folder(path)
     return model.eval(), dict(config)
 
 

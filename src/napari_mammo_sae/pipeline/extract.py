@@ -68,32 +68,133 @@ def image_path(root: Path, study_id: str, image_id: str) -> Path:
     return base.with_name(base.name + ".dicom")
 
 
-def list_images(
-    data_dir: str | Path, *, split: str | None = None, limit: int | None = None
-) -> list[ImageItem]:
-    """Every annotated image of a VinDr-layout folder, in annotation order, optionally one split."""
-    from .. import annotations as ann
+@dataclass
+class DatasetImage:
+    """One image's annotations, normalised: labels per image and per row, boxes per concept."""
 
+    image_id: str
+    study_id: str
+    split: str
+    laterality: str
+    view: str
+    density: str
+    labels: dict[str, int]  # concept -> per-image label
+    rows: dict[str, list[int]]  # concept -> per-row labels (Mammo-CLIP protocol)
+    boxes: dict[str, list[tuple[float, float, float, float]]]  # concept -> boxes, original pixels
+
+
+def load_dataset(data_dir: str | Path) -> list[DatasetImage]:
+    """Every annotated image of a VinDr-layout folder, in annotation order (annotations.py)."""
     root = Path(data_dir)
-    if split is not None and split not in SPLITS:
-        raise ConfigError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
     if not root.is_dir():
         raise AnnotationError(f"no dataset folder at {root}: pass a VinDr-Mammo or phantom folder")
+    try:
+        from .. import annotations as ann
+    except ImportError:  # pragma: no cover - private fallback until annotations.py lands
+        return _load_dataset_csv(root)
     vindr = ann.load_vindr(root)
-    items = []
+    out = []
     for image_id, image in vindr.images.items():
-        if split is not None and image.split != split:
-            continue
-        items.append(
-            ImageItem(
+        rows = {c: _image_rows(ann, image, c) for c in CONCEPTS}
+        out.append(
+            DatasetImage(
                 image_id=str(image_id),
                 study_id=str(image.study_id),
-                path=image_path(root, str(image.study_id), str(image_id)),
                 split=str(image.split),
                 laterality=str(image.laterality),
                 view=str(image.view),
                 density=str(getattr(image, "density", "") or ""),
                 labels={c: int(bool(image.has(c))) for c in CONCEPTS},
+                rows=rows,
+                boxes={c: [tuple(map(float, b)) for b in image.boxes(c)] for c in CONCEPTS},
+            )
+        )
+    return out
+
+
+def _image_rows(ann: Any, image: Any, concept: str) -> list[int]:
+    """Per-row labels of one image: one entry per finding row (a 'No Finding' image has one row)."""
+    rows = getattr(image, "row_labels", None)
+    if callable(rows):
+        return [int(v) for v in rows(concept)]
+    findings = list(getattr(image, "findings", []) or [])
+    if not findings:
+        return [0]
+    name = ann.CONCEPTS.get(concept, concept) if hasattr(ann, "CONCEPTS") else concept
+    out = []
+    for f in findings:
+        cats = getattr(f, "categories", None) or [getattr(f, "category", "")]
+        out.append(int(name in cats))
+    return out
+
+
+def _load_dataset_csv(root: Path) -> list[DatasetImage]:
+    """Minimal VinDr CSV reader (private fallback): breast-level + finding annotations."""
+    import ast
+    import csv
+
+    names = {"mass": "Mass", "calcification": "Suspicious Calcification"}
+    breast = root / "breast-level_annotations.csv"
+    finding = root / "finding_annotations.csv"
+    if not breast.exists() or not finding.exists():
+        raise AnnotationError(
+            f"{root} lacks breast-level_annotations.csv or finding_annotations.csv: "
+            "pass a VinDr-Mammo or phantom folder"
+        )
+    images: dict[str, DatasetImage] = {}
+    with breast.open(newline="") as fh:
+        for rec in csv.DictReader(fh):
+            images[rec["image_id"]] = DatasetImage(
+                rec["image_id"], rec["study_id"], rec["split"], rec["laterality"],
+                rec["view_position"], rec.get("breast_density", ""),
+                {c: 0 for c in CONCEPTS}, {c: [] for c in CONCEPTS}, {c: [] for c in CONCEPTS},
+            )  # fmt: skip
+    with finding.open(newline="") as fh:
+        for rec in csv.DictReader(fh):
+            image = images.get(rec["image_id"])
+            if image is None:
+                raise AnnotationError(
+                    f"finding_annotations.csv names image {rec['image_id']} that "
+                    "breast-level_annotations.csv lacks"
+                )
+            cats = ast.literal_eval(rec["finding_categories"])
+            for c in CONCEPTS:
+                hit = int(names[c] in cats)
+                image.rows[c].append(hit)
+                if hit:
+                    image.labels[c] = 1
+                    if rec["xmin"]:
+                        image.boxes[c].append(
+                            tuple(float(rec[k]) for k in ("xmin", "ymin", "xmax", "ymax"))
+                        )
+    for image in images.values():
+        for c in CONCEPTS:
+            if not image.rows[c]:
+                image.rows[c].append(0)
+    return list(images.values())
+
+
+def list_images(
+    data_dir: str | Path, *, split: str | None = None, limit: int | None = None
+) -> list[ImageItem]:
+    """Every annotated image of a VinDr-layout folder, in annotation order, optionally one split."""
+    root = Path(data_dir)
+    if split is not None and split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+    items = []
+    for image in load_dataset(root):
+        if split is not None and image.split != split:
+            continue
+        items.append(
+            ImageItem(
+                image_id=image.image_id,
+                study_id=image.study_id,
+                path=image_path(root, image.study_id, image.image_id),
+                split=image.split,
+                laterality=image.laterality,
+                view=image.view,
+                density=image.density,
+                labels=dict(image.labels),
             )
         )
         if limit is not None and len(items) >= limit:
@@ -130,10 +231,99 @@ def geometry_to_json(geometry: Any) -> str:
 
 def geometry_from_json(text: str) -> Any:
     """Rebuild a Geometry from :func:`geometry_to_json`'s text."""
-    from ..geometry import Geometry
-
+    try:
+        from ..geometry import Geometry
+    except ImportError:  # pragma: no cover - private fallback until geometry.py lands
+        Geometry = _Geometry  # noqa: N806
     data = json.loads(text)
-    return Geometry(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+    fields = getattr(Geometry, "__dataclass_fields__", {})
+    return Geometry(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in fields}
+    )
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """Private stand-in for geometry.Geometry (crop box + resize), used only while it is missing."""
+
+    original_shape: tuple[int, int]
+    crop_box: tuple[float, float, float, float]
+    input_shape: tuple[int, int]
+    spacing_mm: tuple[float, float]
+
+    def input_to_original(self, rc: np.ndarray) -> np.ndarray:
+        r0, c0, r1, c1 = self.crop_box
+        scale = np.array([(r1 - r0) / self.input_shape[0], (c1 - c0) / self.input_shape[1]])
+        return np.asarray(rc, dtype=np.float64) * scale + np.array([r0, c0])
+
+    def box_to_original(self, box):
+        xmin, ymin, xmax, ymax = box
+        (r0, c0), (r1, c1) = self.input_to_original(np.array([[ymin, xmin], [ymax, xmax]]))
+        return (float(c0), float(r0), float(c1), float(r1))
+
+
+def _longest_run(on: np.ndarray) -> tuple[int, int]:
+    best, start, best_range = 0, None, (0, on.size)
+    for i, v in enumerate(np.append(on, False)):
+        if v and start is None:
+            start = i
+        elif not v and start is not None:
+            if i - start > best:
+                best, best_range = i - start, (start, i)
+            start = None
+    return best_range
+
+
+def _preprocess_fallback(record: Any, size: tuple[int, int]) -> tuple[np.ndarray, Any]:
+    """Mammo-CLIP preprocessing (SPEC 2), private stand-in while preprocess.py is missing."""
+    import torch
+
+    img = np.asarray(record.pixels, dtype=np.float64)
+    H0, W0 = img.shape
+    img = img[5:-5, 5:-5]
+    if record.photometric == "MONOCHROME1":
+        img = img.max() - img
+    img = img - img.min()
+    img = (img / max(img.max(), 1e-12) * 255).astype(np.uint8)
+    t = img.copy()
+    t[t <= 40] = 0
+    h, w = t.shape
+    rows = t[h // 2 - int(0.4 * h) : h // 2 + int(0.4 * h)]
+    c0, c1 = _longest_run(rows.std(axis=0) != 0)
+    t = t[:, c0:c1]
+    cols = t[:, t.shape[1] // 2 - int(0.4 * t.shape[1]) : t.shape[1] // 2 + int(0.4 * t.shape[1])]
+    r0, r1 = _longest_run(cols.std(axis=1) != 0)
+    crop = img[r0:r1, c0:c1].astype(np.float32)
+    x = torch.nn.functional.interpolate(torch.from_numpy(crop)[None, None], size=size, mode="area")
+    x = x[0, 0].numpy()
+    x = x - x.min()
+    x = x / max(float(x.max()), 1e-12)
+    x = (x - 0.3089279) / 0.25053555408335154
+    geometry = _Geometry(
+        (H0, W0), (float(r0 + 5), float(c0 + 5), float(r1 + 5), float(c1 + 5)), tuple(size),
+        tuple(record.spacing_mm),
+    )  # fmt: skip
+    return np.repeat(x[None], 3, axis=0).astype(np.float32), geometry
+
+
+def preprocess_record(
+    record: Any, preprocess: str, size: tuple[int, int]
+) -> tuple[np.ndarray, Any]:
+    """(image (3, H, W) float32, geometry) of a record under a named preprocessing."""
+    try:
+        from ..preprocess import PREPROCESSORS
+    except ImportError:  # pragma: no cover - private fallback until preprocess.py lands
+        if preprocess != "mammoclip":
+            raise ConfigError("only 'mammoclip' preprocessing is available in this build") from None
+        return _preprocess_fallback(record, size)
+    pre = PREPROCESSORS[preprocess](record, size=size)
+    return np.ascontiguousarray(pre.image, dtype=np.float32), pre.geometry
+
+
+def check_preprocess(name: str) -> None:
+    """ConfigError for an unknown preprocessing name."""
+    if name not in ("mammoclip", "robust"):
+        raise ConfigError(f"unknown preprocessing {name!r}: use mammoclip or robust")
 
 
 class PreprocessedImages:
@@ -142,12 +332,7 @@ class PreprocessedImages:
     def __init__(
         self, items: Sequence[ImageItem], preprocess: str = "mammoclip", size=DEFAULT_SIZE
     ):
-        from ..preprocess import PREPROCESSORS
-
-        if preprocess not in PREPROCESSORS:
-            raise ConfigError(
-                f"unknown preprocessing {preprocess!r}: use one of {', '.join(PREPROCESSORS)}"
-            )
+        check_preprocess(preprocess)
         self.items = list(items)
         self.preprocess = preprocess
         self.size = tuple(size)
@@ -157,7 +342,6 @@ class PreprocessedImages:
 
     def __getitem__(self, i: int):
         from ..dicom import read_mammogram
-        from ..preprocess import PREPROCESSORS
 
         item = self.items[i]
         try:
@@ -165,9 +349,8 @@ class PreprocessedImages:
         except (DicomReadError, OSError) as exc:
             log.warning("skipping image %s: %s", item.image_id, exc)
             return None
-        pre = PREPROCESSORS[self.preprocess](record, size=self.size)
-        return (i, np.ascontiguousarray(pre.image, dtype=np.float32), geometry_to_json(pre.geometry),
-                record.sop_instance_uid)  # fmt: skip
+        image, geometry = preprocess_record(record, self.preprocess, self.size)
+        return (i, image, geometry_to_json(geometry), record.sop_instance_uid)
 
 
 def collate(batch):
@@ -226,13 +409,13 @@ def load_model(
     if (weights is None) == (mammoclip_checkpoint is None):
         raise ConfigError("pass exactly one of --weights FOLDER or --mammoclip-checkpoint PATH")
     if weights is not None:
-        from ..models.weights import load_weights
+        from .train_head import load_model_folder
 
         if not Path(weights).exists():
             raise ConfigError(
                 f"no weights folder at {weights}: pass a folder written by 'train-head'"
             )
-        model, config = load_weights(weights)
+        model, config = load_model_folder(weights)
         return model, dict(config)
     from ..models.checkpoints import load_mammoclip_classifier
 
@@ -260,6 +443,110 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+# --- store writing (private HDF5 layout until pipeline/store.py lands) ---------------------------
+STORE_FORMAT = "napari-mammo-sae/features/1"
+INDEX_COLUMNS = (
+    "image_id", "study_id", "sop_instance_uid", "split", "laterality", "view", "density",
+    "label_mass", "label_calcification", "geometry",
+)  # fmt: skip
+_INT_COLUMNS = ("label_mass", "label_calcification")
+
+
+def _store_open_for_append(
+    path: Path, *, feature_dim: int, grid: tuple[int, int], dtype: str, attrs: dict, n_expected: int
+) -> Any:
+    """Open (resume) or create a store; StoreError if the existing one was made differently."""
+    import h5py
+
+    from ..errors import StoreError
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        try:
+            f = h5py.File(path, "a")
+        except OSError as exc:
+            raise StoreError(
+                f"{path.name} exists but is not a readable HDF5 store ({exc}): delete it or pick "
+                "another --out"
+            ) from exc
+        if f.attrs.get("format") != STORE_FORMAT:
+            f.close()
+            raise StoreError(f"{path.name} is not a feature store: delete it or pick another --out")
+        old = json.loads(f.attrs["meta"])
+        for key in ("backbone_signature", "preprocess", "input_size", "feature_dtype"):
+            if old.get(key) != attrs.get(key):
+                f.close()
+                raise StoreError(
+                    f"{path.name} was extracted with another {key.replace('_', ' ')} "
+                    f"({old.get(key)!r} vs {attrs.get(key)!r}): pick another --out to start a new store"
+                )
+        f.attrs["complete"] = False
+        f.attrs["n_expected"] = n_expected
+        return f
+    f = h5py.File(path, "w")
+    f.attrs["format"] = STORE_FORMAT
+    f.attrs["complete"] = False
+    f.attrs["n_expected"] = n_expected
+    f.attrs["meta"] = json.dumps({**attrs, "feature_dim": feature_dim, "grid": list(grid)})
+    c, (h, w) = feature_dim, grid
+    f.create_dataset(
+        "features", shape=(0, c, h, w), maxshape=(None, c, h, w), chunks=(1, c, h, w), dtype=dtype
+    )
+    str_dt = h5py.string_dtype()
+    for col in INDEX_COLUMNS:
+        dt = "i1" if col in _INT_COLUMNS else str_dt
+        f.create_dataset(f"index/{col}", shape=(0,), maxshape=(None,), dtype=dt, chunks=(256,))
+    f.flush()
+    return f
+
+
+def _store_ids(f: Any) -> set[str]:
+    return {v.decode() if isinstance(v, bytes) else str(v) for v in f["index/image_id"][:]}
+
+
+def _store_append(f: Any, feats: np.ndarray, rows: list[dict]) -> None:
+    """Append feature maps and their index rows; the index grows last so a crash loses one batch."""
+    n = f["features"].shape[0]
+    k = feats.shape[0]
+    f["features"].resize(n + k, axis=0)
+    f["features"][n : n + k] = feats
+    for col in INDEX_COLUMNS:
+        ds = f[f"index/{col}"]
+        ds.resize(n + k, axis=0)
+        ds[n : n + k] = [r[col] for r in rows]
+    f.flush()
+
+
+def _store_mark_complete(f: Any, *, n_unreadable: int = 0) -> None:
+    f.attrs["n_unreadable"] = n_unreadable
+    f.attrs["complete"] = True
+    f.flush()
+
+
+def _store_close(f: Any) -> None:
+    f.close()
+
+
+def join_shards(out: Path, shards: Sequence[Path]) -> Path | None:
+    """Write ``out`` as an index of per-rank shard files once all of them are complete."""
+    import h5py
+
+    for shard in shards:
+        try:
+            with h5py.File(shard, "r") as f:
+                if not bool(f.attrs.get("complete", False)):
+                    return None
+        except OSError:
+            return None
+    tmp = out.with_name(out.name + ".tmp")
+    with h5py.File(tmp, "w") as f:
+        f.attrs["format"] = STORE_FORMAT + "/shards"
+        f.attrs["shards"] = json.dumps([s.name for s in shards])
+        f.attrs["complete"] = True
+    tmp.replace(out)
+    return out
 
 
 # --- extraction --------------------------------------------------------------------------------
@@ -318,7 +605,6 @@ def extract_features(
     import torch
 
     from ..progress import check_cancelled
-    from . import storeio
 
     if dtype not in ("float16", "float32"):
         raise ConfigError(f"unknown feature dtype {dtype!r}: use float16 or float32")
@@ -343,10 +629,10 @@ def extract_features(
     with torch.inference_mode():
         probe = model.forward_features(torch.zeros(1, 3, *size, device=device))
     c, h, w = (int(v) for v in probe.shape[1:])
-    store = storeio.open_for_append(
+    store = _store_open_for_append(
         path, feature_dim=c, grid=(h, w), dtype=dtype, attrs=attrs, n_expected=len(items)
     )
-    done = storeio.stored_ids(store)
+    done = _store_ids(store)
     todo = [it for it in items if it.image_id not in done]
     skipped = len(items) - len(todo)
     if progress is not None:
@@ -385,7 +671,7 @@ def extract_features(
                         "geometry": geoms[k],
                     }
                 )
-            storeio.append(store, feats, rows)
+            _store_append(store, feats, rows)
             stored += len(rows)
             if progress is not None:
                 progress.update(len(rows))
@@ -395,15 +681,15 @@ def extract_features(
                 break
         seconds = time.perf_counter() - t0
         seen = {it.image_id for it in todo[: len(dataset)]}
-        unreadable = sorted(seen - storeio.stored_ids(store) - done) if stop_after is None else []
+        unreadable = sorted(seen - _store_ids(store) - done) if stop_after is None else []
         complete = stop_after is None or stored + skipped >= len(items)
         if complete:
-            storeio.mark_complete(store, n_unreadable=len(unreadable))
+            _store_mark_complete(store, n_unreadable=len(unreadable))
     finally:
-        storeio.close(store)
+        _store_close(store)
     result = ExtractResult(path, stored, skipped, unreadable, seconds, complete)
     if world > 1 and complete:
-        storeio.join_shards(out, [shard_path(out, r, world) for r in range(world)])
+        join_shards(out, [shard_path(out, r, world) for r in range(world)])
     return result
 
 

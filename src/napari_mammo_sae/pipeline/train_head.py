@@ -202,20 +202,40 @@ def _collate(batch):
 
 
 # --- model -------------------------------------------------------------------------------------
+def _private_classifier(backbone: str) -> Any:
+    import timm
+    import torch
+
+    class Classifier(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0)
+            self.head = torch.nn.Linear(self.backbone.num_features, 1)
+
+        def forward_features(self, x):
+            return self.backbone.forward_features(x)
+
+        def forward(self, x):
+            return self.head(self.forward_features(x).mean(dim=(-2, -1)))
+
+    return Classifier()
+
+
 def build_classifier(backbone: str, init_weights: str | None = None) -> Any:
     """A ConceptClassifier (backbone + Linear(C, 1) head), backbone optionally from a weights folder."""
-    from ..models.backbone import create_backbone
-    from ..models.classifier import ConceptClassifier
-
-    model = ConceptClassifier(create_backbone(backbone))
+    try:
+        from ..models.backbone import create_backbone
+        from ..models.classifier import ConceptClassifier
+    except ImportError:  # private fallback until models/ lands
+        model = _private_classifier(backbone)
+    else:
+        model = ConceptClassifier(create_backbone(backbone))
     if init_weights:
-        from ..models.weights import load_weights
-
         if not Path(init_weights).exists():
             raise ConfigError(
                 f"no weights folder at {init_weights}: pass a 'train-head' output folder"
             )
-        source, _ = load_weights(init_weights)
+        source, _ = load_model_folder(init_weights)
         src = getattr(source, "backbone", source)
         try:
             model.backbone.load_state_dict(src.state_dict())
@@ -225,6 +245,41 @@ def build_classifier(backbone: str, init_weights: str | None = None) -> Any:
                 "pass the --backbone they were trained with"
             ) from exc
     return model
+
+
+def save_model(folder: str | Path, model: Any, config: dict) -> Path:
+    """Write a classifier in our weights format (models/weights.py save_weights)."""
+    try:
+        from ..models.weights import save_weights
+    except ImportError:  # private fallback until models/weights.py lands
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(folder / "model.safetensors"))
+        (folder / "config.json").write_text(json.dumps(config, indent=1))
+        return folder
+    return save_weights(folder, model, config)
+
+
+def load_model_folder(folder: str | Path) -> tuple[Any, dict]:
+    """(module, config) from a weights folder (models/weights.py load_weights)."""
+    try:
+        from ..models.weights import load_weights
+    except ImportError:  # private fallback until models/weights.py lands
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        try:
+            config = json.loads((folder / "config.json").read_text())
+            state = load_file(str(folder / "model.safetensors"))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{folder} is not a weights folder ({exc})") from exc
+        model = _private_classifier(config["backbone"])
+        model.load_state_dict(state)
+        return model, config
+    return load_weights(folder)
 
 
 # --- checkpoints and signals -------------------------------------------------------------------
@@ -355,7 +410,6 @@ def train_head(
     """Train a head (or a fine-tune) per ``cfg`` and write our weights format to ``out``."""
     import torch
 
-    from ..models.weights import save_weights
     from .extract import PreprocessedImages, backbone_signature, resolve_device
 
     cfg.validate()
@@ -506,7 +560,7 @@ def train_head(
         "history": history,
         "bn_stats": "updated" if (not frozen or cfg.update_bn_stats) else "frozen",
     }
-    save_weights(out, model, _weights_config(cfg, provenance))
+    save_model(out, model, _weights_config(cfg, provenance))
     return TrainHeadResult(out, len(history), train_auc, test_auc)
 
 
