@@ -364,8 +364,7 @@ def evaluate(
 ) -> Path:
     """Run analyses (a)-(e) and write the report folder; returns the path of its index.html."""
     from ..analysis.metrics import PROTOCOLS
-    from ..models.weights import load_weights
-    from .probe import open_view, sae_sha256
+    from .probe import load_sae, open_view, sae_sha256
     from .report import write_report
 
     if protocol not in PROTOCOLS:
@@ -373,13 +372,7 @@ def evaluate(
     if not head_folders:
         raise ConfigError("pass at least one concept head folder with --heads")
     views = [open_view(s) for s in stores]
-    try:
-        sae, _ = load_weights(sae_folder)
-    except FileNotFoundError as exc:
-        raise ConfigError(
-            f"no SAE weights at {sae_folder}: pass the folder written by 'train'"
-        ) from exc
-    sae = sae.to(device).eval()
+    sae = load_sae(sae_folder).to(device)
     for v in views:
         check_dims(v.store, sae)
     heads = [(str(f), *_head_info(f)) for f in head_folders]

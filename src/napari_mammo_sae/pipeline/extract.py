@@ -299,7 +299,11 @@ def _preprocess_fallback(record: Any, size: tuple[int, int]) -> tuple[np.ndarray
     x = x - x.min()
     x = x / max(float(x.max()), 1e-12)
     x = (x - 0.3089279) / 0.25053555408335154
-    geometry = _Geometry(
+    try:
+        from ..geometry import Geometry
+    except ImportError:
+        Geometry = _Geometry  # noqa: N806
+    geometry = Geometry(
         (H0, W0), (float(r0 + 5), float(c0 + 5), float(r1 + 5), float(c1 + 5)), tuple(size),
         tuple(record.spacing_mm),
     )  # fmt: skip

@@ -81,6 +81,17 @@ def head_parts(model: Any) -> tuple[np.ndarray, float]:
     return w, c
 
 
+def load_sae(folder: str | Path) -> Any:
+    """The SAE module of a weights folder written by 'train', in eval mode."""
+    path = Path(folder)
+    if not (path / "model.safetensors").exists():
+        raise ConfigError(f"no SAE weights in {path}: pass the folder written by 'train'")
+    from ..models.weights import load_weights
+
+    sae, _ = load_weights(path)
+    return sae.eval()
+
+
 def sae_sha256(folder: str | Path) -> str:
     """sha256 of an SAE folder's model.safetensors (the key the GUI looks probes up by)."""
     import hashlib
@@ -503,17 +514,9 @@ def run_probe(
     progress: Any = None,
 ) -> ProbeResult:
     """Compute class means, rankings and the top neurons' galleries for one concept."""
-    from ..models.weights import load_weights
-
     check_concept(concept)
     view = open_view(store_path)
-    try:
-        sae, _ = load_weights(sae_folder)
-    except FileNotFoundError as exc:
-        raise ConfigError(
-            f"no SAE weights at {sae_folder}: pass the folder written by 'train'"
-        ) from exc
-    sae = sae.to(device).eval()
+    sae = load_sae(sae_folder).to(device)
     check_dims(view.store, sae)
     head = None
     if head_folder is not None:
