@@ -66,3 +66,134 @@ def test_confounder_check_flags_the_cue_neuron():
     assert by[7]["on_cue"] and not by[7]["on_lesion"]
     assert by[8]["on_lesion"] and not by[8]["on_cue"]
     assert by[7]["iou_cue"] > 0.8 and by[7]["iou_lesion"] == 0.0
+
+
+# --- end to end on a tiny dataset, with a small random SAE ---------------------------------------
+import json  # noqa: E402
+import re  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from napari_mammo_sae.cli import main  # noqa: E402
+from napari_mammo_sae.errors import ConfigError, StoreError  # noqa: E402
+from napari_mammo_sae.pipeline import probe  # noqa: E402
+from test_extract import write_vindr_dataset  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from napari_mammo_sae.pipeline.train_head import build_classifier, save_model
+
+    root = tmp_path_factory.mktemp("eval")
+    write_vindr_dataset(root / "data", studies=4)
+    torch.manual_seed(0)
+    config = {"kind": "classifier", "backbone": "test_efficientnet", "input_size": [128, 80],
+              "task": "concept", "concept": "calcification", "variant": "finetuned"}  # fmt: skip
+    save_model(root / "head", build_classifier("test_efficientnet"), config)
+    assert main(["extract", "--data", str(root / "data"), "--weights", str(root / "head"),
+                 "--out", str(root / "store.h5"), "--workers", "0", "--device", "cpu"]) == 0  # fmt: skip
+    (root / "sae").mkdir()
+    (root / "sae" / "model.safetensors").write_bytes(b"stand-in weights for the hash")
+    return root
+
+
+@pytest.fixture
+def fake_sae(monkeypatch):
+    sae = _SAE(256, 64, seed=1)
+    with torch.no_grad():
+        sae.W_enc.mul_(0.05)
+    monkeypatch.setattr(probe, "load_sae", lambda folder: sae.eval())
+    return sae
+
+
+def test_closed_form_interventions_equal_explicit_decode(setup, fake_sae):
+    from napari_mammo_sae.pipeline.probe import head_parts, open_view
+    from napari_mammo_sae.pipeline.train_head import load_model_folder
+
+    view = open_view(setup / "store.h5")
+    model, _ = load_model_folder(setup / "head")
+    w, c = head_parts(model)
+    neurons = np.array([3, 10, 40])
+    for row in range(3):
+        tokens = torch.from_numpy(view.feature_map(row)).reshape(256, -1).T
+        with torch.no_grad():
+            z = fake_sae.encode(tokens)
+            pooled = z.mean(0).numpy()[None]
+            for mode in ("keep", "remove"):
+                mask = torch.zeros(64)
+                mask[neurons] = 1
+                if mode == "remove":
+                    mask = 1 - mask
+                explicit = model.head(fake_sae.decode(z * mask).mean(0)).item()
+                closed = evaluate.intervened_logits(pooled, fake_sae, model, neurons, mode)[0]
+                assert closed == pytest.approx(explicit, rel=1e-4, abs=1e-4)
+
+
+def test_evaluate_writes_the_report(setup, fake_sae, tmp_path):
+    out = tmp_path / "report"
+    rc = main(["evaluate", "--store", str(setup / "store.h5"), "--sae", str(setup / "sae"),
+               "--heads", str(setup / "head"), "--data", str(setup / "data"), "--out", str(out),
+               "--bootstrap", "10", "--k", "0,1,5,all", "--protocol", "row"])  # fmt: skip
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["meta"]["protocol"] == "row"
+    (t1,) = results["table1"]
+    assert (t1["variant"], t1["concept"]) == ("finetuned", "calcification")
+    assert t1["without"]["n"] == 4  # the test study's four images, one row each
+    act = next(r for r in results["figure2"] if r["mode"] == "activated")
+    dea = next(r for r in results["figure2"] if r["mode"] == "deactivated")
+    assert act["k"] == [0, 1, 5, "all"] and act["union_size"][-1] == 64
+    assert act["auroc"][0] == 0.5  # nothing kept: constant logits
+    assert act["auroc"][-1] == pytest.approx(t1["with"]["auroc"])  # everything kept
+    assert dea["auroc"][0] == pytest.approx(t1["with"]["auroc"])  # nothing removed
+    (t2,) = results["table2"]
+    assert len(t2["neurons"]) == 10 and len(t2["ap"]) == 10
+    (f4,) = results["figure4"]
+    assert f4["top_neurons"] == t2["neurons"]
+    assert results["confounder"][0]["neurons"]
+    html = (out / "index.html").read_text()
+    for src in re.findall(r'src="([^"]+)"', html):
+        assert (out / src).is_file()
+    assert len(re.findall(r"<img", html)) >= 3
+
+
+def test_probe_cli_writes_a_findable_file(setup, fake_sae, tmp_path):
+    out = tmp_path / "p.npz"
+    rc = main(["probe", "--store", str(setup / "store.h5"), "--sae", str(setup / "sae"),
+               "--head", str(setup / "head"), "--concept", "calcification", "--out", str(out),
+               "--images", "3"])  # fmt: skip
+    assert rc == 0
+    result = probe.load_probe(out)
+    assert result.sae_sha256 == probe.sae_sha256(setup / "sae")
+    assert probe.find_probe(tmp_path, result.sae_sha256, "calcification") == out
+    for neuron, tops in result.top_images.items():
+        assert len(tops) <= 3
+        assert all(t.split in ("training", "test") for t in tops)
+        assert [t.activation for t in tops] == sorted((t.activation for t in tops), reverse=True)
+        assert neuron in {n for r in result.rankings.values() for v in r.values() for n in v}
+
+
+def test_evaluate_errors(setup, fake_sae, tmp_path):
+    args = ["evaluate", "--sae", str(setup / "sae"), "--data", str(setup / "data"),
+            "--out", str(tmp_path / "r"), "--bootstrap", "0"]  # fmt: skip
+    store = ["--store", str(setup / "store.h5")]
+    heads = ["--heads", str(setup / "head")]
+    assert main([*args, *store, *heads, "--protocol", "breast"]) == ConfigError.exit_code
+    assert main([*args, "--store", str(tmp_path / "none.h5"), *heads]) == StoreError.exit_code
+    # a head trained on another backbone matches no store
+    from napari_mammo_sae.pipeline.train_head import build_classifier, save_model
+
+    torch.manual_seed(5)
+    other = tmp_path / "other"
+    save_model(other, build_classifier("test_efficientnet"), {
+        "kind": "classifier", "backbone": "test_efficientnet", "concept": "mass",
+        "variant": "pretrained", "provenance": {"backbone_signature": "0" * 64}})  # fmt: skip
+    assert main([*args, *store, "--heads", str(other)]) == StoreError.exit_code
+    # an SAE whose input dimension differs from the store's features
+    probe_sae = _SAE(128, 16)
+    import napari_mammo_sae.pipeline.probe as p
+
+    p.load_sae = lambda folder: probe_sae  # undone by the fake_sae fixture's monkeypatch
+    assert main([*args, *store, *heads]) == ConfigError.exit_code
+    assert Path(setup / "store.h5").exists()

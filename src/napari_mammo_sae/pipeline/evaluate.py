@@ -109,6 +109,36 @@ def reconstruction_logits(pooled_z: np.ndarray, sae: Any, w: np.ndarray, c: floa
     return pooled_z @ (W_dec.T @ w) + float(w @ b_dec) + c
 
 
+def topk_union(scores0: np.ndarray, scores1: np.ndarray, k: int) -> np.ndarray:
+    """Union of the top-k neurons of class 0 and of class 1 (analysis/interventions.py)."""
+    try:
+        from ..analysis.interventions import topk_union as _union
+    except ImportError:  # private fallback until interventions.py lands
+        if k <= 0:
+            return np.zeros(0, dtype=np.int64)
+        a = np.argsort(-np.asarray(scores0), kind="stable")[:k]
+        b = np.argsort(-np.asarray(scores1), kind="stable")[:k]
+        return np.union1d(a, b).astype(np.int64)
+    return np.asarray(_union(scores0, scores1, k), dtype=np.int64)
+
+
+def intervened_logits(
+    pooled_z: np.ndarray, sae: Any, model: Any, neurons: np.ndarray, mode: str
+) -> np.ndarray:
+    """Closed-form head logits with only ``neurons`` kept ("keep") or removed ("remove")."""
+    try:
+        from ..analysis.interventions import intervened_logits as _logits
+    except ImportError:  # private fallback until interventions.py lands
+        w, c = head_parts(model)
+        _, m = sae_dims(sae)
+        mask = np.zeros(m)
+        mask[np.asarray(neurons, dtype=np.int64)] = 1.0
+        if mode == "remove":
+            mask = 1.0 - mask
+        return reconstruction_logits(pooled_z * mask[None, :], sae, w, c)
+    return np.asarray(_logits(pooled_z, sae, getattr(model, "head", model), neurons, mode))
+
+
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(x, -60, 60)))
 
@@ -188,8 +218,6 @@ def topk_curves(
     k_values: Sequence[int | str] = K_VALUES,
 ) -> list[dict]:
     """AUROC vs k for top-k activated (keep) and top-k deactivated (remove), closed form."""
-    from ..analysis.interventions import intervened_logits, topk_union
-
     _, m = sae_dims(sae)
     out = []
     for mode, name in (("keep", "activated"), ("remove", "deactivated")):
@@ -197,7 +225,7 @@ def topk_curves(
         for k in k_values:
             kk = m if k == "all" else min(int(k), m)
             neurons = np.asarray(topk_union(scores[0], scores[1], kk), dtype=np.int64)
-            logits = np.asarray(intervened_logits(summary.pooled_z, sae, head_model, neurons, mode))
+            logits = intervened_logits(summary.pooled_z, sae, head_model, neurons, mode)
             met = _metrics(summary, logits, labels, concept, protocol, n_bootstrap, seed)
             ks.append(k)
             unions.append(int(neurons.size))
@@ -496,8 +524,6 @@ def evaluate(
 
 def _confounder(summary, sae, model, boxes, gt, cue, top, test_ids, concept, variant) -> dict:
     """Which top neurons sit on the planted cue, and their effect on cue-only negatives."""
-    from ..analysis.interventions import intervened_logits
-
     ids = [i for i in test_ids if cue.get(i) or gt.get(i)]
     neurons = confounder_check(boxes, gt, cue, top, ids)
     cue_neurons = [n["neuron"] for n in neurons if n["on_cue"]]

@@ -296,20 +296,22 @@ def class_means(
 def rank_scores(
     means: ClassMeans, sae: Any, head: tuple[np.ndarray, float] | None
 ) -> dict[str, np.ndarray]:
-    """Per-class scores (2, m) for each ranking method (higher = more class-specific)."""
-    from ..analysis import ranking
+    """Per-class scores (2, m) for each ranking method (higher = more class-specific).
 
-    out: dict[str, np.ndarray] = {}
-    out["class_mean"] = np.asarray(ranking.class_mean_scores(means.mean), dtype=np.float64)
-    out["class_centred"] = np.asarray(
-        ranking.class_centred_scores(means.mean, counts=means.count), dtype=np.float64
-    )
+    ``class_mean``: the class mean itself (the paper); ``class_centred``: class mean minus the mean
+    over all images; ``logit``: each neuron's mean contribution to the head's logit,
+    ``(W_dec^T w)_j * mean_c[j]``, signed toward the class (negated for class 0).
+    """
+    class_mean = np.asarray(means.mean, dtype=np.float64)
+    out: dict[str, np.ndarray] = {
+        "class_mean": class_mean,
+        "class_centred": class_mean - np.asarray(means.overall, dtype=np.float64)[None, :],
+    }
     if head is not None:
         _, _, W_dec, _ = sae_parts(sae)
-        out["logit"] = np.asarray(
-            ranking.logit_contributions(means.mean, W_dec.float().cpu().numpy(), head[0]),
-            dtype=np.float64,
-        )
+        u = W_dec.double().cpu().numpy().T @ np.asarray(head[0], dtype=np.float64)
+        contrib = class_mean * u[None, :]
+        out["logit"] = np.stack([-contrib[0], contrib[1]])
     return out
 
 
