@@ -268,3 +268,24 @@ def test_errors_have_documented_exit_codes(dataset, weights, tmp_path):
     save_model(other, build_classifier("test_efficientnet"), {"kind": "classifier",
                "backbone": "test_efficientnet"})  # fmt: skip
     assert _extract(dataset, other, out) == StoreError.exit_code
+
+
+def test_torchrun_shards_are_joined_by_an_index(dataset, weights, tmp_path):
+    from napari_mammo_sae.pipeline.extract import extract_features, load_model, shard_path
+    from napari_mammo_sae.pipeline.probe import open_view
+
+    model, config = load_model(weights)
+    out = tmp_path / "s.h5"
+    r0 = extract_features(dataset[0], model, out, config=config, input_size=SIZE, rank=0, world=2)
+    assert r0.path == shard_path(out, 0, 2) and r0.stored == 6
+    with pytest.raises(StoreError):
+        open_view(out)  # rank 1 has not finished: no index yet
+    extract_features(dataset[0], model, out, config=config, input_size=SIZE, rank=1, world=2)
+    view = open_view(out)
+    assert sorted(view.index.image_id) == sorted(dataset[1]["images"])
+    single = tmp_path / "one.h5"
+    extract_features(dataset[0], model, single, config=config, input_size=SIZE)
+    one = open_view(single)
+    for row, image_id in enumerate(view.index.image_id):
+        other = int(np.nonzero(one.index.image_id == image_id)[0][0])
+        np.testing.assert_array_equal(view.feature_map(row), one.feature_map(other))

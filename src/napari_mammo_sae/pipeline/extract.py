@@ -544,7 +544,7 @@ def join_shards(out: Path, shards: Sequence[Path]) -> Path | None:
                     return None
         except OSError:
             return None
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
     with h5py.File(tmp, "w") as f:
         f.attrs["format"] = STORE_FORMAT + "/shards"
         f.attrs["shards"] = json.dumps([s.name for s in shards])
