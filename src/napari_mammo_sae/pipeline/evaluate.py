@@ -386,15 +386,18 @@ def evaluate(
     seed: int = 0,
     k_values: Sequence[int | str] = K_VALUES,
     localisation: str = "percentile",
+    ranking: str = "class_mean",
     box_score: str = "max",
     device: str = "cpu",
     progress: Any = None,
 ) -> Path:
     """Run analyses (a)-(e) and write the report folder; returns the path of its index.html."""
     from ..analysis.metrics import PROTOCOLS
-    from .probe import load_sae, open_view, sae_sha256
+    from .probe import RANKINGS, ClassMeans, load_sae, open_view, rank_scores, sae_sha256
     from .report import write_report
 
+    if ranking not in RANKINGS:
+        raise ConfigError(f"unknown ranking {ranking!r}: use one of {', '.join(RANKINGS)}")
     if protocol not in PROTOCOLS:
         raise ConfigError(f"unknown label protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
     if not head_folders:
@@ -416,7 +419,11 @@ def evaluate(
             "protocol": protocol,
             "bootstrap": n_bootstrap,
             "seed": seed,
-            "ranking": "class mean of pooled latents over the training split (paper eq. 2)",
+            "ranking": {
+                "class_mean": "class mean of pooled latents over the training split (paper eq. 2)",
+                "class_centred": "class mean minus the mean over all training images",
+                "logit": "mean contribution to the head's logit, signed toward the class",
+            }.get(ranking, ranking),
             "localisation": (
                 f"heatmaps upsampled bilinearly to the model input, thresholded "
                 f"({'95th percentile, 8-connected components' if localisation == 'percentile' else '0.3 x max, contours >= 10 px'}), "
@@ -464,7 +471,15 @@ def evaluate(
                 "with": _metrics(summary, logits_sae, labels, concept, protocol, n_bootstrap, seed),
             }
         )
-        scores = summary.means[concept]
+        counts = summary.counts[concept]
+        if (counts == 0).any():
+            results["notes"].append(
+                f"{concept}: the training split has {counts[1]} positive and {counts[0]} negative "
+                "images; neuron rankings for this concept are not meaningful"
+            )
+        means = summary.means[concept]
+        overall = (means * counts[:, None]).sum(0) / max(int(counts.sum()), 1)
+        scores = rank_scores(ClassMeans(means, counts, overall), sae, (w, c))[ranking]
         curves = topk_curves(
             summary, sae, model, scores, labels, concept, protocol,
             n_bootstrap=min(n_bootstrap, 200), seed=seed, k_values=k_values,
@@ -480,7 +495,7 @@ def evaluate(
         if f4key not in figure4_done:
             figure4_done.add(f4key)
             pos_key, neg_key = f"{variant}_{concept}_pos", f"{variant}_{concept}_neg"
-            arrays[pos_key], arrays[neg_key] = scores[1], scores[0]
+            arrays[pos_key], arrays[neg_key] = means[1], means[0]
             results["figure4"].append(
                 {
                     "variant": variant,
@@ -579,6 +594,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--localisation", default="percentile", choices=("percentile", "contour"),
         help="box extraction: 95th percentile (paper text) or 0.3 x max contours (paper code)",
     )  # fmt: skip
+    parser.add_argument(
+        "--ranking", default="class_mean", choices=("class_mean", "class_centred", "logit"),
+        help="neuron ranking for top-k, Table 2 and the confounder check (paper: class_mean)",
+    )  # fmt: skip
     parser.add_argument("--box-score", default="max", choices=("max", "mean"), help="AP box score")
     parser.add_argument(
         "--k", help="comma-separated k values for Figure 2 (default: the paper's list)"
@@ -609,6 +628,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             k_values=k_values,
             localisation=args.localisation,
+            ranking=args.ranking,
             box_score=args.box_score,
             device=args.device,
             progress=progress,
