@@ -269,6 +269,64 @@ def neuron_boxes(
     return out
 
 
+def localisation_panels(
+    summary: StoreSummary,
+    sae: Any,
+    neurons: list[int],
+    image_ids: Sequence[str],
+    data_dir: str | Path,
+    gt: dict[str, list],
+    boxes: dict[int, dict[str, list]],
+    *,
+    device: str = "cpu",
+    max_side: int = 384,
+) -> list[dict]:
+    """Panels (image, heatmap, boxes) of the top neurons on a few test images, for the report."""
+    import torch
+
+    from ..analysis.localisation import upsample_heatmap
+    from ..dicom import read_mammogram
+    from .extract import image_path
+    from .probe import encode_latents
+
+    view = summary.view
+    rows = {str(view.index.image_id[r]): int(r) for r in summary.test_rows}
+    panels = []
+    for image_id in image_ids:
+        row = rows[image_id]
+        study = str(getattr(view.index, "study_id", view.index.image_id)[row])
+        try:
+            record = read_mammogram(image_path(Path(data_dir), study, image_id))
+        except Exception as exc:  # noqa: BLE001 - a missing picture must not sink the report
+            log.warning("no localisation picture for %s: %s", image_id, exc)
+            continue
+        pixels = record.display_pixels()
+        step = max(1, int(np.ceil(max(pixels.shape) / max_side)))
+        geometry = view.geometry(row)
+        fmap = view.feature_map(row)
+        c, h, w = fmap.shape
+        tokens = torch.as_tensor(fmap, device=device).reshape(c, -1).T
+        with torch.inference_mode():
+            z = encode_latents(sae, tokens, neurons).float().cpu().numpy()
+        r0, c0, r1, c1 = geometry.crop_box
+        size = (max(1, round((r1 - r0) / step)), max(1, round((c1 - c0) / step)))
+        for col, n in enumerate(neurons):
+            pred = boxes.get(n, {}).get(image_id, [])
+            panels.append(
+                {
+                    "image": pixels[::step, ::step],
+                    "shape": tuple(pixels.shape),
+                    "limits": record.display_limits(),
+                    "heatmap": upsample_heatmap(z[:, col].reshape(h, w), size),
+                    "crop_box": geometry.crop_box,
+                    "gt": gt.get(image_id, []),
+                    "pred": [b.box for b in pred[:3]],
+                    "label": f"neuron {n} - {record.name}",
+                }
+            )
+    return panels
+
+
 def localisation_table(
     boxes: dict[int, dict[str, list]],
     gt: dict[str, list],
@@ -516,6 +574,11 @@ def evaluate(
         wanted = sorted({id_to_row[i] for i in with_boxes + cue_ids})
         boxes = neuron_boxes(summary, sae, top, wanted, device=device, **box_kw)
         if with_boxes:
+            arrays[f"panels_{variant}_{concept}".replace(" ", "-").replace("/", "-")] = (
+                localisation_panels(
+                    summary, sae, top[:5], with_boxes[:2], data_dir, gt, boxes, device=device
+                )
+            )
             results["table2"].append(
                 {
                     "variant": variant,

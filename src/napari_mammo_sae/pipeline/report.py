@@ -158,6 +158,44 @@ def plot_table2(row: Mapping[str, Any], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def plot_localisation(panels: list[Mapping[str, Any]], path: Path, title: str) -> None:
+    """Heatmaps of top neurons over test images, annotation boxes red, predicted boxes yellow.
+
+    Each panel: ``image`` (2-D display pixels), ``limits`` (lo, hi), ``heatmap`` (2-D, over the crop
+    box), ``crop_box`` (row0, col0, row1, col1), ``gt`` and ``pred`` boxes (xmin, ymin, xmax, ymax)
+    in original pixels, ``shape`` (original rows, cols; the image may be downsampled), ``label``.
+    """
+    plt = _plt()
+    from matplotlib.patches import Rectangle
+
+    n = len(panels)
+    cols = min(n, 5)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 3.2 * rows), dpi=100, squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, p in zip(axes.ravel(), panels, strict=False):
+        img = np.asarray(p["image"], dtype=float)
+        h, w = p.get("shape") or img.shape
+        lo, hi = p.get("limits") or (float(img.min()), float(img.max()))
+        ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, extent=(0, w, h, 0))
+        r0, c0, r1, c1 = p["crop_box"]
+        heat = np.asarray(p["heatmap"], dtype=float)
+        if heat.max() > 0:
+            ax.imshow(heat / heat.max(), cmap="inferno", alpha=0.45, extent=(c0, c1, r1, r0),
+                      vmin=0, vmax=1)  # fmt: skip
+        for colour, key in (("red", "gt"), ("yellow", "pred")):
+            for x0, y0, x1, y1 in p.get(key, []):
+                ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec=colour, lw=1.2))
+        ax.set_xlim(0, w)
+        ax.set_ylim(h, 0)
+        ax.set_title(str(p.get("label", "")), fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 # --- the report --------------------------------------------------------------------------------
 _CSS = """body{font-family:sans-serif;margin:2em;max-width:70em}table{border-collapse:collapse;margin:1em 0}
 td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}th{background:#eee}
@@ -168,7 +206,7 @@ td.l,th.l{text-align:left}img{max-width:100%;border:1px solid #ddd;margin:4px 0}
 def write_report(
     results: Mapping[str, Any],
     out_dir: str | Path,
-    arrays: Mapping[str, np.ndarray] | None = None,
+    arrays: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write results.json, CSVs, PNGs and index.html into ``out_dir``; return index.html's path."""
     out = Path(out_dir)
@@ -292,6 +330,16 @@ def write_report(
         for r in rows:
             name = f"table2_{_slug(r['variant'], r['concept'])}.png"
             body.append(f'<img src="{name}" alt="{name}">')
+            panels = arrays.pop(f"panels_{_slug(r['variant'], r['concept'])}", None)
+            if panels:
+                name = f"localisation_{_slug(r['variant'], r['concept'])}.png"
+                plot_localisation(
+                    panels, out / name, f"{r['concept']}, {r['variant']}: top neurons"
+                )
+                body.append(
+                    f"<p>Top class-1 neurons on positive test images: annotation boxes red, "
+                    f'95th-percentile boxes yellow.</p><img src="{name}" alt="{name}">'
+                )
         _write_csv(
             out / "table2_localisation.csv",
             ["variant", "concept", "rank", "neuron", "ap"],
