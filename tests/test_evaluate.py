@@ -190,6 +190,12 @@ def test_evaluate_errors(setup, fake_sae, tmp_path):
         "kind": "classifier", "backbone": "test_efficientnet", "concept": "mass",
         "variant": "pretrained", "provenance": {"backbone_signature": "0" * 64}})  # fmt: skip
     assert main([*args, *store, "--heads", str(other)]) == StoreError.exit_code
+    assert main(["probe", *store, "--sae", str(setup / "sae"), "--head", str(other), "--concept",
+                 "mass", "--out", str(tmp_path / "p.npz")]) == StoreError.exit_code  # fmt: skip
+    assert main(["probe", *store, "--sae", str(setup / "sae"), "--concept", "density",
+                 "--out", str(tmp_path / "p.npz")]) == ConfigError.exit_code  # fmt: skip
+    assert main(["probe", *store, "--sae", str(setup / "sae"), "--concept", "mass", "--split",
+                 "validation", "--out", str(tmp_path / "p.npz")]) == ConfigError.exit_code  # fmt: skip
     # an SAE whose input dimension differs from the store's features
     probe_sae = _SAE(128, 16)
     import napari_mammo_sae.pipeline.probe as p

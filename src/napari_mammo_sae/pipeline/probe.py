@@ -524,7 +524,15 @@ def run_probe(
     if head_folder is not None:
         from .train_head import load_model_folder
 
-        model, _ = load_model_folder(head_folder)
+        model, config = load_model_folder(head_folder)
+        prov = config.get("provenance") if isinstance(config.get("provenance"), dict) else {}
+        sig = prov.get("backbone_signature") or config.get("backbone_signature")
+        if sig and view.backbone_signature and sig != view.backbone_signature:
+            raise StoreError(
+                f"the head {Path(head_folder).name} was trained on another backbone than the one "
+                f"that extracted {Path(store_path).name}: extract a store with --weights "
+                f"{Path(head_folder).name}, or pass the matching head"
+            )
         head = head_parts(model)
         if head[0].size != sae_dims(sae)[0]:
             raise ConfigError(
