@@ -89,8 +89,9 @@ def summarise_store(
         else:
             for c in CONCEPTS:
                 y = int(labels[c][row])
-                sums[c][y] += z
-                counts[c][y] += 1
+                if y in (0, 1):  # -1: label unknown
+                    sums[c][y] += z
+                    counts[c][y] += 1
         if progress is not None:
             progress.update(1)
     summary = StoreSummary(view, test_rows, pooled_z, pooled_x)
@@ -190,7 +191,7 @@ def _samples(
     ids = [str(summary.view.index.image_id[r]) for r in summary.test_rows]
     if protocol == "image":
         own = summary.view.labels(concept)
-        lab = {i: [int(own[r])] for i, r in zip(ids, summary.test_rows, strict=True)}
+        lab = {i: [int(own[r])] for i, r in zip(ids, summary.test_rows, strict=True) if own[r] >= 0}
     else:
         lab = labels.rows[concept]
     return protocol_samples(ids, scores, lab, protocol)

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import AnnotationError, ConfigError, DicomReadError
+from .store import join_shards
 
 log = logging.getLogger(__name__)
 
@@ -449,110 +450,6 @@ def resolve_device(device: str) -> str:
     return device
 
 
-# --- store writing (private HDF5 layout until pipeline/store.py lands) ---------------------------
-STORE_FORMAT = "napari-mammo-sae/features/1"
-INDEX_COLUMNS = (
-    "image_id", "study_id", "sop_instance_uid", "split", "laterality", "view", "density",
-    "label_mass", "label_calcification", "geometry",
-)  # fmt: skip
-_INT_COLUMNS = ("label_mass", "label_calcification")
-
-
-def _store_open_for_append(
-    path: Path, *, feature_dim: int, grid: tuple[int, int], dtype: str, attrs: dict, n_expected: int
-) -> Any:
-    """Open (resume) or create a store; StoreError if the existing one was made differently."""
-    import h5py
-
-    from ..errors import StoreError
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        try:
-            f = h5py.File(path, "a")
-        except OSError as exc:
-            raise StoreError(
-                f"{path.name} exists but is not a readable HDF5 store ({exc}): delete it or pick "
-                "another --out"
-            ) from exc
-        if f.attrs.get("format") != STORE_FORMAT:
-            f.close()
-            raise StoreError(f"{path.name} is not a feature store: delete it or pick another --out")
-        old = json.loads(f.attrs["meta"])
-        for key in ("backbone_signature", "preprocess", "input_size", "feature_dtype"):
-            if old.get(key) != attrs.get(key):
-                f.close()
-                raise StoreError(
-                    f"{path.name} was extracted with another {key.replace('_', ' ')} "
-                    f"({old.get(key)!r} vs {attrs.get(key)!r}): pick another --out to start a new store"
-                )
-        f.attrs["complete"] = False
-        f.attrs["n_expected"] = n_expected
-        return f
-    f = h5py.File(path, "w")
-    f.attrs["format"] = STORE_FORMAT
-    f.attrs["complete"] = False
-    f.attrs["n_expected"] = n_expected
-    f.attrs["meta"] = json.dumps({**attrs, "feature_dim": feature_dim, "grid": list(grid)})
-    c, (h, w) = feature_dim, grid
-    f.create_dataset(
-        "features", shape=(0, c, h, w), maxshape=(None, c, h, w), chunks=(1, c, h, w), dtype=dtype
-    )
-    str_dt = h5py.string_dtype()
-    for col in INDEX_COLUMNS:
-        dt = "i1" if col in _INT_COLUMNS else str_dt
-        f.create_dataset(f"index/{col}", shape=(0,), maxshape=(None,), dtype=dt, chunks=(256,))
-    f.flush()
-    return f
-
-
-def _store_ids(f: Any) -> set[str]:
-    return {v.decode() if isinstance(v, bytes) else str(v) for v in f["index/image_id"][:]}
-
-
-def _store_append(f: Any, feats: np.ndarray, rows: list[dict]) -> None:
-    """Append feature maps and their index rows; the index grows last so a crash loses one batch."""
-    n = f["features"].shape[0]
-    k = feats.shape[0]
-    f["features"].resize(n + k, axis=0)
-    f["features"][n : n + k] = feats
-    for col in INDEX_COLUMNS:
-        ds = f[f"index/{col}"]
-        ds.resize(n + k, axis=0)
-        ds[n : n + k] = [r[col] for r in rows]
-    f.flush()
-
-
-def _store_mark_complete(f: Any, *, n_unreadable: int = 0) -> None:
-    f.attrs["n_unreadable"] = n_unreadable
-    f.attrs["complete"] = True
-    f.flush()
-
-
-def _store_close(f: Any) -> None:
-    f.close()
-
-
-def join_shards(out: Path, shards: Sequence[Path]) -> Path | None:
-    """Write ``out`` as an index of per-rank shard files once all of them are complete."""
-    import h5py
-
-    for shard in shards:
-        try:
-            with h5py.File(shard, "r") as f:
-                if not bool(f.attrs.get("complete", False)):
-                    return None
-        except OSError:
-            return None
-    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
-    with h5py.File(tmp, "w") as f:
-        f.attrs["format"] = STORE_FORMAT + "/shards"
-        f.attrs["shards"] = json.dumps([s.name for s in shards])
-        f.attrs["complete"] = True
-    tmp.replace(out)
-    return out
-
-
 # --- extraction --------------------------------------------------------------------------------
 @dataclass
 class ExtractResult:
@@ -609,6 +506,7 @@ def extract_features(
     import torch
 
     from ..progress import check_cancelled
+    from . import store as feature_store
 
     if dtype not in ("float16", "float32"):
         raise ConfigError(f"unknown feature dtype {dtype!r}: use float16 or float32")
@@ -633,10 +531,17 @@ def extract_features(
     with torch.inference_mode():
         probe = model.forward_features(torch.zeros(1, 3, *size, device=device))
     c, h, w = (int(v) for v in probe.shape[1:])
-    store = _store_open_for_append(
-        path, feature_dim=c, grid=(h, w), dtype=dtype, attrs=attrs, n_expected=len(items)
+    signature = attrs.pop("backbone_signature")
+    store = feature_store.create(
+        path,
+        feature_dim=c,
+        grid=(h, w),
+        backbone_signature=signature,
+        dtype=dtype,
+        attrs=attrs,
+        n_expected=len(items),
     )
-    done = _store_ids(store)
+    done = store.image_ids
     todo = [it for it in items if it.image_id not in done]
     skipped = len(items) - len(todo)
     if progress is not None:
@@ -675,7 +580,7 @@ def extract_features(
                         "geometry": geoms[k],
                     }
                 )
-            _store_append(store, feats, rows)
+            store.append_many(feats, rows)
             stored += len(rows)
             if progress is not None:
                 progress.update(len(rows))
@@ -685,12 +590,12 @@ def extract_features(
                 break
         seconds = time.perf_counter() - t0
         seen = {it.image_id for it in todo[: len(dataset)]}
-        unreadable = sorted(seen - _store_ids(store) - done) if stop_after is None else []
+        unreadable = sorted(seen - store.image_ids - done) if stop_after is None else []
         complete = stop_after is None or stored + skipped >= len(items)
-        if complete:
-            _store_mark_complete(store, n_unreadable=len(unreadable))
-    finally:
-        _store_close(store)
+    except BaseException:
+        store.close(complete=False)
+        raise
+    store.close(complete=complete, n_unreadable=len(unreadable))
     result = ExtractResult(path, stored, skipped, unreadable, seconds, complete)
     if world > 1 and complete:
         join_shards(out, [shard_path(out, r, world) for r in range(world)])

@@ -20,7 +20,6 @@ import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -108,112 +107,11 @@ def sae_sha256(folder: str | Path) -> str:
 
 
 # --- store access --------------------------------------------------------------------------------
-class StoreView:
-    """Read-side view of a complete feature store (or of a torchrun shard index)."""
+def open_view(path: str | Path) -> Any:
+    """Open a complete feature store for reading (pipeline/store.py; StoreError otherwise)."""
+    from . import store
 
-    def __init__(self, path: Path, files: list[Any]) -> None:
-        self.path = path
-        self._files = files
-        self.store = self
-        meta = json.loads(files[0].attrs["meta"])
-        self.meta = meta
-        self.feature_dim = int(meta["feature_dim"])
-        self.grid = tuple(int(v) for v in meta["grid"])
-        self.backbone = str(meta.get("backbone", ""))
-        self.backbone_signature = str(meta.get("backbone_signature", ""))
-        cols: dict[str, list] = {}
-        self._where: list[tuple[int, int]] = []
-        for k, f in enumerate(files):
-            n = f["features"].shape[0]
-            for col in f["index"]:
-                values = f["index"][col][:n]
-                if values.dtype.kind in ("O", "S"):
-                    values = np.array(
-                        [v.decode() if isinstance(v, bytes) else str(v) for v in values]
-                    )
-                cols.setdefault(col, []).append(values)
-            self._where.extend((k, i) for i in range(n))
-        self.index = SimpleNamespace(**{c: np.concatenate(v) for c, v in cols.items()})
-
-    def __len__(self) -> int:
-        return len(self._where)
-
-    def rows(self, split: str | None) -> np.ndarray:
-        """Row numbers of a split (all rows for None); ConfigError for an unknown split."""
-        if split is None:
-            return np.arange(len(self))
-        if split not in ("training", "test"):
-            raise ConfigError(f"unknown split {split!r}: use training or test")
-        return np.nonzero(self.index.split == split)[0]
-
-    def labels(self, concept: str) -> np.ndarray:
-        """Per-image labels (0/1) of a concept, one per row."""
-        check_concept(concept)
-        return np.asarray(getattr(self.index, f"label_{concept}"), dtype=np.int64)
-
-    def feature_map(self, row: int) -> np.ndarray:
-        """One image's C x h x w feature map, float32."""
-        k, i = self._where[int(row)]
-        return np.asarray(self._files[k]["features"][i], dtype=np.float32)
-
-    def iter_maps(self, rows: Iterable[int]) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield (row, feature map) for the given rows, in order."""
-        for row in rows:
-            yield int(row), self.feature_map(int(row))
-
-    def geometry(self, row: int) -> Any:
-        """The Geometry of one image (feature grid -> original pixels)."""
-        from .extract import geometry_from_json
-
-        return geometry_from_json(str(self.index.geometry[int(row)]))
-
-    def close(self) -> None:
-        """Close the underlying files."""
-        for f in self._files:
-            f.close()
-
-
-def open_view(path: str | Path) -> StoreView:
-    """Open a complete store for reading; StoreError if missing, incomplete or corrupt."""
-    import h5py
-
-    from .extract import STORE_FORMAT
-
-    path = Path(path)
-    if not path.exists():
-        raise StoreError(f"no feature store at {path}: run 'napari-mammo-sae extract' first")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise StoreError(
-            f"{path.name} is not a readable feature store ({exc}): run 'extract' again"
-        ) from exc
-    fmt = f.attrs.get("format")
-    files = [f]
-    if fmt == STORE_FORMAT + "/shards":
-        names = json.loads(f.attrs["shards"])
-        f.close()
-        files = []
-        for name in names:
-            try:
-                files.append(h5py.File(path.with_name(name), "r"))
-            except OSError as exc:
-                raise StoreError(f"shard {name} of {path.name} is missing or unreadable") from exc
-    elif fmt != STORE_FORMAT:
-        f.close()
-        raise StoreError(f"{path.name} is not a feature store written by 'extract'")
-    for g in files:
-        if not bool(g.attrs.get("complete", False)):
-            for h in files:
-                h.close()
-            raise StoreError(
-                f"{path.name} is incomplete (an extraction was interrupted): run the same "
-                "'extract' command again to finish it"
-            )
-    try:
-        return StoreView(path, files)
-    except (KeyError, ValueError) as exc:
-        raise StoreError(f"{path.name} is corrupt ({exc}): run 'extract' again") from exc
+    return store.open(path)
 
 
 def store_feature_dim(store: Any) -> int:
@@ -282,6 +180,8 @@ def class_means(
     count = np.zeros(2, dtype=np.int64)
     for row, pooled in pooled_latents(items, sae, device=device, progress=progress):
         y = int(labels[row])
+        if y not in (0, 1):  # -1: label unknown
+            continue
         sums[y] += pooled
         count[y] += 1
     if (count == 0).any():
