@@ -232,95 +232,18 @@ def geometry_to_json(geometry: Any) -> str:
 
 def geometry_from_json(text: str) -> Any:
     """Rebuild a Geometry from :func:`geometry_to_json`'s text."""
-    try:
-        from ..geometry import Geometry
-    except ImportError:  # pragma: no cover - private fallback until geometry.py lands
-        Geometry = _Geometry  # noqa: N806
+    from ..geometry import Geometry
+
     data = json.loads(text)
-    fields = getattr(Geometry, "__dataclass_fields__", {})
-    return Geometry(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in fields}
-    )
-
-
-@dataclass(frozen=True)
-class _Geometry:
-    """Private stand-in for geometry.Geometry (crop box + resize), used only while it is missing."""
-
-    original_shape: tuple[int, int]
-    crop_box: tuple[float, float, float, float]
-    input_shape: tuple[int, int]
-    spacing_mm: tuple[float, float]
-
-    def input_to_original(self, rc: np.ndarray) -> np.ndarray:
-        r0, c0, r1, c1 = self.crop_box
-        scale = np.array([(r1 - r0) / self.input_shape[0], (c1 - c0) / self.input_shape[1]])
-        return np.asarray(rc, dtype=np.float64) * scale + np.array([r0, c0])
-
-    def box_to_original(self, box):
-        xmin, ymin, xmax, ymax = box
-        (r0, c0), (r1, c1) = self.input_to_original(np.array([[ymin, xmin], [ymax, xmax]]))
-        return (float(c0), float(r0), float(c1), float(r1))
-
-
-def _longest_run(on: np.ndarray) -> tuple[int, int]:
-    best, start, best_range = 0, None, (0, on.size)
-    for i, v in enumerate(np.append(on, False)):
-        if v and start is None:
-            start = i
-        elif not v and start is not None:
-            if i - start > best:
-                best, best_range = i - start, (start, i)
-            start = None
-    return best_range
-
-
-def _preprocess_fallback(record: Any, size: tuple[int, int]) -> tuple[np.ndarray, Any]:
-    """Mammo-CLIP preprocessing (SPEC 2), private stand-in while preprocess.py is missing."""
-    import torch
-
-    img = np.asarray(record.pixels, dtype=np.float64)
-    H0, W0 = img.shape
-    img = img[5:-5, 5:-5]
-    if record.photometric == "MONOCHROME1":
-        img = img.max() - img
-    img = img - img.min()
-    img = (img / max(img.max(), 1e-12) * 255).astype(np.uint8)
-    t = img.copy()
-    t[t <= 40] = 0
-    h, w = t.shape
-    rows = t[h // 2 - int(0.4 * h) : h // 2 + int(0.4 * h)]
-    c0, c1 = _longest_run(rows.std(axis=0) != 0)
-    t = t[:, c0:c1]
-    cols = t[:, t.shape[1] // 2 - int(0.4 * t.shape[1]) : t.shape[1] // 2 + int(0.4 * t.shape[1])]
-    r0, r1 = _longest_run(cols.std(axis=1) != 0)
-    crop = img[r0:r1, c0:c1].astype(np.float32)
-    x = torch.nn.functional.interpolate(torch.from_numpy(crop)[None, None], size=size, mode="area")
-    x = x[0, 0].numpy()
-    x = x - x.min()
-    x = x / max(float(x.max()), 1e-12)
-    x = (x - 0.3089279) / 0.25053555408335154
-    try:
-        from ..geometry import Geometry
-    except ImportError:
-        Geometry = _Geometry  # noqa: N806
-    geometry = Geometry(
-        (H0, W0), (float(r0 + 5), float(c0 + 5), float(r1 + 5), float(c1 + 5)), tuple(size),
-        tuple(record.spacing_mm),
-    )  # fmt: skip
-    return np.repeat(x[None], 3, axis=0).astype(np.float32), geometry
+    return Geometry(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
 def preprocess_record(
     record: Any, preprocess: str, size: tuple[int, int]
 ) -> tuple[np.ndarray, Any]:
     """(image (3, H, W) float32, geometry) of a record under a named preprocessing."""
-    try:
-        from ..preprocess import PREPROCESSORS
-    except ImportError:  # pragma: no cover - private fallback until preprocess.py lands
-        if preprocess != "mammoclip":
-            raise ConfigError("only 'mammoclip' preprocessing is available in this build") from None
-        return _preprocess_fallback(record, size)
+    from ..preprocess import PREPROCESSORS
+
     pre = PREPROCESSORS[preprocess](record, size=size)
     return np.ascontiguousarray(pre.image, dtype=np.float32), pre.geometry
 
