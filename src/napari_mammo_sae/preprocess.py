@@ -50,15 +50,17 @@ The geometry's crop box is ``(5 + row0, 5 + col0, 5 + row1, 5 + col1)`` - the bo
 included - and area resizing maps input edge ``0`` to the crop start and ``H`` to the crop end, so
 model-input points map back to exact original pixels.
 
-**Robust variant**: the breast mask is computed on a block-averaged copy (longest side ~512 px):
-Li's minimum-cross-entropy threshold (it keeps the faint skin line that Otsu drops), bright bands
-along the top/bottom edges and the edge opposite the chest wall are removed (film borders, scanner
-edges), a binary opening separates thin borders and label strokes, the largest component touching
-the chest-wall side is kept (falling back to the largest), grown back to the threshold mask nearby,
-holes filled. The crop box is that mask's bounding box (plus one block of margin); the image is
-area-resized, everything outside the mask is set to the background level (labels and markers
-vanish), contrast is stretched over what remains to 8 bits (as Mammo-CLIP's PNGs are), and
-:func:`normalise` follows.
+**Robust variant** (:func:`breast_region`): the breast mask is computed on a block-averaged copy
+(longest side ~512 px). Li's minimum-cross-entropy threshold gives the tissue; nearly full bright
+bands along the top/bottom edges and along the edge opposite the chest wall are cleared (film
+borders, scanner edges); a binary opening separates thin borders and label strokes; the largest
+component touching the chest-wall side is kept (else the largest). That core then grows into
+connected pixels above 1/8 of Li's threshold (the faint skin line and the nipple), within 8% of the
+image size of the core and away from the chest-wall edge, where film borders run; holes are filled.
+The crop box is the mask's bounding box plus one block. The crop is area-resized, everything
+outside the mask is set to the background level (labels and markers vanish), the contrast is
+stretched over what remains to 8 bits, truncating (as Mammo-CLIP's PNGs are), and
+:func:`normalise` follows. The geometry's crop box is that box (no 5-pixel border crop).
 """
 
 from __future__ import annotations
@@ -82,6 +84,8 @@ BORDER: int = 5
 BACKGROUND_LEVEL: int = 40  # Mammo-CLIP: values <= 40 (of 255) are background for the breast crop
 
 #: bump when a preprocessor's output changes, so that caches keyed by the signature are rebuilt
+#: the robust mask grows into pixels above this fraction of the Li threshold (skin line, nipple)
+PERIPHERY_FRACTION = 0.125
 _VERSIONS = {"mammoclip": 1, "robust": 1}
 
 
@@ -474,9 +478,9 @@ def breast_region(
     keep = labels == int(np.argmax(candidates))
     core = (mask & ndi.binary_dilation(keep, structure=_disk(radius + 1))) | keep
 
-    # periphery: the faint skin line and nipple lie below Li's threshold; grow the core into a
-    # quarter of it, away from the chest-wall edge (where film borders run) and not too far
-    low = small > level / 4
+    # periphery: the faint skin line and nipple lie below Li's threshold; grow the core into an
+    # eighth of it, away from the chest-wall edge (where film borders run) and not too far
+    low = small > level * PERIPHERY_FRACTION
     _drop_edge_bands(low, left_side)
     band_c = max(1, int(round(0.1 * w)))
     if left_side:
@@ -530,7 +534,9 @@ def preprocess_robust(record: Any, size: tuple[int, int] = MAMMOCLIP_SIZE) -> Pr
         raise UnsupportedImageError(
             "the breast region has a single grey value: there is nothing to analyse"
         )
-    img8 = (resized * (255.0 / top)).astype(np.uint8)  # 8 bits, truncating, as Mammo-CLIP's PNGs
+    resized /= top  # then * 255 and truncate, in Mammo-CLIP's order: the brightest pixel is 255
+    resized *= 255
+    img8 = resized.astype(np.uint8)
     return Preprocessed(normalise(img8), geometry, "robust")
 
 
