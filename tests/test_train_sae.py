@@ -1,0 +1,181 @@
+"""SAE training: the fast step equals autograd, exact resume, DDP equivalence, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from napari_mammo_sae.cli import main
+from napari_mammo_sae.errors import ConfigError
+from napari_mammo_sae.models.sae import SparseAutoencoder
+from napari_mammo_sae.pipeline import store as fs
+from napari_mammo_sae.pipeline.train_sae import (
+    TrainConfig,
+    autograd_grads,
+    make_optimizer,
+    relu_grads,
+    train_sae,
+)
+
+D, M, GRID = 32, 128, (4, 5)
+
+
+def make_store(path, n=12, seed=0):
+    """A tiny store of sparse-structured features: each token = a few of 48 non-negative atoms."""
+    rng = np.random.default_rng(seed)
+    atoms = np.abs(rng.normal(size=(48, D))).astype(np.float32)
+    w = fs.create(path, feature_dim=D, grid=GRID, backbone_signature="tiny", dtype="float32")
+    for i in range(n):
+        codes = rng.exponential(size=(GRID[0] * GRID[1], 48)) * (rng.random((20, 48)) < 0.08)
+        tokens = codes @ atoms + 0.05 * rng.normal(size=(20, D))
+        w.append(f"im{i}", tokens.T.reshape(D, *GRID), {"split": "training", "study_id": "s"})
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory):
+    return make_store(tmp_path_factory.mktemp("store") / "features.h5")
+
+
+def small_config(**kw):
+    base = dict(
+        d_latent=M, batch_size=40, steps=12, fraction=0.5, shuffle_buffer_images=4,
+        resample_every_steps=4, resample_dataset_size=80, checkpoint_every=100, log_every=1,
+        l1_coefficient=1e-3, lr=1e-3, device="cpu",
+    )  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _weights(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.0])  # dense path, sparse (gathered) path
+def test_fast_relu_step_equals_autograd(threshold):
+    torch.manual_seed(0)
+    ref = SparseAutoencoder(D, M, init="default", l1_coefficient=1e-2)
+    with torch.no_grad():
+        ref.b_enc[: M // 2] = -50.0  # half the latents never fire: the sparse path gathers
+        ref.b_dec.normal_()
+    fast = SparseAutoencoder(D, M, l1_coefficient=1e-2)
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(24, D) + 1.0
+    stats = relu_grads(fast, x, n_total=24, sparse_threshold=threshold)
+    ref_stats = autograd_grads(ref, x, n_total=24)
+    assert stats["active_fraction"] <= 0.5 and stats["l0_sum"] > 0
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        torch.testing.assert_close(
+            getattr(fast, name).grad, getattr(ref, name).grad, rtol=1e-5, atol=1e-7
+        )
+    assert stats["sq_sum"] == pytest.approx(ref_stats["sq_sum"], rel=1e-5)
+    # one full optimizer step keeps them together, decoder columns stay unit norm
+    for model in (fast, ref):
+        make_optimizer(model, small_config()).step()
+        model.normalise_decoder_()
+    torch.testing.assert_close(fast.W_dec, ref.W_dec, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast.W_dec.norm(dim=0), torch.ones(M))
+
+
+def test_training_lowers_loss_and_writes_outputs(tiny_store, tmp_path):
+    out = tmp_path / "run"
+    res = train_sae(tiny_store, small_config(steps=30), out)
+    assert not res.interrupted and res.steps == 30
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 30 and rows[-1]["mse"] < rows[0]["mse"] * 0.7
+    assert {"fvu", "l0", "dead_fraction", "tokens_per_s"} <= set(rows[0])
+    assert sum(r["resampled"] for r in rows) > 0  # paper init leaves dead latents to resample
+    header = (out / "metrics.csv").read_text().splitlines()[0]
+    assert header.startswith("step,tokens,epoch,tokens_per_s,loss,mse")
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["d_in"], cfg["d_latent"], cfg["kind"]) == (D, M, "relu")
+    assert TrainConfig.from_toml(out / "train_config.toml") == small_config(steps=30)
+    w = _weights(out)
+    assert w["W_enc"].shape == (M, D) and w["W_dec"].shape == (D, M)
+    torch.testing.assert_close(w["W_dec"].norm(dim=0), torch.ones(M))
+    with pytest.raises(ConfigError, match="already holds"):
+        train_sae(tiny_store, small_config(), out)
+
+
+@pytest.mark.parametrize("kind", ["relu", "topk"])
+def test_sigterm_then_resume_is_bit_for_bit(tiny_store, tmp_path, kind):
+    extra = {} if kind == "relu" else {"kind": "topk", "k": 4, "dead_tokens": 80}
+    full = tmp_path / "full"
+    train_sae(tiny_store, small_config(**extra), full)
+
+    def kill_at_5(step):
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled: checkpoint after this step
+
+    part = tmp_path / "part"
+    res = train_sae(tiny_store, small_config(**extra), part, on_step=kill_at_5)
+    assert res.interrupted and res.steps == 5
+    assert not (part / "model.safetensors").exists()
+    assert json.loads((part / "checkpoint" / "state.json").read_text())["step"] == 5
+    res2 = train_sae(tiny_store, small_config(**extra), part, resume=True)
+    assert res2.steps == 12 and not res2.interrupted
+    a, b = _weights(full), _weights(part)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    ma = (full / "metrics.jsonl").read_text().splitlines()
+    mb = (part / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["mse"] for r in ma] == [json.loads(r)["mse"] for r in mb]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, store_path, out, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    try:
+        train_sae(store_path, small_config(), out, rank=rank, world=world)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_two_process_gloo_matches_single_process(tiny_store, tmp_path):
+    single = tmp_path / "single"
+    train_sae(tiny_store, small_config(), single)
+    ddp = tmp_path / "ddp"
+    torch.multiprocessing.spawn(
+        _ddp_worker, args=(2, str(tiny_store), str(ddp), _free_port()), nprocs=2, join=True
+    )
+    a, b = _weights(single), _weights(ddp)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+    assert not torch.equal(a["W_enc"], SparseAutoencoder(D, M, init="paper").W_enc)
+
+
+def test_cli_end_to_end_with_toml_and_resume(tiny_store, tmp_path):
+    toml = tmp_path / "train.toml"
+    toml.write_text("[train]\nbatch_size = 40\nfraction = 0.5\nlr = 0.001\nd_latent = 128\n")
+    out = tmp_path / "cli"
+    args = ["train", "--store", str(tiny_store), "--out", str(out), "--config", str(toml),
+            "--steps", "6", "--quiet", "--resample-every-steps", "3"]  # fmt: skip
+    assert main(args) == 0
+    assert (out / "model.safetensors").exists()
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["steps"] == 6 and saved["batch_size"] == 40 and saved["lr"] == 0.001
+    assert main(args) == 2  # refuses to overwrite a run
+    assert main(["train", "--store", str(tmp_path / "none.h5"), "--out", str(tmp_path / "x")]) == 6
+    bad = tmp_path / "bad.toml"
+    bad.write_text("learning_rate = 1\n")
+    assert main(["train", "--store", str(tiny_store), "--out", str(tmp_path / "y"),
+                 "--config", str(bad)]) == 2  # fmt: skip
+    assert main(["train", "--store", str(tiny_store), "--out", str(tmp_path / "z"),
+                 "--resume"]) == 2  # fmt: skip
