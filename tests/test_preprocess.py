@@ -454,3 +454,22 @@ def test_mammoclip_on_cbis_is_a_valid_model_input(cbis_records):
     # feature cells of the 48 x 29 grid tile the crop box exactly
     rows, cols = pre.geometry.feature_grid_edges((48, 29))
     assert (rows[0], cols[0], rows[-1], cols[-1]) == (r0, c0, r1, c1)
+
+
+# --- a real MONOCHROME1 file (pydicom-data's computed radiograph) ---------------------------------
+def test_real_monochrome1_file_is_inverted_like_mammoclip():
+    from data_helpers import pydicom_data_file
+    from napari_mammo_sae.dicom import read_mammogram
+
+    rec = read_mammogram(pydicom_data_file("RG1_UNCR.dcm"))
+    assert rec.photometric == "MONOCHROME1"
+    pre = preprocess_mammoclip(rec, size=(190, 114))
+    # Mammo-CLIP inverts with max(img) - img: the same as a MONOCHROME2 record holding that image
+    inverted = record(rec.pixels.max() - rec.pixels, "MONOCHROME2", rec.spacing_mm)
+    same = preprocess_mammoclip(inverted, size=(190, 114))
+    np.testing.assert_array_equal(pre.image, same.image)
+    assert pre.geometry == same.geometry
+    not_inverted = preprocess_mammoclip(record(rec.pixels, "MONOCHROME2"), size=(190, 114))
+    assert not np.array_equal(pre.image, not_inverted.image)
+    robust = preprocess_robust(rec, size=(190, 114))
+    assert robust.image.shape == (3, 190, 114) and np.isfinite(robust.image).all()
