@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError, StoreError
+from ..errors import CheckpointError, ConfigError, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +85,20 @@ def load_sae(folder: str | Path) -> Any:
     path = Path(folder)
     if not (path / "model.safetensors").exists():
         raise ConfigError(f"no SAE weights in {path}: pass the folder written by 'train'")
-    from ..models.weights import load_weights
+    try:
+        from ..models.weights import load_weights
+    except ImportError:  # private fallback until models/weights.py lands
+        from safetensors.torch import load_file
 
+        from ..models.sae import SparseAutoencoder
+
+        try:
+            config = json.loads((path / "config.json").read_text())
+            sae = SparseAutoencoder.from_config(config)
+            sae.load_state_dict(load_file(str(path / "model.safetensors")))
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise CheckpointError(f"{path} does not hold SAE weights ({exc})") from exc
+        return sae.eval()
     sae, _ = load_weights(path)
     return sae.eval()
 
