@@ -72,7 +72,7 @@ def write_vindr_dataset(
             breast = ((yy - h / 2) / (h / 2)) ** 2 + (xx / (w * 0.9)) ** 2 < 1
             img[breast] += 900
             findings = []
-            if (lat, view) == ("R", "CC") and s % 2 == 0:
+            if (lat, view) == ("R", "CC") and (s % 2 == 0 or split == "test"):
                 findings.append(("Mass", (10.0, 30.0, 26.0, 46.0)))
             if (lat, view) == ("L", "MLO"):
                 findings.append(("Suspicious Calcification", (20.0, 50.0, 32.0, 62.0)))
