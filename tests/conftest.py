@@ -9,6 +9,10 @@ import pytest
 # Keep the 2-core CI machine responsive and tests deterministic.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
+# GUI tests load Mesa's libLLVM; torch's lazy triton import after that segfaults. The napari side
+# of the plugin guards against it on import: do it before any test creates a canvas.
+import napari_mammo_sae._napari  # noqa: E402,F401
+
 
 def _cbis_files():
     try:

@@ -17,13 +17,31 @@ from .errors import MammoSAEError
 
 #: subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "info": ("napari_mammo_sae.cli_info", "show what the reader sees in DICOM files (no patient data)"),
-    "phantom": ("napari_mammo_sae.phantom.cli", "write a synthetic VinDr-Mammo-like dataset with known truth"),
-    "extract": ("napari_mammo_sae.pipeline.extract", "extract backbone feature maps into an HDF5 store"),
-    "train": ("napari_mammo_sae.pipeline.train_sae", "train a sparse autoencoder on a feature store"),
-    "train-head": ("napari_mammo_sae.pipeline.train_head", "train a concept head (linear probe or fine-tune)"),
+    "info": (
+        "napari_mammo_sae.cli_info",
+        "show what the reader sees in DICOM files (no patient data)",
+    ),
+    "phantom": (
+        "napari_mammo_sae.phantom.cli",
+        "write a synthetic VinDr-Mammo-like dataset with known truth",
+    ),
+    "extract": (
+        "napari_mammo_sae.pipeline.extract",
+        "extract backbone feature maps into an HDF5 store",
+    ),
+    "train": (
+        "napari_mammo_sae.pipeline.train_sae",
+        "train a sparse autoencoder on a feature store",
+    ),
+    "train-head": (
+        "napari_mammo_sae.pipeline.train_head",
+        "train a concept head (linear probe or fine-tune)",
+    ),
     "probe": ("napari_mammo_sae.pipeline.probe", "class-wise mean latents and neuron rankings"),
-    "evaluate": ("napari_mammo_sae.pipeline.evaluate", "the paper's analyses on the test split, as a report"),
+    "evaluate": (
+        "napari_mammo_sae.pipeline.evaluate",
+        "the paper's analyses on the test split, as a report",
+    ),
 }
 
 #: exit statuses, documented in the README
@@ -60,7 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING,
+        level=logging.DEBUG
+        if args.verbose > 1
+        else logging.INFO
+        if args.verbose
+        else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
     if not getattr(args, "_run", None):
