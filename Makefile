@@ -42,9 +42,11 @@ format: venv
 
 # Opens napari on a sample with the analysis run; with no display, writes images and says where.
 demo: venv
+	@if [ -z "$$DISPLAY$$WAYLAND_DISPLAY" ]; then $(MAKE) -s system-deps || echo "(no Xvfb: the demo needs a display)"; fi
 	$(PY) scripts/demo.py
 
 screenshots: system-deps venv
+	xvfb-run -a -s "-screen 0 1920x1200x24" $(PY) scripts/screenshot_hanging.py
 	xvfb-run -a -s "-screen 0 1920x1200x24" $(PY) scripts/screenshots.py
 
 benchmarks: venv
