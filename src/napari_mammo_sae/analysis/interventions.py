@@ -221,13 +221,26 @@ class InterventionResult:
 class InterventionEngine:
     """Precomputes v = W_dec^T w and each neuron's contribution so a slider update is one small sum.
 
-    ``pooled_latents`` is one image's (m,) mean-over-positions latents. Neuron scores (for the top-k
-    modes) are per class, e.g. from :mod:`analysis.ranking`.
+    ``pooled_latents`` is one image's (m,) mean-over-positions latents; give ``sae`` and ``head``, or
+    ``weights=(v, bias)`` from :func:`logit_weights` when they are already computed. Neuron scores
+    (for the top-k modes) are per class, (2, m), e.g. from :mod:`analysis.ranking`.
     """
 
-    def __init__(self, pooled_latents: np.ndarray, sae: Any, head: Any) -> None:
+    def __init__(
+        self,
+        pooled_latents: np.ndarray,
+        sae: Any = None,
+        head: Any = None,
+        *,
+        weights: tuple[np.ndarray, float] | None = None,
+    ) -> None:
         z = np.asarray(pooled_latents, dtype=np.float64).reshape(-1)
-        self.v, self.bias = logit_weights(sae, head)
+        if weights is None:
+            if sae is None or head is None:
+                raise ConfigError("an InterventionEngine needs the SAE and the concept head")
+            weights = logit_weights(sae, head)
+        self.v = np.asarray(weights[0], dtype=np.float64).reshape(-1)
+        self.bias = float(weights[1])
         if z.shape[0] != self.v.shape[0]:
             raise ConfigError(
                 f"pooled latents have {z.shape[0]} neurons but the SAE has {self.v.shape[0]}"

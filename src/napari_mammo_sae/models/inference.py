@@ -1,0 +1,517 @@
+"""One inference object: record -> preprocessing -> backbone -> SAE -> probability, latents, heatmaps.
+
+:class:`Analyzer` runs a concept classifier (backbone + linear head on average-pooled features) and an
+SAE on one mammogram and returns an :class:`Analysis`: the concept probability, the pooled latents, the
+per-position latents (kept compactly), heatmaps of requested neurons on the feature grid, each neuron's
+logit contribution and the per-stage timings. Results are cached per image (SOPInstanceUID, frame and a
+pixel checksum) *and* signature (content hash of the classifier's and the SAE's weights, the
+preprocessing signature and the dtype), so a repeated analysis, a new neuron set or an intervention
+never reruns the backbone, and a changed model or preprocessing never reuses a stale result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..analysis.interventions import (
+    InterventionEngine,
+    head_parts,
+    logit_weights,
+    neuron_mask,
+    sigmoid,
+)
+from ..errors import ConfigError
+from ..geometry import Geometry
+from ..progress import Progress, check_cancelled
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+#: per-position latents are stored as CSR when at most this fraction is non-zero, else dense float16
+SPARSE_MAX_DENSITY = 0.25
+STAGES = ("decode", "preprocess", "backbone", "sae", "heatmaps")
+
+
+# --- device and dtype ----------------------------------------------------------------------------
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' -> CUDA if available, then MPS, then CPU; otherwise the named device."""
+    if str(device) != "auto":
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ConfigError(f"unknown device {device!r}: use auto, cpu, cuda or mps") from exc
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device 'cuda' was asked for but no CUDA GPU is available: use auto")
+        if dev.type == "mps" and not torch.backends.mps.is_available():
+            raise ConfigError("device 'mps' was asked for but MPS is not available: use auto")
+        return dev
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """float32 everywhere; bfloat16 (autocast) only on a GPU."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}: use float32 or bfloat16")
+    if dtype == "bfloat16" and device.type == "cpu":
+        raise ConfigError("bfloat16 is for GPUs (it is very slow on CPUs): use dtype='float32'")
+    return DTYPES[dtype]
+
+
+# --- signatures ------------------------------------------------------------------------------------
+def _tensors(module: Any) -> list[tuple[str, torch.Tensor]]:
+    return list(module.named_parameters()) + list(module.named_buffers())
+
+
+def module_state_key(module: Any) -> tuple:
+    """Cheap key that changes when a tensor is replaced, moved or modified in place."""
+    return tuple(
+        (name, id(t), t._version, str(t.dtype), tuple(t.shape), str(t.device))
+        for name, t in _tensors(module)
+    )
+
+
+def module_digest(module: Any) -> str:
+    """sha256 of a module's parameter and buffer names, dtypes, shapes and values."""
+    h = hashlib.sha256()
+    for name, t in _tensors(module):
+        t = t.detach()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class _Digests:
+    """Content hashes of modules, recomputed only when their tensors change."""
+
+    def __init__(self) -> None:
+        self._memo: dict[int, tuple[tuple, str]] = {}
+
+    def __call__(self, module: Any) -> str:
+        key = module_state_key(module)
+        hit = self._memo.get(id(module))
+        if hit is None or hit[0] != key:
+            hit = (key, module_digest(module))
+            self._memo[id(module)] = hit
+        return hit[1]
+
+
+def record_key(record: Any) -> tuple:
+    """Identity of an image for the cache: SOPInstanceUID, frame, shape and a pixel checksum."""
+    pixels = np.asarray(record.pixels)
+    uid = str(getattr(record, "sop_instance_uid", "") or "")
+    # a strided checksum guards against UID collisions (bad anonymisers); a full one without a UID
+    sample = (
+        pixels
+        if not uid
+        else pixels[:: max(1, pixels.shape[0] // 64), :: max(1, pixels.shape[1] // 64)]
+    )
+    digest = hashlib.blake2b(np.ascontiguousarray(sample).tobytes(), digest_size=16).hexdigest()
+    return (uid, getattr(record, "frame", None), tuple(pixels.shape), digest)
+
+
+# --- compact per-position latents ------------------------------------------------------------------
+class PositionLatents:
+    """SAE latents of every feature-grid position, (P, m): CSR when sparse, dense float16 otherwise."""
+
+    def __init__(self, shape: tuple[int, int], *, csr: Any = None, dense: np.ndarray | None = None):
+        self.shape = (int(shape[0]), int(shape[1]))
+        self._csr = csr
+        self._dense = dense
+        if (csr is None) == (dense is None):
+            raise ValueError("give exactly one of csr and dense")
+
+    @classmethod
+    def from_tensor(
+        cls, z: torch.Tensor, max_density: float = SPARSE_MAX_DENSITY
+    ) -> PositionLatents:
+        """Store (P, m) latents: CSR float32 if the non-zero fraction is <= max_density."""
+        import scipy.sparse
+
+        nnz = int(torch.count_nonzero(z))
+        shape = (int(z.shape[0]), int(z.shape[1]))
+        if nnz <= max_density * z.numel():
+            zc = z.float().to_sparse_csr()
+            csr = scipy.sparse.csr_array(
+                (
+                    zc.values().cpu().numpy(),
+                    zc.col_indices().cpu().numpy().astype(np.int32),
+                    zc.crow_indices().cpu().numpy().astype(np.int64),
+                ),
+                shape=shape,
+            )
+            return cls(shape, csr=csr)
+        return cls(shape, dense=z.half().cpu().numpy())
+
+    @property
+    def is_sparse(self) -> bool:
+        """True when stored as CSR."""
+        return self._csr is not None
+
+    @property
+    def nnz(self) -> int:
+        """Number of non-zero latents over all positions."""
+        return int(self._csr.nnz) if self._csr is not None else int(np.count_nonzero(self._dense))
+
+    @property
+    def density(self) -> float:
+        """Fraction of non-zero latents."""
+        return self.nnz / max(1, self.shape[0] * self.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the stored arrays."""
+        if self._csr is not None:
+            c = self._csr
+            return int(c.data.nbytes + c.indices.nbytes + c.indptr.nbytes)
+        return int(self._dense.nbytes)
+
+    def columns(self, neurons: Iterable[int]) -> np.ndarray:
+        """Latents of the given neurons at every position, (P, k) float32."""
+        idx = np.asarray(list(neurons), dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.shape[1]):
+            raise ConfigError(f"neuron indices must lie in [0, {self.shape[1]}) for this SAE")
+        if self._csr is not None:
+            return np.asarray(self._csr[:, idx].toarray(), dtype=np.float32)
+        return self._dense[:, idx].astype(np.float32)
+
+    def toarray(self) -> np.ndarray:
+        """All latents, (P, m) float32."""
+        if self._csr is not None:
+            return self._csr.toarray().astype(np.float32, copy=False)
+        return self._dense.astype(np.float32)
+
+    def matvec(self, v: np.ndarray) -> np.ndarray:
+        """z(p) . v for every position, (P,) float64."""
+        v = np.asarray(v, dtype=np.float64)
+        if self._csr is not None:
+            return np.asarray(self._csr @ v).reshape(-1)
+        return self._dense.astype(np.float32) @ v
+
+
+# --- the result -------------------------------------------------------------------------------------
+@dataclass
+class Analysis:
+    """What :meth:`Analyzer.analyse` returns for one image (maps on the feature grid, see geometry)."""
+
+    probability: float  # sigmoid of the classifier's logit on the original features
+    logit: float
+    geometry: Geometry
+    grid: tuple[int, int]  # feature grid (h, w)
+    pooled_latents: np.ndarray  # (m,) float32, mean over positions of z
+    latents: PositionLatents  # (h*w, m) per-position latents, row-major over the grid
+    pooled_features: np.ndarray  # (C,) float32, the head's input
+    logit_contributions: np.ndarray  # (m,) float64, (W_dec^T w)_j * pooled_latents_j
+    reconstruction_logit: float  # head on the SAE reconstruction (closed form)
+    cam: (
+        np.ndarray
+    )  # (h, w) float32, reconstruction class-activation map (mean = reconstruction_logit)
+    heatmaps: dict[int, np.ndarray]  # neuron -> (h, w) latent map, for the requested neurons
+    timings: dict[str, float]  # seconds per stage of this call (decode, preprocess, ...), total
+    signature: str  # weights + preprocessing + dtype: what the cache is keyed by
+    sop_instance_uid: str = ""
+    preprocess: str = "mammoclip"
+    cached: bool = False  # True when the backbone and SAE were not rerun for this call
+    features: np.ndarray | None = field(default=None, repr=False)  # (C, h, w) float32 if kept
+    _weights: tuple[np.ndarray, float] | None = field(default=None, repr=False)
+
+    @property
+    def reconstruction_probability(self) -> float:
+        """Probability of the head on the SAE reconstruction."""
+        return float(sigmoid(self.reconstruction_logit))
+
+    @property
+    def n_neurons(self) -> int:
+        """Number of SAE latents m."""
+        return int(self.pooled_latents.shape[0])
+
+    def latent_maps(self, neurons: Iterable[int]) -> np.ndarray:
+        """Latent maps of the given neurons on the feature grid, (k, h, w) float32."""
+        idx = [int(n) for n in neurons]
+        cols = self.latents.columns(idx)  # (P, k)
+        return np.ascontiguousarray(cols.T.reshape(len(idx), *self.grid))
+
+    def top_neurons(self, k: int = 10, by: str = "contribution") -> np.ndarray:
+        """The k neurons with the largest logit contribution (or pooled activation: by='activation')."""
+        if by not in ("contribution", "activation"):
+            raise ConfigError("top_neurons ranks by 'contribution' or 'activation'")
+        s = self.logit_contributions if by == "contribution" else self.pooled_latents
+        return np.argsort(-np.asarray(s), kind="stable")[: max(0, int(k))]
+
+    def intervention(self) -> InterventionEngine:
+        """An engine for slider-speed interventions on this image."""
+        if self._weights is None:
+            raise ConfigError("this analysis holds no head weights: analyse it with an Analyzer")
+        return InterventionEngine(self.pooled_latents, weights=self._weights)
+
+    def reconstruction_cam(self, neurons: Any = None, mode: str = "remove") -> np.ndarray:
+        """Reconstruction CAM (h, w) with ``neurons`` kept or removed (default: nothing removed)."""
+        if self._weights is None:
+            raise ConfigError("this analysis holds no head weights: analyse it with an Analyzer")
+        v, bias = self._weights
+        cam = self.latents.matvec(v * neuron_mask(v.shape[0], neurons, mode)) + bias
+        return cam.reshape(self.grid).astype(np.float32)
+
+
+# --- the analyzer ---------------------------------------------------------------------------------
+class Analyzer:
+    """Runs a concept classifier and an SAE on mammograms, with a per-image, signature-keyed cache.
+
+    ``classifier`` has ``forward_features(x) -> (1, C, h, w)`` (or a ``.backbone`` that has) and a
+    linear head (``.head``: Linear(C, 1) on average-pooled features). The models are moved to
+    ``device`` and put in eval mode. ``preprocess``/``size`` default to ``config`` (a weights
+    folder's config.json dict: ``preprocess``, ``input_size``), else Mammo-CLIP's 1520 x 912.
+    """
+
+    def __init__(
+        self,
+        classifier: Any,
+        sae: Any,
+        *,
+        preprocess: str | None = None,
+        size: tuple[int, int] | None = None,
+        device: str | torch.device = "auto",
+        dtype: str = "float32",
+        cache_size: int = 8,
+        keep_features: bool = True,
+        config: dict | None = None,
+    ) -> None:
+        from ..preprocess import MAMMOCLIP_SIZE, PREPROCESSORS, preprocessing_signature
+
+        config = dict(config or getattr(classifier, "config", None) or {})
+        self.preprocess = preprocess or config.get("preprocess") or "mammoclip"
+        if self.preprocess not in PREPROCESSORS:
+            raise ConfigError(
+                f"unknown preprocessing {self.preprocess!r}: use one of {', '.join(PREPROCESSORS)}"
+            )
+        self.size = tuple(int(v) for v in (size or config.get("input_size") or MAMMOCLIP_SIZE))
+        self.preprocessing_signature = preprocessing_signature(self.preprocess, self.size)
+        self._preprocess_fn = PREPROCESSORS[self.preprocess]
+        self.device = resolve_device(device)
+        self.dtype_name = dtype
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.cache_size = max(0, int(cache_size))
+        self.keep_features = keep_features
+        self.classifier = classifier.to(self.device).eval()
+        self.sae = sae.to(self.device).eval()
+        self._forward_features = self._features_fn(self.classifier)
+        self._check_dims()
+        self._digests = _Digests()
+        self._cache: OrderedDict[tuple, Analysis] = OrderedDict()
+        self._lock = threading.Lock()
+        self._weights_key: tuple | None = None
+        self._weights: tuple[np.ndarray, float, np.ndarray, float] | None = None
+
+    @classmethod
+    def from_weights(
+        cls, classifier_folder: str | Path, sae_folder: str | Path, **kw: Any
+    ) -> Analyzer:
+        """An Analyzer from a classifier weights folder ('train-head') and an SAE folder ('train')."""
+        from ..pipeline.probe import load_sae
+        from ..pipeline.train_head import load_model_folder
+
+        classifier, config = load_model_folder(classifier_folder)
+        return cls(classifier, load_sae(sae_folder), config=config, **kw)
+
+    # --- model access ------------------------------------------------------------------------------
+    @staticmethod
+    def _features_fn(classifier: Any):
+        for owner in (classifier, getattr(classifier, "backbone", None)):
+            fn = getattr(owner, "forward_features", None)
+            if callable(fn):
+                return fn
+        raise ConfigError(
+            "the classifier has no forward_features(x): pass a ConceptClassifier (backbone + head)"
+        )
+
+    def _check_dims(self) -> None:
+        w, _ = head_parts(self.classifier)
+        d_in = int(self.sae.W_dec.shape[0])
+        if w.shape[0] != d_in:
+            raise ConfigError(
+                f"the classifier's head reads {w.shape[0]} features but the SAE was trained on "
+                f"{d_in}: use the SAE trained on this backbone's features"
+            )
+
+    @property
+    def signature(self) -> str:
+        """Weights (classifier and SAE content hashes) + preprocessing + dtype."""
+        return (
+            f"clf-{self._digests(self.classifier)[:16]}_sae-{self._digests(self.sae)[:16]}_"
+            f"{self.preprocessing_signature}_{self.dtype_name}"
+        )
+
+    def head_weights(self) -> tuple[np.ndarray, float, np.ndarray, float]:
+        """(w, c, v = W_dec^T w, w . b_dec + c), recomputed only when the weights change."""
+        key = (module_state_key(self.classifier), module_state_key(self.sae))
+        if self._weights is None or self._weights_key != key:
+            w, c = head_parts(self.classifier)
+            v, bias = logit_weights(self.sae, (w, c))
+            self._weights, self._weights_key = (w, c, v, bias), key
+        return self._weights
+
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # --- cache -------------------------------------------------------------------------------------
+    def clear_cache(self) -> None:
+        """Forget every cached analysis."""
+        with self._lock:
+            self._cache.clear()
+
+    @property
+    def cache_len(self) -> int:
+        """Number of cached images."""
+        return len(self._cache)
+
+    def _cache_get(self, key: tuple) -> Analysis | None:
+        with self._lock:
+            entry = self._cache.get(key)
+            if entry is not None:
+                self._cache.move_to_end(key)
+            return entry
+
+    def _cache_put(self, key: tuple, entry: Analysis) -> None:
+        if self.cache_size == 0:
+            return
+        with self._lock:
+            self._cache[key] = entry
+            self._cache.move_to_end(key)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+
+    # --- analysis ----------------------------------------------------------------------------------
+    def analyse(
+        self, record: Any, neurons: Iterable[int] | None = None, progress: Progress | None = None
+    ) -> Analysis:
+        """Probability, latents and heatmaps of ``neurons`` for one mammogram record (cached)."""
+        t_start = time.perf_counter()
+        check_cancelled(progress)
+        signature = self.signature
+        key = (record_key(record), signature)
+        base = entry = self._cache_get(key)
+        if entry is None:
+            base = self._compute(record, signature, progress)
+            self._cache_put(key, base)
+        check_cancelled(progress)
+        if progress is not None:
+            progress.set_description("heatmaps")
+        t0 = time.perf_counter()
+        wanted = [] if neurons is None else [int(n) for n in neurons]
+        maps = base.latent_maps(wanted) if wanted else np.zeros((0, *base.grid), np.float32)
+        heatmaps = {n: maps[i] for i, n in enumerate(wanted)}
+        t_maps = time.perf_counter() - t0
+        timings = dict(base.timings) if entry is None else dict.fromkeys(STAGES[1:4], 0.0)
+        timings["decode"] = 0.0  # analyse_path fills it in
+        timings["heatmaps"] = timings.get("heatmaps", 0.0) + t_maps
+        timings["total"] = time.perf_counter() - t_start
+        if progress is not None:
+            progress.update(1)
+        return replace(base, heatmaps=heatmaps, timings=timings, cached=entry is not None)
+
+    def _compute(self, record: Any, signature: str, progress: Progress | None) -> Analysis:
+        """Preprocess, backbone, SAE and the reconstruction CAM (the cached part)."""
+        timings: dict[str, float] = {}
+        if progress is not None:
+            progress.set_total(4)
+            progress.set_description("preprocessing")
+        t0 = time.perf_counter()
+        pre = self._preprocess_fn(record, self.size)
+        x = pre.tensor().to(self.device)
+        timings["preprocess"] = time.perf_counter() - t0
+        if progress is not None:
+            progress.update(1)
+            progress.set_description("backbone")
+        check_cancelled(progress)
+
+        w, c, v, bias = self.head_weights()
+        t0 = time.perf_counter()
+        with torch.inference_mode(), self._autocast():
+            fmap = self._forward_features(x)
+        fmap = fmap[0].float()  # (C, h, w)
+        pooled_x = fmap.mean(dim=(1, 2))
+        pooled_np = pooled_x.double().cpu().numpy()
+        self._sync()
+        timings["backbone"] = time.perf_counter() - t0
+        logit = float(pooled_np @ w + c)
+        if progress is not None:
+            progress.update(1)
+            progress.set_description("sparse autoencoder")
+        check_cancelled(progress)
+
+        t0 = time.perf_counter()
+        C, h, wd = fmap.shape
+        with torch.inference_mode(), self._autocast():
+            z = self.sae.encode(fmap.reshape(C, h * wd).T)
+        z = z.float()
+        pooled_z = z.mean(0).cpu().numpy().astype(np.float32)
+        latents = PositionLatents.from_tensor(z)
+        self._sync()
+        timings["sae"] = time.perf_counter() - t0
+        if progress is not None:
+            progress.update(1)
+            progress.set_description("heatmaps")
+        check_cancelled(progress)
+
+        t0 = time.perf_counter()
+        v_t = torch.as_tensor(v, dtype=torch.float32, device=z.device)
+        cam = (z @ v_t).reshape(h, wd).double().cpu().numpy() + bias
+        contributions = v * pooled_z.astype(np.float64)
+        features = fmap.cpu().numpy() if self.keep_features else None
+        timings["heatmaps"] = time.perf_counter() - t0
+        del z
+        return Analysis(
+            probability=float(sigmoid(logit)),
+            logit=logit,
+            geometry=pre.geometry,
+            grid=(int(h), int(wd)),
+            pooled_latents=pooled_z,
+            latents=latents,
+            pooled_features=pooled_np.astype(np.float32),
+            logit_contributions=contributions,
+            reconstruction_logit=float(contributions.sum() + bias),
+            cam=cam.astype(np.float32),
+            heatmaps={},
+            timings=timings,
+            signature=signature,
+            sop_instance_uid=str(getattr(record, "sop_instance_uid", "") or ""),
+            preprocess=self.preprocess,
+            features=features,
+            _weights=(v, bias),
+        )
+
+    def analyse_path(
+        self,
+        path: str | Path,
+        *,
+        frame: int | None = None,
+        neurons: Iterable[int] | None = None,
+        progress: Progress | None = None,
+    ) -> Analysis:
+        """Read a DICOM file (dicom.read_mammogram) and analyse it; timings include 'decode'."""
+        from ..dicom import read_mammogram
+
+        t0 = time.perf_counter()
+        record = read_mammogram(path, frame=frame)
+        t_decode = time.perf_counter() - t0
+        result = self.analyse(record, neurons=neurons, progress=progress)
+        result.timings["decode"] = t_decode
+        result.timings["total"] += t_decode
+        return result
