@@ -1,0 +1,317 @@
+"""Breast anatomy of a phantom view: outline, pectoral muscle, skin, nipple, glandular texture, vessels.
+
+Everything is rendered in a *canonical frame* whose chest wall is the image's left edge (column 0), as
+a left breast is displayed; right breasts are mirrored at the very end (``dataset.render_image``).
+Sizes are physical (mm) so a small image at coarse spacing shows the same anatomy as a full-size one.
+
+Intensities are in display units (dense = bright), roughly 0 (air) to 1:
+
+* air ``AIR`` (about 0.03), fat about 0.32 x the compressed-thickness profile, glandular tissue up to
+  ``GLAND`` more, pectoral muscle about 0.62, a skin rim about 0.1 brighter than the fat below it;
+* fibroglandular tissue is a power-law texture (power spectrum 1/f^beta, beta about 3, elongated
+  toward the nipple), thresholded so the dense fraction matches the BI-RADS density class
+  (``DENSITY_FRACTION``) inside an envelope that spares the subcutaneous and retromammary fat;
+* vessels run from the chest wall toward the nipple, ducts converge on the nipple.
+
+Smooth parts are rendered on a coarse grid (about 0.4 mm) and interpolated to the output grid.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+AIR = 0.03
+FAT = 0.32
+GLAND = 0.30
+MUSCLE = 0.60
+SKIN = 0.10
+#: BI-RADS density class -> fraction of the glandular envelope that is dense tissue
+DENSITY_FRACTION = {"A": 0.10, "B": 0.28, "C": 0.52, "D": 0.78}
+#: how strongly the dense tissue shows (A: almost entirely fatty .. D: extremely dense)
+DENSITY_CONTRAST = {"A": 0.75, "B": 0.9, "C": 1.0, "D": 1.05}
+COARSE_MM = 0.4  # pixel size of the grid the smooth anatomy is rendered on
+
+
+@dataclass(frozen=True)
+class Outline:
+    """Breast outline in the canonical frame, one value per output row (pixels, edge coordinates).
+
+    The breast occupies columns ``[pectoral[r], edge[r])`` of row ``r`` (skin line at ``edge``; the
+    pectoral muscle, MLO only, covers ``[0, pectoral[r])``); ``edge[r] == 0`` where no breast.
+    """
+
+    edge: np.ndarray  # (H,) float
+    pectoral: np.ndarray  # (H,) float
+    nipple: tuple[float, float]  # (row, col) of the nipple tip, pixels
+    nipple_radius: float  # pixels
+    view: str
+
+    def mask(self, shape: tuple[int, int], step: float = 1.0) -> np.ndarray:
+        """Boolean breast mask (skin included, nipple excluded) on a grid ``step`` pixels apart."""
+        rows = _sample_rows(self.edge, shape[0], step)
+        cols = (np.arange(shape[1], dtype=np.float32) + 0.5) * step
+        return cols[None, :] < rows[:, None]
+
+    def box_inside(self, box: tuple[float, float, float, float], margin: float = 0.0) -> bool:
+        """Whether an edge-coordinate box (xmin, ymin, xmax, ymax) lies in breast tissue (no muscle)."""
+        x0, y0, x1, y1 = box
+        r0, r1 = math.floor(y0 - margin), math.ceil(y1 + margin)
+        if r0 < 0 or r1 > len(self.edge) or x0 - margin < 0:
+            return False
+        edge = self.edge[r0:r1]
+        pect = self.pectoral[r0:r1]
+        return bool(edge.size and (x1 + margin <= edge).all() and (x0 - margin >= pect).all())
+
+
+def _sample_rows(values: np.ndarray, n: int, step: float) -> np.ndarray:
+    """Per-row values sampled at the centres of ``n`` rows ``step`` output pixels tall."""
+    centres = (np.arange(n) + 0.5) * step - 0.5
+    idx = np.clip(np.round(centres).astype(int), 0, len(values) - 1)
+    return (values[idx] / 1.0).astype(np.float32)
+
+
+def _smoothstep(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    t = np.clip((x - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
+    return t * t * (3.0 - 2.0 * t)
+
+
+def make_outline(
+    view: str, shape: tuple[int, int], spacing_mm: float, rng: np.random.Generator
+) -> Outline:
+    """A random, plausible breast outline for a CC (half ellipse) or MLO (with pectoral) view."""
+    h, w = shape
+    rows = np.arange(h, dtype=np.float64) + 0.5
+    if view == "CC":
+        depth = w * rng.uniform(0.52, 0.78)  # chest wall to nipple
+        half = h * rng.uniform(0.33, 0.43)  # half the medio-lateral extent
+        centre = h * rng.uniform(0.47, 0.53)
+        p = rng.uniform(2.0, 2.6)  # super-ellipse exponent: fuller than an ellipse
+        t = np.clip(np.abs(rows - centre) / half, 0.0, 1.0)
+        edge = depth * (1.0 - t**p) ** (1.0 / p)
+        edge[np.abs(rows - centre) >= half] = 0.0
+        nipple_row = centre + rng.uniform(-0.06, 0.06) * half
+        pectoral = np.zeros(h)
+        if rng.random() < 0.25:  # a sliver of pectoral muscle at the chest wall (good positioning)
+            pr = centre + rng.uniform(-0.3, 0.1) * half
+            ph = half * rng.uniform(0.25, 0.45)
+            pw = w * rng.uniform(0.02, 0.05)
+            tt = np.clip(1.0 - ((rows - pr) / ph) ** 2, 0.0, None)
+            pectoral = pw * np.sqrt(tt)
+    else:  # MLO (and any oblique view)
+        depth = w * rng.uniform(0.55, 0.8)
+        nipple_t = rng.uniform(0.48, 0.6)  # nipple level as a fraction of the height
+        bottom = h * rng.uniform(0.86, 0.97)  # inframammary fold
+        nipple_row = h * nipple_t
+        up = nipple_row / rng.uniform(0.8, 0.95)  # upper semi-axis: the breast leaves the top edge
+        down = bottom - nipple_row
+        p = rng.uniform(1.8, 2.3)
+        d = np.where(rows < nipple_row, (nipple_row - rows) / up, (rows - nipple_row) / down)
+        d = np.clip(d, 0.0, 1.0)
+        edge = depth * (1.0 - d**p) ** (1.0 / p)
+        edge[rows >= bottom] = 0.0
+        # axillary tail: the outline above the nipple sags toward the chest wall a little
+        edge *= 1.0 - 0.12 * _smoothstep(nipple_row - rows, 0.2 * h, 0.5 * h)
+        # pectoral muscle: a wedge from the top of the chest wall, anterior border slightly convex
+        top_w = min(depth * rng.uniform(0.35, 0.6), 0.85 * edge[0] if edge[0] > 0 else depth)
+        length = h * rng.uniform(0.38, 0.62)
+        s = np.clip(rows / length, 0.0, 1.0)
+        bow = rng.uniform(0.75, 1.0)
+        pectoral = top_w * (1.0 - s) ** bow
+    nipple_col = float(np.interp(nipple_row, rows, edge))
+    nipple_radius = rng.uniform(3.5, 6.5) / spacing_mm
+    return Outline(
+        edge=edge.astype(np.float32),
+        pectoral=pectoral.astype(np.float32),
+        nipple=(float(nipple_row), nipple_col),
+        nipple_radius=float(nipple_radius),
+        view="CC" if view == "CC" else "MLO",
+    )
+
+
+def power_law_noise(
+    shape: tuple[int, int], beta: float, rng: np.random.Generator, elongation: float = 1.0
+) -> np.ndarray:
+    """Zero-mean, unit-variance noise with power spectrum 1/f^beta; ``elongation`` > 1 stretches
+    structures along columns (toward the nipple)."""
+    h, w = shape
+    fy = np.fft.fftfreq(h)[:, None]
+    fx = np.fft.rfftfreq(w)[None, :]
+    f = np.sqrt(fy**2 + (fx * elongation) ** 2)
+    f[0, 0] = 1.0
+    amp = f ** (-beta / 2.0)
+    amp[0, 0] = 0.0
+    amp[f < 1.0 / max(h, w)] *= 0.3  # tame the largest scales so texture, not shading, dominates
+    spec = amp * (rng.standard_normal(amp.shape) + 1j * rng.standard_normal(amp.shape))
+    out = np.fft.irfft2(spec, s=(h, w))
+    out -= out.mean()
+    out /= out.std() + 1e-12
+    return out.astype(np.float32)
+
+
+def _curves_image(
+    shape: tuple[int, int], paths: list[np.ndarray], weights: list[float]
+) -> np.ndarray:
+    """Splat points of polylines (N x 2 row/col arrays) into an image."""
+    img = np.zeros(shape, np.float32)
+    for pts, wgt in zip(paths, weights, strict=True):
+        r = np.round(pts[:, 0]).astype(int)
+        c = np.round(pts[:, 1]).astype(int)
+        ok = (r >= 0) & (r < shape[0]) & (c >= 0) & (c < shape[1])
+        np.add.at(img, (r[ok], c[ok]), wgt)
+    return img
+
+
+def _random_path(
+    start: tuple[float, float], heading: float, length: float, step: float, rng: np.random.Generator,
+    wiggle: float = 0.08,
+) -> np.ndarray:  # fmt: skip
+    n = max(2, int(length / step))
+    turns = np.cumsum(rng.normal(0.0, wiggle, n))
+    turns = ndimage.gaussian_filter1d(turns, 3)
+    ang = heading + turns
+    pts = np.empty((n, 2))
+    pts[0] = start
+    pts[1:, 0] = start[0] + np.cumsum(np.sin(ang[1:]) * step)
+    pts[1:, 1] = start[1] + np.cumsum(np.cos(ang[1:]) * step)
+    return pts
+
+
+@dataclass
+class Anatomy:
+    """The rendered background of one view (coarse grid) and what lesions need to know."""
+
+    image: np.ndarray  # coarse-grid display intensity, canonical frame
+    gland: np.ndarray  # coarse-grid glandular fraction 0..1
+    outline: Outline
+    factor: int  # output pixels per coarse pixel
+    density: str
+
+
+def render_anatomy(
+    view: str,
+    shape: tuple[int, int],
+    spacing_mm: float,
+    density: str,
+    rng: np.random.Generator,
+    beta: float = 3.0,
+) -> Anatomy:
+    """Breast background of one view: outline, skin, nipple, fat, glandular texture, vessels."""
+    h, w = shape
+    factor = max(1, int(round(COARSE_MM / spacing_mm)))
+    ch, cw = -(-h // factor), -(-w // factor)
+    cmm = spacing_mm * factor  # coarse pixel size in mm
+    outline = make_outline(view, shape, spacing_mm, rng)
+
+    # soft breast mask on the coarse grid (skin edge anti-aliased)
+    edge_c = _sample_rows(outline.edge, ch, factor) / factor
+    pect_c = _sample_rows(outline.pectoral, ch, factor) / factor
+    cols = np.arange(cw, dtype=np.float32)[None, :] + 0.5
+    inside = np.clip(edge_c[:, None] - cols + 0.5, 0.0, 1.0)
+    # nipple: a small half-disc beyond the outline
+    nr, nc = outline.nipple[0] / factor, outline.nipple[1] / factor
+    rad = outline.nipple_radius / factor
+    rr = np.arange(ch, dtype=np.float32)[:, None] + 0.5
+    nip = np.clip(rad - np.hypot(rr - nr, (cols - nc) * 1.3) + 0.5, 0.0, 1.0)
+    nip *= cols >= nc - 1
+    # distance to the skin (mm), from a ~1 mm grid
+    step = max(1, int(round(1.0 / cmm)))
+    small = inside[::step, ::step] > 0.5
+    dist = ndimage.distance_transform_edt(np.pad(small, ((1, 1), (0, 1)), constant_values=False))
+    dist = dist[1:-1, :-1] * step * cmm
+    dist = _upsample(dist.astype(np.float32), step, (ch, cw))
+    depth_mm = float(outline.edge.max()) * spacing_mm
+    x_mm = cols * cmm
+
+    # compressed thickness falls toward the skin (peripheral band 8-20 mm)
+    band = rng.uniform(8.0, 20.0)
+    thick = 0.62 + 0.38 * _smoothstep(dist, 0.0, band) ** 0.7
+
+    # glandular envelope: spares subcutaneous and retromammary fat, fuller behind the nipple
+    env = _smoothstep(dist, rng.uniform(4.0, 9.0), rng.uniform(14.0, 24.0))
+    env *= _smoothstep(x_mm, 0.06 * depth_mm, rng.uniform(0.18, 0.32) * depth_mm)
+    axis_r = (rr - nr) * cmm
+    spread = rng.uniform(0.35, 0.55) * depth_mm
+    env *= 0.35 + 0.65 * np.exp(-0.5 * (axis_r / spread) ** 2)
+    if view == "CC":  # more gland in the lateral half (image top in the standard CC)
+        env *= 1.0 + 0.25 * np.tanh(-(rr - nr) * cmm / 30.0)
+    if view != "CC":
+        env *= pect_c[:, None] < cols - 8.0 / cmm  # no gland inside the muscle
+    noise = power_law_noise((ch, cw), beta, rng, elongation=rng.uniform(1.3, 2.0))
+    fine = power_law_noise((ch, cw), 2.0, rng, elongation=1.5)
+    core = env > 0.5
+    frac = DENSITY_FRACTION[density]
+    thr = float(np.quantile(noise[core], 1.0 - frac)) if core.any() else 0.0
+    gland = env * (1.0 / (1.0 + np.exp(-(noise - thr) / 0.28)))
+    gland = np.clip(gland + 0.08 * fine * env, 0.0, 1.0).astype(np.float32)
+
+    img = FAT * thick + GLAND * DENSITY_CONTRAST[density] * gland * thick
+    img += 0.018 * fine * thick  # fat lobules, Cooper's ligaments
+
+    # vessels (chest wall -> nipple) and ducts (converging on the nipple)
+    paths, weights = [], []
+    rows_in = np.nonzero(edge_c > 10)[0]
+    for _ in range(rng.integers(2, 6)):
+        if rows_in.size == 0:
+            break
+        r0 = float(rng.choice(rows_in))
+        c0 = float(pect_c[int(r0)]) + 2.0
+        heading = math.atan2(nr - r0, nc - c0) + rng.normal(0.0, 0.25)
+        length = rng.uniform(0.35, 0.8) * edge_c[int(r0)]
+        paths.append(_random_path((r0, c0), heading, length, 0.5, rng))
+        weights.append(rng.uniform(0.9, 1.6))
+    for _ in range(rng.integers(4, 9)):
+        heading = math.pi + rng.normal(0.0, 0.5)
+        length = rng.uniform(15.0, 45.0) / cmm
+        paths.append(_random_path((nr, nc - rad), heading, length, 0.5, rng, wiggle=0.05))
+        weights.append(rng.uniform(0.3, 0.6))
+    if paths:
+        sigma = max(0.6, 0.7 / cmm)
+        lines = ndimage.gaussian_filter(_curves_image((ch, cw), paths, weights), sigma)
+        lines *= 0.5 / (2 * math.pi * sigma**2) ** 0.5
+        img += 0.09 * np.clip(lines, 0.0, 1.5) * thick
+
+    if view != "CC" or pect_c.max() > 0:
+        pm = np.clip(pect_c[:, None] - cols + 0.5, 0.0, 1.0)
+        grad = 1.0 - 0.15 * (rr / ch)
+        muscle = MUSCLE * grad + 0.02 * fine
+        img = img * (1.0 - pm) + muscle * pm
+
+    # skin rim (1-2 mm) and nipple
+    skin_mm = rng.uniform(1.0, 2.0)
+    rim = np.exp(-0.5 * (dist / (skin_mm * 0.6)) ** 2) * (inside > 0)
+    img += SKIN * rim
+    img = img * inside + (FAT * 0.75 + SKIN) * nip * (1.0 - inside)
+    img += AIR * (1.0 - np.maximum(inside, nip))
+    return Anatomy(
+        image=img.astype(np.float32),
+        gland=gland,
+        outline=outline,
+        factor=factor,
+        density=density,
+    )
+
+
+def _upsample(img: np.ndarray, factor: int, shape: tuple[int, int]) -> np.ndarray:
+    """Bilinear interpolation of a coarse grid (pixel centres aligned) to ``shape``."""
+    if factor == 1 and img.shape == tuple(shape):
+        return img
+    out = img
+    for axis, n_out in enumerate(shape):
+        n_in = out.shape[axis]
+        x = (np.arange(n_out, dtype=np.float32) + 0.5) / factor - 0.5
+        x = np.clip(x, 0.0, n_in - 1)
+        i0 = np.floor(x).astype(np.intp)
+        i1 = np.minimum(i0 + 1, n_in - 1)
+        f = (x - i0).astype(np.float32)
+        if axis == 0:
+            out = out[i0] * (1.0 - f)[:, None] + out[i1] * f[:, None]
+        else:
+            out = out[:, i0] * (1.0 - f)[None, :] + out[:, i1] * f[None, :]
+    return out.astype(np.float32, copy=False)
+
+
+upsample = _upsample
