@@ -25,9 +25,9 @@ import numpy as np
 from scipy import ndimage
 
 AIR = 0.03
-FAT = 0.32
+FAT = 0.34
 GLAND = 0.30
-MUSCLE = 0.60
+MUSCLE = 0.50
 SKIN = 0.10
 #: BI-RADS density class -> fraction of the glandular envelope that is dense tissue
 DENSITY_FRACTION = {"A": 0.10, "B": 0.28, "C": 0.52, "D": 0.78}
@@ -152,6 +152,25 @@ def power_law_noise(
     return out.astype(np.float32)
 
 
+def _radial_texture(
+    shape: tuple[int, int], nipple: tuple[float, float], beta: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Power-law texture in polar coordinates about the nipple: strands that converge on it."""
+    h, w = shape
+    nr, nc = nipple
+    rr = np.arange(h, dtype=np.float32)[:, None] + 0.5 - nr
+    cc = np.arange(w, dtype=np.float32)[None, :] + 0.5 - nc
+    dist = np.hypot(rr, cc)
+    ang = np.arctan2(rr, -cc)  # 0 toward the chest wall
+    n_r = int(dist.max() / 2.5) + 8  # radial samples every 2.5 px: strands elongated radially
+    n_a = int(0.5 * max(h, w) * math.pi / 1.0) + 8  # angular samples ~1 px apart at mid radius
+    tex = power_law_noise((n_r, n_a), beta, rng)
+    coords = np.stack([dist / 2.5, (ang / math.pi + 1.0) * 0.5 * (n_a - 1)])
+    out = ndimage.map_coordinates(tex, coords, order=1, mode="reflect")
+    out -= out.mean()
+    return (out / (out.std() + 1e-6)).astype(np.float32)
+
+
 def _curves_image(
     shape: tuple[int, int], paths: list[np.ndarray], weights: list[float]
 ) -> np.ndarray:
@@ -239,8 +258,9 @@ def render_anatomy(
     if view == "CC":  # more gland in the lateral half (image top in the standard CC)
         env *= 1.0 + 0.25 * np.tanh(-(rr - nr) * cmm / 30.0)
     if view != "CC":
-        env *= pect_c[:, None] < cols - 8.0 / cmm  # no gland inside the muscle
-    noise = power_law_noise((ch, cw), beta, rng, elongation=rng.uniform(1.3, 2.0))
+        env *= _smoothstep(cols - pect_c[:, None], 2.0 / cmm, 10.0 / cmm)  # no gland inside the muscle
+    noise = 0.45 * power_law_noise((ch, cw), beta, rng, elongation=1.3)
+    noise += 0.75 * _radial_texture((ch, cw), (nr, nc), beta, rng)
     fine = power_law_noise((ch, cw), 2.0, rng, elongation=1.5)
     core = env > 0.5
     frac = DENSITY_FRACTION[density]
@@ -276,8 +296,8 @@ def render_anatomy(
 
     if view != "CC" or pect_c.max() > 0:
         pm = np.clip(pect_c[:, None] - cols + 0.5, 0.0, 1.0)
-        grad = 1.0 - 0.15 * (rr / ch)
-        muscle = MUSCLE * grad + 0.02 * fine
+        across = np.clip(1.0 - cols / np.maximum(pect_c[:, None], 1.0), 0.0, 1.0)
+        muscle = MUSCLE * (0.8 + 0.25 * np.sqrt(across)) * (1.0 - 0.1 * rr / ch) + 0.015 * fine
         img = img * (1.0 - pm) + muscle * pm
 
     # skin rim (1-2 mm) and nipple
@@ -297,21 +317,30 @@ def render_anatomy(
 
 def _upsample(img: np.ndarray, factor: int, shape: tuple[int, int]) -> np.ndarray:
     """Bilinear interpolation of a coarse grid (pixel centres aligned) to ``shape``."""
-    if factor == 1 and img.shape == tuple(shape):
-        return img
-    out = img
-    for axis, n_out in enumerate(shape):
-        n_in = out.shape[axis]
-        x = (np.arange(n_out, dtype=np.float32) + 0.5) / factor - 0.5
-        x = np.clip(x, 0.0, n_in - 1)
-        i0 = np.floor(x).astype(np.intp)
-        i1 = np.minimum(i0 + 1, n_in - 1)
-        f = (x - i0).astype(np.float32)
-        if axis == 0:
-            out = out[i0] * (1.0 - f)[:, None] + out[i1] * f[:, None]
+    if factor == 1:
+        return np.ascontiguousarray(img[: shape[0], : shape[1]], dtype=np.float32)
+    out = _upsample_axis(np.asarray(img, np.float32), factor, shape[0], 0)
+    return _upsample_axis(out, factor, shape[1], 1)
+
+
+def _upsample_axis(a: np.ndarray, k: int, n_out: int, axis: int) -> np.ndarray:
+    """Linear interpolation by an integer factor along one axis, one slice per phase (no gathers)."""
+    a = np.moveaxis(a, axis, 0)
+    n_in = a.shape[0]
+    pad = np.concatenate([a[:1], a, a[-1:]], axis=0)  # edge-replicated: index i -> pad[i + 1]
+    out = np.empty((n_in * k,) + a.shape[1:], np.float32)
+    for p in range(k):
+        pos = (p + 0.5) / k - 0.5  # offset of output sample p from coarse centre i
+        if pos < 0:
+            lo, f = pad[:-2], np.float32(1.0 + pos)  # between i-1 and i
+            hi = pad[1:-1]
         else:
-            out = out[:, i0] * (1.0 - f)[None, :] + out[:, i1] * f[None, :]
-    return out.astype(np.float32, copy=False)
+            lo, f = pad[1:-1], np.float32(pos)
+            hi = pad[2:]
+        dst = out[p::k]
+        np.multiply(lo, 1.0 - f, out=dst)
+        dst += hi * f
+    return np.ascontiguousarray(np.moveaxis(out[:n_out], 0, axis))
 
 
 upsample = _upsample

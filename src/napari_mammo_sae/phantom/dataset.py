@@ -180,11 +180,11 @@ def _lesion(rng: np.random.Generator, kind: str) -> LesionPlan:
         shape = str(rng.choice(lesions.MASS_SHAPES, p=(0.25, 0.3, 0.25, 0.2)))
         size = float(np.clip(rng.lognormal(math.log(13.0), 0.45), 5.0, 40.0))
         count = 0
-        contrast = rng.uniform(0.06, 0.16)
+        contrast = rng.uniform(0.09, 0.2)
         margin = rng.uniform(0.2, 0.6) if shape in ("round", "oval") else rng.uniform(0.5, 2.5)
     else:
         shape = str(rng.choice(lesions.CALC_SHAPES, p=(0.6, 0.2, 0.2)))
-        size = rng.uniform(3.0, 10.0)
+        size = rng.uniform(4.0, 12.0)
         count = int(rng.integers(5, 31))
         contrast = rng.uniform(0.3, 0.6)
         margin = 0.0
@@ -356,7 +356,6 @@ def render_image(plan: ImagePlan, cfg: PhantomConfig, *, keep_truth: bool = Fals
     )
     anat = anatomy.render_anatomy(plan.view, (h, w), sp, plan.density, rng, beta=cfg.beta)
     img = anatomy.upsample(anat.image, anat.factor, (h, w))
-    gland = None
     outline = anat.outline
     margin = 1.0 / sp
     findings: list[Finding] = []
@@ -373,14 +372,10 @@ def render_image(plan: ImagePlan, cfg: PhantomConfig, *, keep_truth: bool = Fals
         r0, c0 = placed
         values = patch.values
         if les.kind == "mass":  # masses hide in dense tissue: less added where gland is already
-            if gland is None:
-                gland = anatomy.upsample(anat.gland, anat.factor, (h, w))
             ph, pw = values.shape
-            g = np.zeros_like(values)
-            rs, cs = max(0, r0), max(0, c0)
-            sub = gland[rs : r0 + ph, cs : c0 + pw]
-            g[rs - r0 : rs - r0 + sub.shape[0], cs - c0 : cs - c0 + sub.shape[1]] = sub
-            values = values * (1.0 - 0.35 * g)
+            rows = np.clip((np.arange(r0, r0 + ph) // anat.factor), 0, anat.gland.shape[0] - 1)
+            cols = np.clip((np.arange(c0, c0 + pw) // anat.factor), 0, anat.gland.shape[1] - 1)
+            values = values * (1.0 - 0.35 * anat.gland[np.ix_(rows, cols)])
         _add(img, values, r0, c0)
         findings.append(Finding([CATEGORIES[les.kind]], les.birads, patch.box_at(r0, c0)))
         if keep_truth:
@@ -437,24 +432,34 @@ def render_image(plan: ImagePlan, cfg: PhantomConfig, *, keep_truth: bool = Fals
     return out
 
 
+def _noise(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    """Unit-variance, zero-mean noise (sum of two uniform bytes: triangular, 10x cheaper than normal)."""
+    n = shape[0] * shape[1]
+    a = np.frombuffer(rng.bytes(n), np.int8).astype(np.float32)
+    a += np.frombuffer(rng.bytes(n), np.int8)
+    a *= np.float32(1.0 / math.sqrt(2 * (256**2 - 1) / 12.0))
+    return a.reshape(shape)
+
+
 def _acquire(
     img: np.ndarray, cfg: PhantomConfig, rng: np.random.Generator
 ) -> tuple[np.ndarray, tuple[float, float]]:
     """Exposure, gamma, quantum + electronic noise, quantisation; window from the breast."""
-    gamma = rng.uniform(0.85, 1.15)
+    gamma = np.float32(rng.uniform(0.85, 1.15))
     gain = rng.uniform(0.92, 1.08)
     offset = rng.uniform(-0.01, 0.01)
-    k_q = rng.uniform(0.006, 0.012)
-    k_e = rng.uniform(0.002, 0.004)
-    v = np.clip(img, 0.0, None, out=img)
-    v **= np.float32(gamma)
-    v *= np.float32(gain)
-    v += np.float32(offset)
-    noise = rng.standard_normal(v.shape, dtype=np.float32)
-    noise *= np.sqrt(np.clip(v, 0, None)) * np.float32(k_q) + np.float32(k_e)
-    v += noise
+    k_q = rng.uniform(0.006, 0.012)  # quantum noise: sd = k_q * sqrt(signal)
+    k_e = rng.uniform(0.002, 0.004)  # electronic noise
     maxval = float(2**cfg.bits_stored - 1)
-    v *= np.float32(maxval)
+    v = np.maximum(img, 0.0, out=img)
+    v **= gamma
+    v *= np.float32(gain * maxval)
+    v += np.float32(offset * maxval)
+    sd = np.sqrt(np.maximum(v, 0.0))
+    sd *= np.float32(k_q * math.sqrt(maxval))
+    sd += np.float32(k_e * maxval)
+    sd *= _noise(rng, v.shape)
+    v += sd
     np.clip(v, 0.0, maxval, out=v)
     pixels = np.rint(v).astype(np.uint16)
     sample = pixels[::7, ::7]

@@ -148,7 +148,7 @@ def calcification_points(shape: str, n: int, extent_mm: float, rng: np.random.Ge
     if shape == "linear":
         ang = rng.uniform(0, math.pi)
         t = rng.uniform(-0.5, 0.5, n) * extent_mm
-        off = rng.normal(0.0, 0.35, n)
+        off = rng.normal(0.0, 0.3, n)
         pts = np.stack([t * math.sin(ang) + off * math.cos(ang),
                         t * math.cos(ang) - off * math.sin(ang)], 1)  # fmt: skip
     elif shape == "branching":
@@ -163,7 +163,7 @@ def calcification_points(shape: str, n: int, extent_mm: float, rng: np.random.Ge
                 a, base = ang + (0.45 if b == 1 else -0.45), 0.0
             r = base + s
             out.append((r * math.sin(a), r * math.cos(a)))
-        pts = np.array(out) + rng.normal(0.0, 0.25, (n, 2))
+        pts = np.array(out) + rng.normal(0.0, 0.2, (n, 2))
     else:  # round cluster
         r = extent_mm * 0.5 * np.sqrt(rng.uniform(0, 1, n))
         a = rng.uniform(0, 2 * math.pi, n)
@@ -181,7 +181,7 @@ def render_calcifications(
 ) -> Patch:
     """A cluster of ``n`` pleomorphic specks (0.1-1 mm) within ``extent_mm``."""
     pts = calcification_points(shape, n, extent_mm, rng)
-    diam = np.clip(rng.lognormal(math.log(0.35), 0.5, n), 0.1, 1.0)
+    diam = np.clip(rng.lognormal(math.log(0.28), 0.55, n), 0.1, 1.0)
     elong = rng.uniform(1.0, 2.2, n) if shape != "cluster" else rng.uniform(1.0, 1.6, n)
     angle = rng.uniform(0, math.pi, n)
     bright = contrast * rng.uniform(0.6, 1.0, n)
