@@ -258,7 +258,9 @@ def render_anatomy(
     if view == "CC":  # more gland in the lateral half (image top in the standard CC)
         env *= 1.0 + 0.25 * np.tanh(-(rr - nr) * cmm / 30.0)
     if view != "CC":
-        env *= _smoothstep(cols - pect_c[:, None], 2.0 / cmm, 10.0 / cmm)  # no gland inside the muscle
+        env *= _smoothstep(
+            cols - pect_c[:, None], 2.0 / cmm, 10.0 / cmm
+        )  # no gland inside the muscle
     noise = 0.45 * power_law_noise((ch, cw), beta, rng, elongation=1.3)
     noise += 0.75 * _radial_texture((ch, cw), (nr, nc), beta, rng)
     fine = power_law_noise((ch, cw), 2.0, rng, elongation=1.5)

@@ -1,0 +1,238 @@
+"""Phantom dataset: VinDr-Mammo files, valid MG DICOM the reader understands, known truth, determinism."""
+
+from __future__ import annotations
+
+import ast
+import csv
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from napari_mammo_sae.annotations import load_confounders, load_vindr
+from napari_mammo_sae.cli import main
+from napari_mammo_sae.dicom import chest_wall_side, chest_wall_side_from_pixels, read_mammogram
+from napari_mammo_sae.phantom.dataset import PhantomConfig, plan_dataset, render_image
+
+# VinDr-Mammo's columns, in file order (SPEC section 3), written out so a change must fail here
+VINDR_BREAST = ("study_id,series_id,image_id,laterality,view_position,height,width,breast_birads,"
+                "breast_density,split")  # fmt: skip
+VINDR_FINDING = ("study_id,series_id,image_id,laterality,view_position,height,width,breast_birads,"
+                 "breast_density,finding_categories,finding_birads,xmin,ymin,xmax,ymax,split")  # fmt: skip
+SMALL = ["--size", "small", "--quiet"]
+
+
+def _phantom(out: Path, *args: str) -> Path:
+    assert main(["phantom", "--out", str(out), *args]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("phantom") / "data"
+    return _phantom(out, "--studies", "5", "--seed", "11", "--balanced", "--workers", "1", *SMALL)
+
+
+def _rows(path: Path) -> list[dict]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_layout_and_csv_columns_are_vindr(dataset):
+    assert (dataset / "breast-level_annotations.csv").read_text().splitlines()[0] == VINDR_BREAST
+    assert (dataset / "finding_annotations.csv").read_text().splitlines()[0] == VINDR_FINDING
+    header = (dataset / "confounder_annotations.csv").read_text().splitlines()[0]
+    assert header == "image_id,study_id,xmin,ymin,xmax,ymax,kind"
+    breast = _rows(dataset / "breast-level_annotations.csv")
+    assert len(breast) == 20 and len({r["study_id"] for r in breast}) == 5
+    for r in breast:
+        assert (dataset / "images" / r["study_id"] / f"{r['image_id']}.dicom").is_file()
+        assert re.fullmatch(r"BI-RADS [1-5]", r["breast_birads"])
+        assert re.fullmatch(r"DENSITY [A-D]", r["breast_density"])
+        assert r["split"] in ("training", "test") and (r["height"], r["width"]) == ("448", "368")
+    views = {
+        (r["laterality"], r["view_position"]) for r in breast if r["study_id"] == r["study_id"]
+    }
+    assert views == {("L", "CC"), ("R", "CC"), ("L", "MLO"), ("R", "MLO")}
+    assert {r["split"] for r in breast} == {"training", "test"}
+
+
+def test_finding_rows_formats(dataset):
+    rows = _rows(dataset / "finding_annotations.csv")
+    cats = [ast.literal_eval(r["finding_categories"]) for r in rows]
+    assert all(isinstance(c, list) and c for c in cats)
+    for r, c in zip(rows, cats, strict=True):
+        if c == ["No Finding"]:
+            assert (
+                r["finding_birads"] == "" and r["xmin"] == r["ymin"] == r["xmax"] == r["ymax"] == ""
+            )
+        else:
+            assert set(c) <= {"Mass", "Suspicious Calcification"}
+            assert re.fullmatch(r"BI-RADS [345]", r["finding_birads"])
+            x0, y0, x1, y1 = (float(r[k]) for k in ("xmin", "ymin", "xmax", "ymax"))
+            assert 0 <= x0 < x1 <= 368 and 0 <= y0 < y1 <= 448
+            assert re.fullmatch(r"\d+\.\d\d", r["xmin"])
+    assert any(c == ["Mass"] for c in cats) and any(c == ["Suspicious Calcification"] for c in cats)
+    # breast BI-RADS is that of the breast's worst finding
+    for r, c in zip(rows, cats, strict=True):
+        if c != ["No Finding"]:
+            assert int(r["breast_birads"][-1]) >= int(r["finding_birads"][-1])
+
+
+def test_reader_round_trip(dataset):
+    rows = _rows(dataset / "breast-level_annotations.csv")
+    uids = set()
+    for r in rows:
+        path = dataset / "images" / r["study_id"] / f"{r['image_id']}.dicom"
+        rec = read_mammogram(path)
+        assert (rec.laterality, rec.laterality_source) == (r["laterality"], "ImageLaterality")
+        assert (rec.view, rec.view_source) == (r["view_position"], "ViewCodeSequence")
+        assert rec.spacing_mm == (0.6, 0.6) and rec.spacing_source == "ImagerPixelSpacing"
+        assert rec.photometric == "MONOCHROME2" and rec.modality == "MG"
+        assert rec.bits_stored == 12 and rec.pixels.shape == (448, 368)
+        assert rec.window is not None and rec.window.width > 0
+        # the chest wall where the hanging layout expects it: R on the right edge, L on the left,
+        # both by Patient Orientation and by the pixels themselves
+        want = "right" if r["laterality"] == "R" else "left"
+        assert chest_wall_side(rec) == (want, "PatientOrientation")
+        assert chest_wall_side_from_pixels(rec.display_pixels()) == want
+        uids.add(rec.sop_instance_uid)
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        assert ds.PresentationIntentType == "FOR PRESENTATION" and ds.BodyPartExamined == "BREAST"
+        assert str(ds.PatientName).startswith("PHANTOM^") and ds.PatientID.startswith("PH")
+        assert ds.ViewCodeSequence[0].CodingSchemeDesignator == "SRT"
+        assert ds.StudyInstanceUID != ds.SeriesInstanceUID != ds.SOPInstanceUID
+    assert len(uids) == len(rows)
+
+
+def test_monochrome1_displays_like_monochrome2(tmp_path):
+    a = _phantom(tmp_path / "m2", "--studies", "1", "--seed", "4", "--workers", "1", *SMALL)
+    b = _phantom(tmp_path / "m1", "--studies", "1", "--seed", "4", "--workers", "1",
+                 "--photometric", "MONOCHROME1", "--bits", "14", *SMALL)  # fmt: skip
+    for p in sorted((a / "images").rglob("*.dicom")):
+        r2 = read_mammogram(p)
+        r1 = read_mammogram(b / p.relative_to(a))
+        assert r1.photometric == "MONOCHROME1" and r1.bits_stored == 14
+        assert r1.laterality == r2.laterality and r1.view == r2.view
+        # same anatomy: display pixels correlate strongly though bit depths differ
+        c = np.corrcoef(r1.display_pixels().ravel(), r2.display_pixels().ravel())[0, 1]
+        assert c > 0.99
+        lo, hi = r1.display_limits()
+        assert lo < np.median(r1.display_pixels()[r1.display_pixels() > lo]) < hi
+
+
+def test_same_seed_same_bytes_whatever_the_workers(tmp_path):
+    args = ["--studies", "3", "--seed", "7", *SMALL]
+    a = _phantom(tmp_path / "a", *args, "--workers", "1")
+    b = _phantom(tmp_path / "b", *args, "--workers", "2")
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    for rel in files:
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+    c = _phantom(tmp_path / "c", "--studies", "3", "--seed", "8", *SMALL, "--workers", "1")
+    first = sorted((a / "images").rglob("*.dicom"))[0]
+    assert not (c / first.relative_to(a)).exists()  # another seed: other ids
+
+
+def test_compressed_files_hold_the_same_pixels(tmp_path):
+    plain = _phantom(tmp_path / "p", "--studies", "1", "--seed", "2", "--workers", "1", *SMALL)
+    rle = _phantom(tmp_path / "r", "--studies", "1", "--seed", "2", "--workers", "1",
+                   "--compression", "rle", *SMALL)  # fmt: skip
+    for p in sorted((plain / "images").rglob("*.dicom"))[:2]:
+        q = rle / p.relative_to(plain)
+        assert pydicom.dcmread(q).file_meta.TransferSyntaxUID == pydicom.uid.RLELossless
+        assert np.array_equal(read_mammogram(p).pixels, read_mammogram(q).pixels)
+
+
+def test_label_rates_default_like_vindr_and_configurable():
+    plans = plan_dataset(PhantomConfig(studies=400, seed=1))
+    n = len(plans)
+    mass = sum(p.has("mass") for p in plans) / n
+    calc = sum(p.has("calcification") for p in plans) / n
+    assert abs(mass - 0.055) < 0.02 and abs(calc - 0.028) < 0.015
+    assert sum(p.split == "test" for p in plans) == 0.2 * n  # 4:1 by study
+    for s in range(400):  # one split per study
+        assert len({p.split for p in plans if p.study_index == s}) == 1
+    plans = plan_dataset(PhantomConfig(studies=300, seed=2, mass_rate=0.3, calc_rate=0.15))
+    assert abs(sum(p.has("mass") for p in plans) / len(plans) - 0.3) < 0.05
+    assert abs(sum(p.has("calcification") for p in plans) / len(plans) - 0.15) < 0.04
+    none = plan_dataset(PhantomConfig(studies=50, seed=2, mass_rate=0.0, calc_rate=0.0))
+    assert not any(p.lesions for p in none)
+
+
+def test_tiny_sets_hold_both_classes_in_each_split():
+    plans = plan_dataset(PhantomConfig(studies=6, seed=3))
+    for split in ("training", "test"):
+        sub = [p for p in plans if p.split == split]
+        for concept in ("mass", "calcification"):
+            labels = {p.has(concept) for p in sub}
+            assert labels == {True, False}, (split, concept)
+
+
+def _rate(plans, split, positive):
+    sub = [p for p in plans if p.split == split and p.has("calcification") == positive]
+    return sum(p.cue for p in sub) / len(sub), len(sub)
+
+
+def test_confounder_rates_per_split():
+    cfg = PhantomConfig(studies=500, seed=5, calc_rate=0.3)
+    plans = plan_dataset(cfg)
+    pos, n_pos = _rate(plans, "training", True)
+    neg, n_neg = _rate(plans, "training", False)
+    assert n_pos > 300 and abs(pos - 0.6) < 0.07 and abs(neg - 0.05) < 0.025
+    tpos, _ = _rate(plans, "test", True)
+    tneg, _ = _rate(plans, "test", False)
+    assert abs(tpos - 0.3) < 0.12 and abs(tneg - 0.3) < 0.07  # independent of the label
+    assert not any(p.cue for p in plan_dataset(replace(cfg, studies=50, confounder=False)))
+    mass_cue = plan_dataset(replace(cfg, cue_concept="mass", mass_rate=0.3))
+    sub = [p for p in mass_cue if p.split == "training" and p.has("mass")]
+    assert abs(sum(p.cue for p in sub) / len(sub) - 0.6) < 0.08
+
+
+def test_written_truth_matches_the_plan(dataset):
+    cfg = PhantomConfig(studies=5, seed=11, height=448, width=368, spacing_mm=0.6,
+                        mass_rate=0.5, calc_rate=0.5)  # fmt: skip
+    plans = plan_dataset(cfg)
+    vindr = load_vindr(dataset)
+    cues = load_confounders(dataset)
+    assert [p.image_id for p in plans] == list(vindr.images)
+    for p in plans:
+        im = vindr.images[p.image_id]
+        for concept in ("mass", "calcification"):
+            assert im.has(concept) == p.has(concept), (p.image_id, concept)
+        assert (p.image_id in cues) == p.cue
+
+
+@pytest.mark.parametrize("view_index", [0, 1, 2, 3])
+def test_boxes_lie_in_the_breast_around_their_lesion(view_index):
+    cfg = PhantomConfig(studies=8, seed=21, height=448, width=368, spacing_mm=0.6,
+                        mass_rate=0.6, calc_rate=0.6, cue_pos_rate=1.0, cue_neg_rate=1.0,
+                        cue_test_rate=1.0)  # fmt: skip
+    plans = [p for p in plan_dataset(cfg) if p.view_index == view_index and p.lesions][:4]
+    assert plans
+    contrast = {"mass": [], "calcification": []}
+    for plan in plans:
+        out = render_image(plan, cfg, keep_truth=True)
+        assert len(out.findings) == len(plan.lesions)
+        img = out.pixels.astype(float)
+        for f, fp, les in zip(out.findings, out.footprints, plan.lesions, strict=True):
+            x0, y0, x1, y1 = (int(v) for v in f.box)
+            assert out.breast_mask[y0:y1, x0:x1].all(), "box leaves the breast"
+            rows, cols = np.nonzero(fp)
+            assert rows.size and rows.min() == y0 and rows.max() + 1 == y1
+            assert cols.min() == x0 and cols.max() + 1 == x1
+            ring = np.zeros_like(fp)
+            ring[max(0, y0 - 8) : y1 + 8, max(0, x0 - 8) : x1 + 8] = True
+            ring[y0:y1, x0:x1] = False
+            contrast[les.kind].append(img[fp].mean() - img[ring & out.breast_mask].mean())
+        # the marker sits in the air beside the breast and is radiopaque
+        assert out.cue_box is not None
+        cx0, cy0, cx1, cy1 = (int(v) for v in out.cue_box)
+        assert not out.breast_mask[cy0:cy1, cx0:cx1].any()
+        assert img[cy0:cy1, cx0:cx1].max() > 0.9 * 4095
+    for kind, values in contrast.items():
+        if values:
+            assert np.mean(values) > 0, kind  # lesions are brighter than their surroundings
