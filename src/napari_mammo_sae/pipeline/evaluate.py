@@ -413,9 +413,11 @@ def pair_heads(
 ) -> list[tuple[Any, str, Any, dict]]:
     """Match each head to the store extracted with its backbone (StoreError if none matches)."""
     pairs = []
+    from .extract import backbone_signature
+
     for folder, model, config in heads:
-        prov = _provenance(config)
-        sig = prov.get("backbone_signature") or config.get("backbone_signature")
+        # the signature of the weights as loaded (a float16 copy differs from its float32 source)
+        sig = backbone_signature(model)
         match = [v for v in views if sig and v.backbone_signature == sig]
         if not match:
             if len(views) == 1 and (not sig or not views[0].backbone_signature):
@@ -462,6 +464,9 @@ def evaluate(
     if not head_folders:
         raise ConfigError("pass at least one concept head folder with --heads")
     views = [open_view(s) for s in stores]
+    from .extract import resolve_device
+
+    device = resolve_device(device)  # "auto" -> cuda when available, else cpu
     sae = load_sae(sae_folder).to(device)
     for v in views:
         check_dims(v.store, sae)
@@ -666,7 +671,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--k", help="comma-separated k values for Figure 2 (default: the paper's list)"
     )
-    parser.add_argument("--device", default="cpu", help="torch device")
+    parser.add_argument(
+        "--device", default="auto", help="torch device: auto, cpu, cuda, cuda:1 ..."
+    )
 
 
 def run(args: argparse.Namespace) -> int:

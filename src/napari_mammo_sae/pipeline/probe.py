@@ -430,6 +430,9 @@ def run_probe(
     """Compute class means, rankings and the top neurons' galleries for one concept."""
     check_concept(concept)
     view = open_view(store_path)
+    from .extract import resolve_device
+
+    device = resolve_device(device)  # "auto" -> cuda when available, else cpu
     sae = load_sae(sae_folder).to(device)
     check_dims(view.store, sae)
     head = None
@@ -437,8 +440,10 @@ def run_probe(
         from .train_head import load_model_folder
 
         model, config = load_model_folder(head_folder)
-        prov = config.get("provenance") if isinstance(config.get("provenance"), dict) else {}
-        sig = prov.get("backbone_signature") or config.get("backbone_signature")
+        from .extract import backbone_signature
+
+        # the signature of the weights as loaded (a float16 copy differs from its float32 source)
+        sig = backbone_signature(model)
         if sig and view.backbone_signature and sig != view.backbone_signature:
             raise StoreError(
                 f"the head {Path(head_folder).name} was trained on another backbone than the one "
@@ -503,7 +508,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=10, help="top neurons per class and method")
     parser.add_argument("--images", type=int, default=16, help="top-activating images per neuron")
     parser.add_argument("--gallery-split", help="split for the gallery (default: all images)")
-    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    parser.add_argument(
+        "--device", default="auto", help="torch device: auto, cpu, cuda, cuda:1 ..."
+    )
 
 
 def run(args: argparse.Namespace) -> int:
