@@ -30,7 +30,7 @@ GLAND = 0.30
 MUSCLE = 0.50
 SKIN = 0.10
 #: BI-RADS density class -> fraction of the glandular envelope that is dense tissue
-DENSITY_FRACTION = {"A": 0.10, "B": 0.28, "C": 0.52, "D": 0.78}
+DENSITY_FRACTION = {"A": 0.08, "B": 0.22, "C": 0.5, "D": 0.78}
 #: how strongly the dense tissue shows (A: almost entirely fatty .. D: extremely dense)
 DENSITY_CONTRAST = {"A": 0.75, "B": 0.9, "C": 1.0, "D": 1.05}
 COARSE_MM = 0.4  # pixel size of the grid the smooth anatomy is rendered on
@@ -168,7 +168,10 @@ def _radial_texture(
     coords = np.stack([dist / 2.5, (ang / math.pi + 1.0) * 0.5 * (n_a - 1)])
     out = ndimage.map_coordinates(tex, coords, order=1, mode="reflect")
     out -= out.mean()
-    return (out / (out.std() + 1e-6)).astype(np.float32)
+    out /= out.std() + 1e-6
+    # the spokes converge too fast right behind the nipple: fade them over the first 2 cm
+    out *= _smoothstep(dist, 0.0, 0.1 * max(h, w))
+    return out.astype(np.float32)
 
 
 def _curves_image(
@@ -289,7 +292,7 @@ def render_anatomy(
         heading = math.pi + rng.normal(0.0, 0.5)
         length = rng.uniform(15.0, 45.0) / cmm
         paths.append(_random_path((nr, nc - rad), heading, length, 0.5, rng, wiggle=0.05))
-        weights.append(rng.uniform(0.3, 0.6))
+        weights.append(rng.uniform(0.15, 0.35))
     if paths:
         sigma = max(0.6, 0.7 / cmm)
         lines = ndimage.gaussian_filter(_curves_image((ch, cw), paths, weights), sigma)
@@ -297,7 +300,10 @@ def render_anatomy(
         img += 0.09 * np.clip(lines, 0.0, 1.5) * thick
 
     if view != "CC" or pect_c.max() > 0:
-        pm = np.clip(pect_c[:, None] - cols + 0.5, 0.0, 1.0)
+        soft = 0.5 if view != "CC" else 2.5 / cmm  # a CC shows only a blurred sliver of muscle
+        pm = np.clip((pect_c[:, None] - cols) / (2 * soft) + 0.5, 0.0, 1.0)
+        if view == "CC":
+            pm *= 0.55
         across = np.clip(1.0 - cols / np.maximum(pect_c[:, None], 1.0), 0.0, 1.0)
         muscle = MUSCLE * (0.8 + 0.25 * np.sqrt(across)) * (1.0 - 0.1 * rr / ch) + 0.015 * fine
         img = img * (1.0 - pm) + muscle * pm
