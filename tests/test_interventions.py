@@ -211,3 +211,26 @@ def test_reconstruction_cam_equals_explicit_decode_then_head(sae, head, latents)
     np.testing.assert_allclose(
         eng.cam(z, grid, [1], "keep"), reconstruction_cam(z, sae, head, grid, [1], "keep")
     )
+
+
+def test_memoised_weights_follow_in_place_changes_and_float32_is_accurate(latents):
+    g = torch.Generator().manual_seed(5)
+    sae = SparseAutoencoder(D, M, generator=g).double().eval()
+    lin = torch.nn.Linear(D, 1).double()
+    pooled = latents.mean(1)
+    mask = neuron_mask(M, [1, 2, 3], "remove")
+    before = intervened_logits(pooled, sae, lin, [1, 2, 3], "remove")
+    np.testing.assert_allclose(before, _explicit_loop(latents, sae, lin, mask), atol=1e-9)
+    with torch.no_grad():
+        sae.W_dec.mul_(2.0)  # in place: the memoised W_dec^T w must not be reused
+        lin.weight.add_(0.5)
+    after = intervened_logits(pooled, sae, lin, [1, 2, 3], "remove")
+    assert not np.allclose(after, before)
+    np.testing.assert_allclose(after, _explicit_loop(latents, sae, lin, mask), atol=1e-9)
+    # float32 pooled latents (what stores hold) stay within 1e-5 of the float64 explicit path
+    got32 = intervened_logits(pooled.astype(np.float32), sae, lin, [1, 2, 3], "remove")
+    np.testing.assert_allclose(
+        got32,
+        _explicit_loop(latents.astype(np.float32).astype(np.float64), sae, lin, mask),
+        atol=1e-5,
+    )

@@ -75,9 +75,13 @@ def _tensors(module: Any) -> list[tuple[str, torch.Tensor]]:
 
 
 def module_state_key(module: Any) -> tuple:
-    """Cheap key that changes when a tensor is replaced, moved or modified in place."""
+    """Cheap key that changes when a tensor is replaced, moved or modified in place.
+
+    In-place changes through ``tensor.data`` bypass torch's version counter and are not seen: change
+    weights with ``load_state_dict`` or under ``torch.no_grad()`` (or call ``clear_cache``).
+    """
     return tuple(
-        (name, id(t), t._version, str(t.dtype), tuple(t.shape), str(t.device))
+        (name, id(t), t._version, t.data_ptr(), str(t.dtype), tuple(t.shape), str(t.device))
         for name, t in _tensors(module)
     )
 
@@ -137,22 +141,28 @@ class PositionLatents:
         cls, z: torch.Tensor, max_density: float = SPARSE_MAX_DENSITY
     ) -> PositionLatents:
         """Store (P, m) latents: CSR float32 if the non-zero fraction is <= max_density."""
+        shape = (int(z.shape[0]), int(z.shape[1]))
+        if z.device.type != "cpu":  # find the non-zeros on the device, move only those
+            flat_t = torch.flatten(z).nonzero().reshape(-1)
+            if flat_t.numel() > max_density * z.numel():
+                return cls(shape, dense=z.half().cpu().numpy())
+            values = torch.flatten(z)[flat_t].float().cpu().numpy()
+            return cls._csr_from_flat(shape, flat_t.cpu().numpy(), values)
+        zn = z.detach().float().numpy()
+        if np.count_nonzero(zn) > max_density * zn.size:
+            return cls(shape, dense=z.detach().half().numpy())  # torch converts fast
+        flat = np.flatnonzero(zn)
+        return cls._csr_from_flat(shape, flat, zn.reshape(-1)[flat])
+
+    @classmethod
+    def _csr_from_flat(cls, shape, flat: np.ndarray, values: np.ndarray) -> PositionLatents:
         import scipy.sparse
 
-        nnz = int(torch.count_nonzero(z))
-        shape = (int(z.shape[0]), int(z.shape[1]))
-        if nnz <= max_density * z.numel():
-            zc = z.float().to_sparse_csr()
-            csr = scipy.sparse.csr_array(
-                (
-                    zc.values().cpu().numpy(),
-                    zc.col_indices().cpu().numpy().astype(np.int32),
-                    zc.crow_indices().cpu().numpy().astype(np.int64),
-                ),
-                shape=shape,
-            )
-            return cls(shape, csr=csr)
-        return cls(shape, dense=z.half().cpu().numpy())
+        m = shape[1]
+        indptr = np.searchsorted(flat, np.arange(shape[0] + 1, dtype=np.int64) * m)
+        cols = (flat % m).astype(np.int32)
+        csr = scipy.sparse.csr_array((values, cols, indptr.astype(np.int64)), shape=shape)
+        return cls(shape, csr=csr)
 
     @property
     def is_sparse(self) -> bool:
@@ -197,7 +207,7 @@ class PositionLatents:
         v = np.asarray(v, dtype=np.float64)
         if self._csr is not None:
             return np.asarray(self._csr @ v).reshape(-1)
-        return self._dense.astype(np.float32) @ v
+        return np.asarray(self._dense.astype(np.float32) @ v.astype(np.float32), dtype=np.float64)
 
 
 # --- the result -------------------------------------------------------------------------------------
@@ -471,7 +481,7 @@ class Analyzer:
         check_cancelled(progress)
 
         t0 = time.perf_counter()
-        v_t = torch.as_tensor(v, dtype=torch.float32, device=z.device)
+        v_t = torch.from_numpy(v.astype(np.float32)).to(z.device)
         cam = (z @ v_t).reshape(h, wd).double().cpu().numpy() + bias
         contributions = v * pooled_z.astype(np.float64)
         features = fmap.cpu().numpy() if self.keep_features else None
