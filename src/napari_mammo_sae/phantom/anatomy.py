@@ -323,32 +323,39 @@ def render_anatomy(
     )
 
 
-def _upsample(img: np.ndarray, factor: int, shape: tuple[int, int]) -> np.ndarray:
-    """Bilinear interpolation of a coarse grid (pixel centres aligned) to ``shape``."""
+def _upsample(
+    img: np.ndarray, factor: int, shape: tuple[int, int], align_right: bool = False
+) -> np.ndarray:
+    """Bilinear interpolation of a coarse grid (pixel centres aligned) to ``shape``.
+
+    The coarse grid may overhang the output by up to ``factor - 1`` pixels: cut on the right, or on
+    the left with ``align_right`` (a mirrored coarse grid).
+    """
+    img = np.asarray(img, np.float32)
     if factor == 1:
-        return np.ascontiguousarray(img[: shape[0], : shape[1]], dtype=np.float32)
-    out = _upsample_axis(np.asarray(img, np.float32), factor, shape[0], 0)
-    return _upsample_axis(out, factor, shape[1], 1)
+        c0 = img.shape[1] - shape[1] if align_right else 0
+        return np.ascontiguousarray(img[: shape[0], c0 : c0 + shape[1]])
+    rows = _upsample_rows(img, factor)[: shape[0]]
+    cols = _upsample_rows(np.ascontiguousarray(rows.T), factor).T
+    c0 = cols.shape[1] - shape[1] if align_right else 0
+    return np.ascontiguousarray(cols[:, c0 : c0 + shape[1]])
 
 
-def _upsample_axis(a: np.ndarray, k: int, n_out: int, axis: int) -> np.ndarray:
-    """Linear interpolation by an integer factor along one axis, one slice per phase (no gathers)."""
-    a = np.moveaxis(a, axis, 0)
-    n_in = a.shape[0]
+def _upsample_rows(a: np.ndarray, k: int) -> np.ndarray:
+    """Linear interpolation by an integer factor along axis 0, one slice per phase (no gathers)."""
     pad = np.concatenate([a[:1], a, a[-1:]], axis=0)  # edge-replicated: index i -> pad[i + 1]
-    out = np.empty((n_in * k,) + a.shape[1:], np.float32)
+    n_in = a.shape[0]
+    out = np.empty((n_in, k) + a.shape[1:], np.float32)
     for p in range(k):
         pos = (p + 0.5) / k - 0.5  # offset of output sample p from coarse centre i
         if pos < 0:
-            lo, f = pad[:-2], np.float32(1.0 + pos)  # between i-1 and i
-            hi = pad[1:-1]
+            lo, hi, f = pad[:-2], pad[1:-1], np.float32(1.0 + pos)  # between i-1 and i
         else:
-            lo, f = pad[1:-1], np.float32(pos)
-            hi = pad[2:]
-        dst = out[p::k]
-        np.multiply(lo, 1.0 - f, out=dst)
+            lo, hi, f = pad[1:-1], pad[2:], np.float32(pos)
+        dst = out[:, p]
+        np.multiply(lo, np.float32(1.0) - f, out=dst)
         dst += hi * f
-    return np.ascontiguousarray(np.moveaxis(out[:n_out], 0, axis))
+    return out.reshape((n_in * k,) + a.shape[1:])
 
 
 upsample = _upsample

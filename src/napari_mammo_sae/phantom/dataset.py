@@ -304,14 +304,6 @@ def _place(
     return None
 
 
-def _add(canvas: np.ndarray, values: np.ndarray, r0: int, c0: int) -> None:
-    h, w = values.shape
-    rs, cs = max(0, r0), max(0, c0)
-    re, ce = min(canvas.shape[0], r0 + h), min(canvas.shape[1], c0 + w)
-    if rs < re and cs < ce:
-        canvas[rs:re, cs:ce] += values[rs - r0 : re - r0, cs - c0 : ce - c0]
-
-
 def _mirror_box(box, width):
     x0, y0, x1, y1 = box
     return (float(width - x1), float(y0), float(width - x0), float(y1))
@@ -348,14 +340,37 @@ def _marker_box(outline, shape, side: int, spacing: float, rng) -> tuple[int, in
     return (r, c) if c > outline.edge[: side + 4].max() else None
 
 
+def _add(canvas: np.ndarray, values: np.ndarray, r0: int, c0: int, gamma: float, mirror: bool):
+    """Add a canonical-frame patch to the (gamma-mapped, possibly mirrored) canvas."""
+    h, w = values.shape
+    if mirror:
+        values = values[:, ::-1]
+        c0 = canvas.shape[1] - c0 - w
+    rs, cs = max(0, r0), max(0, c0)
+    re, ce = min(canvas.shape[0], r0 + h), min(canvas.shape[1], c0 + w)
+    if rs < re and cs < ce:
+        region = canvas[rs:re, cs:ce]
+        lin = np.maximum(region, 0.0) ** np.float32(1.0 / gamma)
+        lin += values[rs - r0 : re - r0, cs - c0 : ce - c0]
+        region[...] = lin ** np.float32(gamma)
+
+
 def render_image(plan: ImagePlan, cfg: PhantomConfig, *, keep_truth: bool = False) -> Rendered:
-    """Draw one image from its plan; pixels depend only on (seed, study, view) and the config."""
+    """Draw one image from its plan; pixels depend only on (seed, study, view) and the config.
+
+    Anatomy and lesions are placed in the canonical frame (chest wall on the left); right breasts
+    are mirrored on the coarse grid and their patches mirrored as they are added, so no full-size
+    flip is needed. The detector gamma is applied on the coarse grid and locally around patches.
+    """
     h, w, sp = cfg.height, cfg.width, cfg.spacing_mm
     rng = np.random.default_rng(
         np.random.SeedSequence([cfg.seed, plan.study_index, plan.view_index, 7])
     )
     anat = anatomy.render_anatomy(plan.view, (h, w), sp, plan.density, rng, beta=cfg.beta)
-    img = anatomy.upsample(anat.image, anat.factor, (h, w))
+    gamma = float(rng.uniform(0.85, 1.15))
+    mirror = plan.laterality == "R"  # chest wall on the right edge, as FFDM units store them
+    coarse = np.maximum(anat.image, 0.0) ** np.float32(gamma)
+    img = anatomy.upsample(coarse[:, ::-1] if mirror else coarse, anat.factor, (h, w), mirror)
     outline = anat.outline
     margin = 1.0 / sp
     findings: list[Finding] = []
@@ -376,8 +391,11 @@ def render_image(plan: ImagePlan, cfg: PhantomConfig, *, keep_truth: bool = Fals
             rows = np.clip((np.arange(r0, r0 + ph) // anat.factor), 0, anat.gland.shape[0] - 1)
             cols = np.clip((np.arange(c0, c0 + pw) // anat.factor), 0, anat.gland.shape[1] - 1)
             values = values * (1.0 - 0.35 * anat.gland[np.ix_(rows, cols)])
-        _add(img, values, r0, c0)
-        findings.append(Finding([CATEGORIES[les.kind]], les.birads, patch.box_at(r0, c0)))
+        _add(img, values, r0, c0, gamma, mirror)
+        box = patch.box_at(r0, c0)
+        findings.append(
+            Finding([CATEGORIES[les.kind]], les.birads, _mirror_box(box, w) if mirror else box)
+        )
         if keep_truth:
             footprints.append((patch.footprint, r0, c0))
     # benign distractors (not annotated)
@@ -387,7 +405,7 @@ def render_image(plan: ImagePlan, cfg: PhantomConfig, *, keep_truth: bool = Fals
         )
         at = _place(outline, patch, rng.uniform(0.2, 0.9), rng.uniform(-0.8, 0.8), margin, rng, 20)
         if at:
-            _add(img, patch.values, *at)
+            _add(img, patch.values, *at, gamma, mirror)
     if plan.view == "MLO" and rng.random() < 0.4:
         patch = lesions.render_lymph_node(rng.uniform(5.0, 14.0), rng.uniform(0.08, 0.15), sp, rng)
         row = rng.uniform(0.08, 0.3) * h
@@ -395,15 +413,7 @@ def render_image(plan: ImagePlan, cfg: PhantomConfig, *, keep_truth: bool = Fals
         col = outline.pectoral[r] + rng.uniform(8.0, 25.0) / sp
         r0, c0 = int(row - patch.centre[0]), int(col - patch.centre[1])
         if outline.box_inside(patch.box_at(r0, c0), margin):
-            _add(img, patch.values, r0, c0)
-    # mirror right breasts: chest wall on the right edge, as FFDM units store them
-    mask = outline.mask((h, w)) if keep_truth else None
-    if plan.laterality == "R":
-        img = np.ascontiguousarray(img[:, ::-1])
-        for f in findings:
-            f.box = _mirror_box(f.box, w)
-        if mask is not None:
-            mask = mask[:, ::-1]
+            _add(img, patch.values, r0, c0, gamma, mirror)
     cue_box = None
     if plan.cue:
         side = max(7, int(round(rng.uniform(5.0, 8.0) / sp)))
@@ -412,7 +422,7 @@ def render_image(plan: ImagePlan, cfg: PhantomConfig, *, keep_truth: bool = Fals
         at = _marker_box(outline, (h, w), side, sp, rng)
         if at is not None:
             r0, c0 = at
-            if plan.laterality == "R":
+            if mirror:
                 c0 = w - c0 - side
             region = img[r0 : r0 + side, c0 : c0 + side]
             np.maximum(region, np.where(marker.footprint, marker.values + anatomy.AIR, region),
@@ -421,14 +431,15 @@ def render_image(plan: ImagePlan, cfg: PhantomConfig, *, keep_truth: bool = Fals
     pixels, window = _acquire(img, cfg, rng)
     out = Rendered(pixels, findings, cue_box, window)
     if keep_truth:
-        out.breast_mask = mask
+        mask = outline.mask((h, w))
+        out.breast_mask = mask[:, ::-1] if mirror else mask
         for fp, r0, c0 in footprints:
             full = np.zeros((h, w), bool)
             fh, fw = fp.shape
             rs, cs = max(0, r0), max(0, c0)
             full[rs : r0 + fh, cs : c0 + fw] = fp[rs - r0 : min(h, r0 + fh) - r0,
                                                  cs - c0 : min(w, c0 + fw) - c0]  # fmt: skip
-            out.footprints.append(full[:, ::-1] if plan.laterality == "R" else full)
+            out.footprints.append(full[:, ::-1] if mirror else full)
     return out
 
 
@@ -444,15 +455,13 @@ def _noise(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
 def _acquire(
     img: np.ndarray, cfg: PhantomConfig, rng: np.random.Generator
 ) -> tuple[np.ndarray, tuple[float, float]]:
-    """Exposure, gamma, quantum + electronic noise, quantisation; window from the breast."""
-    gamma = np.float32(rng.uniform(0.85, 1.15))
+    """Exposure, quantum + electronic noise, quantisation; window from the breast."""
     gain = rng.uniform(0.92, 1.08)
     offset = rng.uniform(-0.01, 0.01)
     k_q = rng.uniform(0.006, 0.012)  # quantum noise: sd = k_q * sqrt(signal)
     k_e = rng.uniform(0.002, 0.004)  # electronic noise
     maxval = float(2**cfg.bits_stored - 1)
     v = np.maximum(img, 0.0, out=img)
-    v **= gamma
     v *= np.float32(gain * maxval)
     v += np.float32(offset * maxval)
     sd = np.sqrt(np.maximum(v, 0.0))
