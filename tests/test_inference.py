@@ -148,31 +148,61 @@ def test_reconstruction_logit_and_cam_equal_explicit_decode(setup, records):
 def test_repeat_analysis_uses_cache_and_never_stale(setup, records):
     clf, sae = setup
     counting = CountingClassifier(clf)
+    counting.backbone = clf.backbone  # what the cache keys features by
     an = Analyzer(counting, sae, size=SIZE, device="cpu", cache_size=4)
     first = an.analyse(records[0])
     assert counting.calls == 1
     again = an.analyse(records[0], neurons=[5])
     assert counting.calls == 1 and again.cached
-    assert again.timings["backbone"] == 0.0 and again.heatmaps[5].shape == first.grid
+    assert again.timings["backbone"] == 0.0 and again.timings["sae"] == 0.0
+    assert again.heatmaps[5].shape == first.grid
     assert again.probability == first.probability and again.signature == first.signature
     an.analyse(records[1])
     assert counting.calls == 2 and an.cache_len == 2
-    # changing the head in place changes the signature: the backbone runs again, new numbers
+    # a changed head: new signature and logit, but the backbone features are reused
     with torch.no_grad():
         clf.head.bias.add_(1.0)
     changed = an.analyse(records[0])
-    assert counting.calls == 3 and not changed.cached
-    assert changed.signature != first.signature
+    assert counting.calls == 2 and changed.signature != first.signature
     assert changed.logit == pytest.approx(first.logit + 1.0, abs=1e-5)
-    # changing the SAE in place too
+    assert changed.reconstruction_logit == pytest.approx(first.reconstruction_logit + 1.0, abs=1e-5)
+    # a changed SAE: the SAE reruns on the cached features, the backbone does not
     with torch.no_grad():
         sae.b_enc.add_(0.05)
     after_sae = an.analyse(records[0])
-    assert counting.calls == 4 and after_sae.signature != changed.signature
+    assert counting.calls == 2 and after_sae.timings["sae"] > 0
+    assert after_sae.signature != changed.signature
     assert not np.allclose(after_sae.pooled_latents, changed.pooled_latents)
+    with torch.no_grad():
+        ref = sae.encode(
+            torch.as_tensor(after_sae.features).reshape(after_sae.features.shape[0], -1).T
+        )
+    np.testing.assert_allclose(after_sae.pooled_latents, ref.mean(0).numpy(), atol=1e-6)
+    # a changed backbone: never the stale features
+    with torch.no_grad():
+        next(clf.backbone.parameters()).mul_(1.5)
+    after_bb = an.analyse(records[0])
+    assert counting.calls == 3 and not after_bb.cached
+    assert not np.allclose(after_bb.features, after_sae.features)
+    with pytest.raises(ValueError):
+        after_bb.features[0, 0, 0] = 1.0  # the cache's memory is read-only
     an.clear_cache()
     an.analyse(records[0])
-    assert counting.calls == 5
+    assert counting.calls == 4
+
+
+def test_sibling_analyzer_shares_backbone_results(setup, records):
+    clf, sae = setup
+    counting = CountingClassifier(clf)
+    an = Analyzer(counting, sae, size=SIZE, device="cpu")
+    a = an.analyse(records[0])
+    other_sae = _sae(_feature_dim(clf), seed=7)
+    sib = an.with_models(sae=other_sae)
+    b = sib.analyse(records[0])
+    assert counting.calls == 1 and b.cached and b.timings["sae"] > 0
+    assert b.probability == a.probability and b.signature != a.signature
+    assert not np.allclose(a.pooled_latents, b.pooled_latents)
+    assert an.analyse(records[0]).timings["sae"] == 0.0  # the first SAE's latents are still there
 
 
 def test_cache_is_bounded_and_keyed_by_preprocessing(setup, records):

@@ -16,7 +16,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -274,7 +274,64 @@ class Analysis:
         return cam.reshape(self.grid).astype(np.float32)
 
 
+def _read_only(a: np.ndarray) -> np.ndarray:
+    view = a.view()
+    view.setflags(write=False)  # shares the cache's memory: must not be changed
+    return view
+
+
 # --- the analyzer ---------------------------------------------------------------------------------
+@dataclass
+class _ImageEntry:
+    """Cached per-image backbone output and the latents of each SAE seen (keyed by SAE digest)."""
+
+    features: torch.Tensor  # (C, h, w) float32 on the CPU
+    pooled_features: np.ndarray  # (C,) float64
+    geometry: Geometry
+    timings: dict[str, float]  # preprocess, backbone of the run that made it
+    latents: dict[str, tuple[PositionLatents, np.ndarray, float]] = field(default_factory=dict)
+
+
+class AnalysisCache:
+    """LRU of per-image backbone features (+ SAE latents), shareable between Analyzers.
+
+    Keys hold the image identity and the backbone/preprocessing/dtype signature; SAE latents sit
+    under the SAE's content hash inside an entry, so a changed model never reuses a stale result and
+    switching head or SAE on the same backbone never reruns the backbone.
+    """
+
+    def __init__(self, size: int = 8) -> None:
+        self.size = max(0, int(size))
+        self._items: OrderedDict[tuple, _ImageEntry] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def clear(self) -> None:
+        """Forget every entry."""
+        with self._lock:
+            self._items.clear()
+
+    def get(self, key: tuple) -> _ImageEntry | None:
+        """The entry for ``key`` (now most recently used), or None."""
+        with self._lock:
+            entry = self._items.get(key)
+            if entry is not None:
+                self._items.move_to_end(key)
+            return entry
+
+    def put(self, key: tuple, entry: _ImageEntry) -> None:
+        """Store an entry, evicting the least recently used beyond ``size``."""
+        if self.size == 0:
+            return
+        with self._lock:
+            self._items[key] = entry
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+
 class Analyzer:
     """Runs a concept classifier and an SAE on mammograms, with a per-image, signature-keyed cache.
 
@@ -282,6 +339,8 @@ class Analyzer:
     linear head (``.head``: Linear(C, 1) on average-pooled features). The models are moved to
     ``device`` and put in eval mode. ``preprocess``/``size`` default to ``config`` (a weights
     folder's config.json dict: ``preprocess``, ``input_size``), else Mammo-CLIP's 1520 x 912.
+    Pass ``cache=`` (an :class:`AnalysisCache`, e.g. another Analyzer's ``.cache``) to share
+    backbone results between analyzers that differ only in head or SAE.
     """
 
     def __init__(
@@ -294,7 +353,7 @@ class Analyzer:
         device: str | torch.device = "auto",
         dtype: str = "float32",
         cache_size: int = 8,
-        keep_features: bool = True,
+        cache: AnalysisCache | None = None,
         config: dict | None = None,
     ) -> None:
         from ..preprocess import MAMMOCLIP_SIZE, PREPROCESSORS, preprocessing_signature
@@ -311,15 +370,12 @@ class Analyzer:
         self.device = resolve_device(device)
         self.dtype_name = dtype
         self.dtype = resolve_dtype(dtype, self.device)
-        self.cache_size = max(0, int(cache_size))
-        self.keep_features = keep_features
         self.classifier = classifier.to(self.device).eval()
         self.sae = sae.to(self.device).eval()
         self._forward_features = self._features_fn(self.classifier)
         self._check_dims()
         self._digests = _Digests()
-        self._cache: OrderedDict[tuple, Analysis] = OrderedDict()
-        self._lock = threading.Lock()
+        self.cache = cache if cache is not None else AnalysisCache(cache_size)
         self._weights_key: tuple | None = None
         self._weights: tuple[np.ndarray, float, np.ndarray, float] | None = None
 
@@ -334,6 +390,18 @@ class Analyzer:
         classifier, config = load_model_folder(classifier_folder)
         return cls(classifier, load_sae(sae_folder), config=config, **kw)
 
+    def with_models(self, classifier: Any = None, sae: Any = None) -> Analyzer:
+        """A sibling Analyzer with another classifier/head or SAE, sharing this one's cache."""
+        return Analyzer(
+            classifier if classifier is not None else self.classifier,
+            sae if sae is not None else self.sae,
+            preprocess=self.preprocess,
+            size=self.size,
+            device=self.device,
+            dtype=self.dtype_name,
+            cache=self.cache,
+        )
+
     # --- model access ------------------------------------------------------------------------------
     @staticmethod
     def _features_fn(classifier: Any):
@@ -345,6 +413,10 @@ class Analyzer:
             "the classifier has no forward_features(x): pass a ConceptClassifier (backbone + head)"
         )
 
+    def _backbone(self) -> Any:
+        backbone = getattr(self.classifier, "backbone", None)
+        return backbone if isinstance(backbone, torch.nn.Module) else self.classifier
+
     def _check_dims(self) -> None:
         w, _ = head_parts(self.classifier)
         d_in = int(self.sae.W_dec.shape[0])
@@ -354,13 +426,18 @@ class Analyzer:
                 f"{d_in}: use the SAE trained on this backbone's features"
             )
 
+    def _feature_signature(self) -> str:
+        return (
+            f"bb-{self._digests(self._backbone())[:16]}_{self.preprocessing_signature}_"
+            f"{self.dtype_name}"
+        )
+
     @property
     def signature(self) -> str:
-        """Weights (classifier and SAE content hashes) + preprocessing + dtype."""
-        return (
-            f"clf-{self._digests(self.classifier)[:16]}_sae-{self._digests(self.sae)[:16]}_"
-            f"{self.preprocessing_signature}_{self.dtype_name}"
-        )
+        """Content hashes of backbone, head and SAE + preprocessing signature + dtype."""
+        w, c = head_parts(self.classifier)
+        head = hashlib.sha256(w.tobytes() + np.float64(c).tobytes()).hexdigest()
+        return f"{self._feature_signature()}_head-{head[:16]}_sae-{self._digests(self.sae)[:16]}"
 
     def head_weights(self) -> tuple[np.ndarray, float, np.ndarray, float]:
         """(w, c, v = W_dec^T w, w . b_dec + c), recomputed only when the weights change."""
@@ -382,30 +459,13 @@ class Analyzer:
 
     # --- cache -------------------------------------------------------------------------------------
     def clear_cache(self) -> None:
-        """Forget every cached analysis."""
-        with self._lock:
-            self._cache.clear()
+        """Forget every cached result (also for analyzers sharing this cache)."""
+        self.cache.clear()
 
     @property
     def cache_len(self) -> int:
         """Number of cached images."""
-        return len(self._cache)
-
-    def _cache_get(self, key: tuple) -> Analysis | None:
-        with self._lock:
-            entry = self._cache.get(key)
-            if entry is not None:
-                self._cache.move_to_end(key)
-            return entry
-
-    def _cache_put(self, key: tuple, entry: Analysis) -> None:
-        if self.cache_size == 0:
-            return
-        with self._lock:
-            self._cache[key] = entry
-            self._cache.move_to_end(key)
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
+        return len(self.cache)
 
     # --- analysis ----------------------------------------------------------------------------------
     def analyse(
@@ -413,99 +473,126 @@ class Analyzer:
     ) -> Analysis:
         """Probability, latents and heatmaps of ``neurons`` for one mammogram record (cached)."""
         t_start = time.perf_counter()
+        timings = dict.fromkeys(STAGES, 0.0)
         check_cancelled(progress)
-        signature = self.signature
-        key = (record_key(record), signature)
-        base = entry = self._cache_get(key)
+        if progress is not None:
+            progress.set_total(4)
+        key = (record_key(record), self._feature_signature())
+        entry = self.cache.get(key)
+        ran_backbone = entry is None
         if entry is None:
-            base = self._compute(record, signature, progress)
-            self._cache_put(key, base)
+            entry = self._run_backbone(record, progress)
+            timings.update(entry.timings)
+        elif progress is not None:
+            progress.update(2)
+        sae_digest = self._digests(self.sae)
+        sae_result = entry.latents.get(sae_digest)
+        ran_sae = sae_result is None
+        if sae_result is None:
+            sae_result = self._run_sae(entry.features, progress)
+            timings["sae"] = sae_result[2]
+        elif progress is not None:
+            progress.update(1)
+        if ran_backbone:  # only now: a cancelled run leaves nothing behind
+            self.cache.put(key, entry)
+        if ran_sae:
+            entry.latents[sae_digest] = sae_result
         check_cancelled(progress)
         if progress is not None:
             progress.set_description("heatmaps")
         t0 = time.perf_counter()
-        wanted = [] if neurons is None else [int(n) for n in neurons]
-        maps = base.latent_maps(wanted) if wanted else np.zeros((0, *base.grid), np.float32)
-        heatmaps = {n: maps[i] for i, n in enumerate(wanted)}
-        t_maps = time.perf_counter() - t0
-        timings = dict(base.timings) if entry is None else dict.fromkeys(STAGES[1:4], 0.0)
-        timings["decode"] = 0.0  # analyse_path fills it in
-        timings["heatmaps"] = timings.get("heatmaps", 0.0) + t_maps
+        result = self._assemble(record, entry, sae_result, neurons)
+        timings["heatmaps"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
+        result.timings = timings
+        result.cached = not ran_backbone
         if progress is not None:
             progress.update(1)
-        return replace(base, heatmaps=heatmaps, timings=timings, cached=entry is not None)
+        return result
 
-    def _compute(self, record: Any, signature: str, progress: Progress | None) -> Analysis:
-        """Preprocess, backbone, SAE and the reconstruction CAM (the cached part)."""
-        timings: dict[str, float] = {}
+    def _run_backbone(self, record: Any, progress: Progress | None) -> _ImageEntry:
+        """Preprocess and run the backbone: the expensive, SAE- and head-independent part."""
         if progress is not None:
-            progress.set_total(4)
             progress.set_description("preprocessing")
         t0 = time.perf_counter()
         pre = self._preprocess_fn(record, self.size)
         x = pre.tensor().to(self.device)
-        timings["preprocess"] = time.perf_counter() - t0
+        t_pre = time.perf_counter() - t0
         if progress is not None:
             progress.update(1)
             progress.set_description("backbone")
         check_cancelled(progress)
-
-        w, c, v, bias = self.head_weights()
         t0 = time.perf_counter()
         with torch.inference_mode(), self._autocast():
             fmap = self._forward_features(x)
         fmap = fmap[0].float()  # (C, h, w)
-        pooled_x = fmap.mean(dim=(1, 2))
-        pooled_np = pooled_x.double().cpu().numpy()
+        pooled = fmap.mean(dim=(1, 2)).double().cpu().numpy()
         self._sync()
-        timings["backbone"] = time.perf_counter() - t0
-        logit = float(pooled_np @ w + c)
+        t_bb = time.perf_counter() - t0
         if progress is not None:
             progress.update(1)
             progress.set_description("sparse autoencoder")
         check_cancelled(progress)
+        # features stay on the device until the SAE has run (no round trip)
+        return _ImageEntry(fmap, pooled, pre.geometry, {"preprocess": t_pre, "backbone": t_bb})
 
+    def _run_sae(
+        self, fmap: torch.Tensor, progress: Progress | None
+    ) -> tuple[PositionLatents, np.ndarray, float]:
+        """SAE latents of every position: (compact latents, pooled latents (m,), seconds)."""
         t0 = time.perf_counter()
-        C, h, wd = fmap.shape
+        C, h, w = fmap.shape
+        tokens = fmap.to(self.device).reshape(C, h * w).T
         with torch.inference_mode(), self._autocast():
-            z = self.sae.encode(fmap.reshape(C, h * wd).T)
+            z = self.sae.encode(tokens)
         z = z.float()
         pooled_z = z.mean(0).cpu().numpy().astype(np.float32)
         latents = PositionLatents.from_tensor(z)
         self._sync()
-        timings["sae"] = time.perf_counter() - t0
         if progress is not None:
             progress.update(1)
-            progress.set_description("heatmaps")
-        check_cancelled(progress)
+        return latents, pooled_z, time.perf_counter() - t0
 
-        t0 = time.perf_counter()
-        v_t = torch.from_numpy(v.astype(np.float32)).to(z.device)
-        cam = (z @ v_t).reshape(h, wd).double().cpu().numpy() + bias
+    def _assemble(
+        self,
+        record: Any,
+        entry: _ImageEntry,
+        sae_result: tuple[PositionLatents, np.ndarray, float],
+        neurons: Iterable[int] | None,
+    ) -> Analysis:
+        """Head outputs, reconstruction CAM, contributions and the requested latent maps."""
+        if entry.features.device.type != "cpu":
+            entry.features = entry.features.cpu()
+        latents, pooled_z, _ = sae_result
+        w, c, v, bias = self.head_weights()
+        C, h, wd = entry.features.shape
+        logit = float(entry.pooled_features @ w + c)
         contributions = v * pooled_z.astype(np.float64)
-        features = fmap.cpu().numpy() if self.keep_features else None
-        timings["heatmaps"] = time.perf_counter() - t0
-        del z
-        return Analysis(
+        cam = latents.matvec(v).reshape(h, wd) + bias
+        analysis = Analysis(
             probability=float(sigmoid(logit)),
             logit=logit,
-            geometry=pre.geometry,
+            geometry=entry.geometry,
             grid=(int(h), int(wd)),
             pooled_latents=pooled_z,
             latents=latents,
-            pooled_features=pooled_np.astype(np.float32),
+            pooled_features=entry.pooled_features.astype(np.float32),
             logit_contributions=contributions,
             reconstruction_logit=float(contributions.sum() + bias),
             cam=cam.astype(np.float32),
             heatmaps={},
-            timings=timings,
-            signature=signature,
+            timings={},
+            signature=self.signature,
             sop_instance_uid=str(getattr(record, "sop_instance_uid", "") or ""),
             preprocess=self.preprocess,
-            features=features,
+            features=_read_only(entry.features.numpy()),
             _weights=(v, bias),
         )
+        wanted = [] if neurons is None else [int(n) for n in neurons]
+        if wanted:
+            maps = analysis.latent_maps(wanted)
+            analysis.heatmaps = {n: maps[i] for i, n in enumerate(wanted)}
+        return analysis
 
     def analyse_path(
         self,
