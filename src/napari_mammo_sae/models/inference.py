@@ -282,6 +282,16 @@ def _read_only(a: np.ndarray) -> np.ndarray:
 
 # --- the analyzer ---------------------------------------------------------------------------------
 @dataclass
+class _SaeResult:
+    """One SAE's output on one image; ``cams`` holds full-precision CAMs per head (v bytes)."""
+
+    latents: PositionLatents
+    pooled: np.ndarray  # (m,) float32
+    seconds: float
+    cams: dict[bytes, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
 class _ImageEntry:
     """Cached per-image backbone output and the latents of each SAE seen (keyed by SAE digest)."""
 
@@ -289,7 +299,7 @@ class _ImageEntry:
     pooled_features: np.ndarray  # (C,) float64
     geometry: Geometry
     timings: dict[str, float]  # preprocess, backbone of the run that made it
-    latents: dict[str, tuple[PositionLatents, np.ndarray, float]] = field(default_factory=dict)
+    latents: dict[str, _SaeResult] = field(default_factory=dict)
 
 
 class AnalysisCache:
@@ -490,7 +500,7 @@ class Analyzer:
         ran_sae = sae_result is None
         if sae_result is None:
             sae_result = self._run_sae(entry.features, progress)
-            timings["sae"] = sae_result[2]
+            timings["sae"] = sae_result.seconds
         elif progress is not None:
             progress.update(1)
         if ran_backbone:  # only now: a cancelled run leaves nothing behind
@@ -536,10 +546,8 @@ class Analyzer:
         # features stay on the device until the SAE has run (no round trip)
         return _ImageEntry(fmap, pooled, pre.geometry, {"preprocess": t_pre, "backbone": t_bb})
 
-    def _run_sae(
-        self, fmap: torch.Tensor, progress: Progress | None
-    ) -> tuple[PositionLatents, np.ndarray, float]:
-        """SAE latents of every position: (compact latents, pooled latents (m,), seconds)."""
+    def _run_sae(self, fmap: torch.Tensor, progress: Progress | None) -> _SaeResult:
+        """SAE latents of every position (compact), their mean, and this head's CAM from float32 z."""
         t0 = time.perf_counter()
         C, h, w = fmap.shape
         tokens = fmap.to(self.device).reshape(C, h * w).T
@@ -548,27 +556,34 @@ class Analyzer:
         z = z.float()
         pooled_z = z.mean(0).cpu().numpy().astype(np.float32)
         latents = PositionLatents.from_tensor(z)
+        v = self.head_weights()[2]
+        v_t = torch.from_numpy(v.astype(np.float32)).to(z.device)
+        cam = (z @ v_t).reshape(h, w).double().cpu().numpy()
         self._sync()
         if progress is not None:
             progress.update(1)
-        return latents, pooled_z, time.perf_counter() - t0
+        return _SaeResult(latents, pooled_z, time.perf_counter() - t0, {v.tobytes(): cam})
 
     def _assemble(
         self,
         record: Any,
         entry: _ImageEntry,
-        sae_result: tuple[PositionLatents, np.ndarray, float],
+        sae_result: _SaeResult,
         neurons: Iterable[int] | None,
     ) -> Analysis:
         """Head outputs, reconstruction CAM, contributions and the requested latent maps."""
         if entry.features.device.type != "cpu":
             entry.features = entry.features.cpu()
-        latents, pooled_z, _ = sae_result
+        latents, pooled_z = sae_result.latents, sae_result.pooled
         w, c, v, bias = self.head_weights()
         C, h, wd = entry.features.shape
         logit = float(entry.pooled_features @ w + c)
         contributions = v * pooled_z.astype(np.float64)
-        cam = latents.matvec(v).reshape(h, wd) + bias
+        cam = sae_result.cams.get(v.tobytes())  # precise CAM of this head, if computed
+        if cam is None:  # another head on cached latents (float16 when stored dense)
+            cam = latents.matvec(v).reshape(h, wd)
+            sae_result.cams[v.tobytes()] = cam
+        cam = cam + bias
         analysis = Analysis(
             probability=float(sigmoid(logit)),
             logit=logit,
