@@ -47,7 +47,7 @@ RECIPE = {
         "studies": 140,
         "extra": ["--mass-rate", "0.3", "--calc-rate", "0.3", "--size", "medium"],
     },
-    "backbone": "tf_efficientnet_b0",
+    "backbone": "tinynet_d",  # EfficientNet-B0 rescaled (TinyNet): B0 blocks, width 0.54, depth 0.695
     "input_size": "768x480",
     "preprocess": "mammoclip",
     "pretext": {"task": "density", "epochs": 1, "lr": 1e-3, "batch_size": 8},
