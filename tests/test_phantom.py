@@ -236,3 +236,43 @@ def test_boxes_lie_in_the_breast_around_their_lesion(view_index):
     for kind, values in contrast.items():
         if values:
             assert np.mean(values) > 0, kind  # lesions are brighter than their surroundings
+
+
+def test_mass_with_calcifications_is_one_row_with_both_categories():
+    cfg = PhantomConfig(studies=40, seed=9, height=448, width=368, spacing_mm=0.6,
+                        mass_rate=0.9, calc_rate=0.0)  # fmt: skip
+    plan = next(p for p in plan_dataset(cfg) if any(les.with_calcs for les in p.lesions))
+    assert plan.has("calcification") and plan.has("mass")
+    out = render_image(plan, cfg, keep_truth=True)
+    both = [f for f in out.findings if len(f.categories) == 2]
+    assert both and both[0].categories == ["Suspicious Calcification", "Mass"]
+
+
+def test_lesion_sizes_are_physical_whatever_the_pixel_size():
+    widths = {}
+    for sp, (h, w) in ((0.6, (448, 368)), (0.2, (1344, 1104))):
+        cfg = PhantomConfig(studies=30, seed=4, height=h, width=w, spacing_mm=sp,
+                            mass_rate=0.5, calc_rate=0.0, confounder=False)  # fmt: skip
+        plans = [p for p in plan_dataset(cfg) if p.lesions][:6]
+        widths[sp] = [
+            (f.box[2] - f.box[0]) * sp for p in plans for f in render_image(p, cfg).findings
+        ]
+    assert len(widths[0.6]) == len(widths[0.2]) >= 4
+    # the same masses measure the same in mm (within two coarse pixels)
+    assert np.allclose(widths[0.6], widths[0.2], atol=1.3)
+    assert all(3.0 <= wd <= 70.0 for wd in widths[0.2])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--mass-rate", "1.5"], "--mass-rate must be between 0 and 1"),
+        (["--studies", "0"], "--studies must be at least 1"),
+        (["--height", "10"], "at least 64"),
+    ],
+)
+def test_bad_options_exit_2_with_a_message(tmp_path, capsys, args, message):
+    rc = main(["phantom", "--out", str(tmp_path / "x"), *SMALL, *args])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

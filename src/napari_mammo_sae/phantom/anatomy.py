@@ -220,13 +220,26 @@ def render_anatomy(
     density: str,
     rng: np.random.Generator,
     beta: float = 3.0,
+    outline_rng: np.random.Generator | None = None,
 ) -> Anatomy:
-    """Breast background of one view: outline, skin, nipple, fat, glandular texture, vessels."""
+    """Breast background of one view: outline, skin, nipple, fat, glandular texture, vessels.
+
+    ``outline_rng`` draws the outline (give both breasts of a study the same seed for symmetric
+    breasts); the image's own ``rng`` then varies its size by a few per cent.
+    """
     h, w = shape
     factor = max(1, int(round(COARSE_MM / spacing_mm)))
     ch, cw = -(-h // factor), -(-w // factor)
     cmm = spacing_mm * factor  # coarse pixel size in mm
-    outline = make_outline(view, shape, spacing_mm, rng)
+    outline = make_outline(view, shape, spacing_mm, outline_rng or rng)
+    scale = rng.uniform(0.95, 1.03)  # left and right breasts differ a little
+    outline = Outline(
+        edge=np.minimum(outline.edge * scale, w - 0.12 * w).astype(np.float32),
+        pectoral=outline.pectoral * rng.uniform(0.9, 1.1),
+        nipple=(outline.nipple[0], outline.nipple[1] * scale),
+        nipple_radius=outline.nipple_radius,
+        view=outline.view,
+    )
 
     # soft breast mask on the coarse grid (skin edge anti-aliased)
     edge_c = _sample_rows(outline.edge, ch, factor) / factor

@@ -9,7 +9,7 @@ import argparse
 import json
 import os
 
-from .dataset import SIZES, PhantomConfig
+from . import SIZES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,8 +66,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def config_from_args(args: argparse.Namespace) -> PhantomConfig:
+def config_from_args(args: argparse.Namespace):
     """PhantomConfig from parsed options."""
+    from .dataset import PhantomConfig
+
     h, w, sp = SIZES[args.size]
     mass, calc = args.mass_rate, args.calc_rate
     if args.balanced:

@@ -29,16 +29,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
-from . import anatomy, lesions
+from . import SIZES, anatomy, lesions  # noqa: F401 - SIZES re-exported
 from .writer import DicomInfo, phantom_uid, write_dicom
 
 VIEWS = (("R", "CC"), ("L", "CC"), ("R", "MLO"), ("L", "MLO"))
-#: named sizes: (rows, cols, spacing mm)
-SIZES = {
-    "small": (448, 368, 0.6),
-    "medium": (1400, 1150, 0.2),
-    "full": (2800, 2300, 0.1),
-}
 CATEGORIES = {"mass": "Mass", "calcification": "Suspicious Calcification"}
 #: VinDr-Mammo's share of densities A-D
 DENSITY_WEIGHTS = {"A": 0.01, "B": 0.10, "C": 0.75, "D": 0.14}
@@ -115,6 +109,19 @@ class LesionPlan:
     birads: str
     seed: int  # shape seed, shared by both views
     views: tuple[str, ...]
+    with_calcs: bool = False  # a mass holding suspicious calcifications (one row, two categories)
+
+    @property
+    def concepts(self) -> tuple[str, ...]:
+        """The concepts this lesion is positive for."""
+        return ("mass", "calcification") if self.with_calcs else (self.kind,)
+
+    @property
+    def categories(self) -> list[str]:
+        """VinDr finding categories of its row."""
+        if self.with_calcs:
+            return [CATEGORIES["calcification"], CATEGORIES["mass"]]
+        return [CATEGORIES[self.kind]]
 
 
 @dataclass(frozen=True)
@@ -141,7 +148,7 @@ class ImagePlan:
 
     def has(self, concept: str) -> bool:
         """Whether a lesion of the concept is planned in this view."""
-        return any(les.kind == concept for les in self.lesions)
+        return any(concept in les.concepts for les in self.lesions)
 
 
 @dataclass
@@ -175,12 +182,16 @@ def _birads(rng: np.random.Generator, kind: str) -> str:
     return f"BI-RADS {rng.choice([3, 4, 5], p=probs)}"
 
 
+#: share of masses that hold suspicious calcifications (a row with both categories)
+MASS_WITH_CALCS = 0.12
+
+
 def _lesion(rng: np.random.Generator, kind: str) -> LesionPlan:
     if kind == "mass":
         shape = str(rng.choice(lesions.MASS_SHAPES, p=(0.25, 0.3, 0.25, 0.2)))
         size = float(np.clip(rng.lognormal(math.log(13.0), 0.45), 5.0, 40.0))
         count = 0
-        contrast = rng.uniform(0.09, 0.2)
+        contrast = rng.uniform(0.13, 0.3)
         margin = rng.uniform(0.2, 0.6) if shape in ("round", "oval") else rng.uniform(0.5, 2.5)
     else:
         shape = str(rng.choice(lesions.CALC_SHAPES, p=(0.6, 0.2, 0.2)))
@@ -195,6 +206,7 @@ def _lesion(rng: np.random.Generator, kind: str) -> LesionPlan:
         margin_mm=float(margin), depth=float(rng.uniform(0.2, 0.8)),
         offset=float(rng.uniform(-0.7, 0.7)), birads=_birads(rng, kind),
         seed=int(rng.integers(0, 2**31)), views=views,
+        with_calcs=bool(kind == "mass" and rng.random() < MASS_WITH_CALCS),
     )  # fmt: skip
 
 
@@ -209,7 +221,13 @@ def plan_dataset(cfg: PhantomConfig) -> list[ImagePlan]:
     dens_keys = list(cfg.density_weights)
     dens_p = np.array([cfg.density_weights[k] for k in dens_keys], float)
     dens_p /= dens_p.sum()
-    rates = {"mass": cfg.mass_rate, "calcification": cfg.calc_rate}
+    # masses with calcifications count toward the calcification rate too
+    rates = {
+        "mass": cfg.mass_rate,
+        "calcification": max(0.0, cfg.calc_rate - MASS_WITH_CALCS * cfg.mass_rate)
+        if cfg.calc_rate > 0
+        else 0.0,
+    }
     # breast-level lesions
     breasts: dict[tuple[int, str], list[LesionPlan]] = {}
     density = {}
@@ -227,7 +245,7 @@ def plan_dataset(cfg: PhantomConfig) -> list[ImagePlan]:
         for kind in ("mass", "calcification"):
             if rates[kind] <= 0 or len(keys) < 2:
                 continue
-            have = [k for k in keys if any(les.kind == kind for les in breasts[k])]
+            have = [k for k in keys if any(kind in les.concepts for les in breasts[k])]
             free = [k for k in keys if not breasts[k]]
             while len(have) < min(cfg.min_positives, len(keys) - 1) and free:
                 k = free.pop(int(rng.integers(len(free))))
@@ -247,7 +265,7 @@ def plan_dataset(cfg: PhantomConfig) -> list[ImagePlan]:
                 birads = max((les.birads for les in found), key=lambda b: int(b[-1]))
             else:
                 birads = "BI-RADS 2" if rng.random() < 0.25 else "BI-RADS 1"
-            positive = any(les.kind == cfg.cue_concept for les in in_view)
+            positive = any(cfg.cue_concept in les.concepts for les in in_view)
             if not cfg.confounder:
                 cue = False
             elif split == "training":
@@ -312,9 +330,16 @@ def _mirror_box(box, width):
 def _render_lesion(les: LesionPlan, spacing: float, scale: float = 1.0) -> lesions.Patch:
     rng = np.random.default_rng(les.seed)
     if les.kind == "mass":
-        return lesions.render_mass(
+        mass = lesions.render_mass(
             les.shape, les.size_mm * scale, les.contrast, les.margin_mm, spacing, rng
         )
+        if not les.with_calcs:
+            return mass
+        calcs = lesions.render_calcifications(
+            "cluster", int(rng.integers(6, 20)), les.size_mm * scale * 0.7,
+            rng.uniform(0.3, 0.5), spacing, rng,
+        )  # fmt: skip
+        return lesions.combine(mass, calcs)
     return lesions.render_calcifications(
         les.shape, les.count, les.size_mm * scale, les.contrast, spacing, rng
     )
@@ -366,7 +391,12 @@ def render_image(plan: ImagePlan, cfg: PhantomConfig, *, keep_truth: bool = Fals
     rng = np.random.default_rng(
         np.random.SeedSequence([cfg.seed, plan.study_index, plan.view_index, 7])
     )
-    anat = anatomy.render_anatomy(plan.view, (h, w), sp, plan.density, rng, beta=cfg.beta)
+    outline_rng = np.random.default_rng(  # both breasts of a study share their outline
+        np.random.SeedSequence([cfg.seed, plan.study_index, plan.view == "CC", 11])
+    )
+    anat = anatomy.render_anatomy(
+        plan.view, (h, w), sp, plan.density, rng, beta=cfg.beta, outline_rng=outline_rng
+    )
     gamma = float(rng.uniform(0.85, 1.15))
     mirror = plan.laterality == "R"  # chest wall on the right edge, as FFDM units store them
     coarse = np.maximum(anat.image, 0.0) ** np.float32(gamma)
@@ -390,12 +420,10 @@ def render_image(plan: ImagePlan, cfg: PhantomConfig, *, keep_truth: bool = Fals
             ph, pw = values.shape
             rows = np.clip((np.arange(r0, r0 + ph) // anat.factor), 0, anat.gland.shape[0] - 1)
             cols = np.clip((np.arange(c0, c0 + pw) // anat.factor), 0, anat.gland.shape[1] - 1)
-            values = values * (1.0 - 0.35 * anat.gland[np.ix_(rows, cols)])
+            values = values * (1.0 - 0.25 * anat.gland[np.ix_(rows, cols)])
         _add(img, values, r0, c0, gamma, mirror)
         box = patch.box_at(r0, c0)
-        findings.append(
-            Finding([CATEGORIES[les.kind]], les.birads, _mirror_box(box, w) if mirror else box)
-        )
+        findings.append(Finding(les.categories, les.birads, _mirror_box(box, w) if mirror else box))
         if keep_truth:
             footprints.append((patch.footprint, r0, c0))
     # benign distractors (not annotated)

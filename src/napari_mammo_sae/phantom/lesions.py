@@ -47,6 +47,23 @@ class Patch:
         )
 
 
+def combine(a: Patch, b: Patch) -> Patch:
+    """Two patches sharing a centre, summed; the footprint is the union."""
+    up = int(math.ceil(max(a.centre[0], b.centre[0])))
+    left = int(math.ceil(max(a.centre[1], b.centre[1])))
+    down = max(p.values.shape[0] - p.centre[0] for p in (a, b))
+    right = max(p.values.shape[1] - p.centre[1] for p in (a, b))
+    shape = (up + int(math.ceil(down)), left + int(math.ceil(right)))
+    values = np.zeros(shape, np.float32)
+    footprint = np.zeros(shape, bool)
+    for p in (a, b):
+        r0, c0 = int(round(up - p.centre[0])), int(round(left - p.centre[1]))
+        h, w = p.values.shape
+        values[r0 : r0 + h, c0 : c0 + w] += p.values
+        footprint[r0 : r0 + h, c0 : c0 + w] |= p.footprint
+    return Patch(values, footprint, (float(up), float(left)))
+
+
 def _grid(half_h: int, half_w: int) -> tuple[np.ndarray, np.ndarray]:
     yy = np.arange(-half_h, half_h + 1, dtype=np.float32)[:, None]
     xx = np.arange(-half_w, half_w + 1, dtype=np.float32)[None, :]
