@@ -137,13 +137,18 @@ def test_same_seed_same_bytes_whatever_the_workers(tmp_path):
     assert not (c / first.relative_to(a)).exists()  # another seed: other ids
 
 
-def test_compressed_files_hold_the_same_pixels(tmp_path):
+@pytest.mark.parametrize(
+    "compression, uid",
+    [("rle", pydicom.uid.RLELossless), ("jpeg2000", pydicom.uid.JPEG2000Lossless)],
+)
+def test_compressed_files_hold_the_same_pixels(tmp_path, compression, uid):
     plain = _phantom(tmp_path / "p", "--studies", "1", "--seed", "2", "--workers", "1", *SMALL)
-    rle = _phantom(tmp_path / "r", "--studies", "1", "--seed", "2", "--workers", "1",
-                   "--compression", "rle", *SMALL)  # fmt: skip
+    packed = _phantom(tmp_path / "c", "--studies", "1", "--seed", "2", "--workers", "1",
+                      "--compression", compression, *SMALL)  # fmt: skip
     for p in sorted((plain / "images").rglob("*.dicom"))[:2]:
-        q = rle / p.relative_to(plain)
-        assert pydicom.dcmread(q).file_meta.TransferSyntaxUID == pydicom.uid.RLELossless
+        q = packed / p.relative_to(plain)
+        assert pydicom.dcmread(q).file_meta.TransferSyntaxUID == uid
+        assert q.stat().st_size < p.stat().st_size
         assert np.array_equal(read_mammogram(p).pixels, read_mammogram(q).pixels)
 
 
@@ -154,6 +159,12 @@ def test_label_rates_default_like_vindr_and_configurable():
     calc = sum(p.has("calcification") for p in plans) / n
     assert abs(mass - 0.055) < 0.02 and abs(calc - 0.028) < 0.015
     assert sum(p.split == "test" for p in plans) == 0.2 * n  # 4:1 by study
+    for concept in ("mass", "calcification"):  # the split is stratified: both keep the rate
+        rate = {
+            split: np.mean([p.has(concept) for p in plans if p.split == split])
+            for split in ("training", "test")
+        }
+        assert abs(rate["training"] - rate["test"]) < 0.012, (concept, rate)
     for s in range(400):  # one split per study
         assert len({p.split for p in plans if p.study_index == s}) == 1
     plans = plan_dataset(PhantomConfig(studies=300, seed=2, mass_rate=0.3, calc_rate=0.15))

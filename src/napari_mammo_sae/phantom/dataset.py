@@ -217,7 +217,6 @@ def plan_dataset(cfg: PhantomConfig) -> list[ImagePlan]:
     n = cfg.studies
     n_test = int(round(n * cfg.test_fraction)) if n >= 2 else 0
     n_test = min(max(n_test, 1 if cfg.test_fraction > 0 and n >= 2 else 0), n - 1)
-    test = set(rng.permutation(n)[:n_test].tolist())
     dens_keys = list(cfg.density_weights)
     dens_p = np.array([cfg.density_weights[k] for k in dens_keys], float)
     dens_p /= dens_p.sum()
@@ -239,6 +238,7 @@ def plan_dataset(cfg: PhantomConfig) -> list[ImagePlan]:
                 if rng.random() < min(1.0, rates[kind] / (VISIBLE_BOTH + (1 - VISIBLE_BOTH) / 2)):
                     found.append(_lesion(rng, kind))
             breasts[(s, lat)] = found
+    test = _stratified_test_studies(breasts, n, n_test, rng)
     # every split holds at least min_positives positive breasts per concept
     for split_studies in (sorted(set(range(n)) - test), sorted(test)):
         keys = [(s, lat) for s in split_studies for lat in ("R", "L")]
@@ -285,6 +285,33 @@ def plan_dataset(cfg: PhantomConfig) -> list[ImagePlan]:
             )  # fmt: skip
     # the breast BI-RADS is per breast: equalise over both views
     return plans
+
+
+def _stratified_test_studies(breasts, n: int, n_test: int, rng: np.random.Generator) -> set[int]:
+    """Test studies drawn within groups of equal label pattern, so both splits keep the rates."""
+
+    def key(s: int) -> tuple:
+        return tuple(  # images positive per concept
+            sum(
+                len(les.views)
+                for lat in ("R", "L")
+                for les in breasts[(s, lat)]
+                if c in les.concepts
+            )
+            for c in ("mass", "calcification")
+        )
+
+    groups: dict[tuple, list[int]] = {}
+    for s in rng.permutation(n).tolist():
+        groups.setdefault(key(s), []).append(s)
+    order = sorted(groups)
+    exact = [len(groups[k]) * n_test / max(n, 1) for k in order]
+    quota = [int(q) for q in exact]
+    rest = n_test - sum(quota)  # largest remainders first, ties at random
+    ranked = sorted(range(len(order)), key=lambda i: (-(exact[i] - quota[i]), rng.random()))
+    for i in ranked[:rest]:
+        quota[i] += 1
+    return {s for k, q in zip(order, quota, strict=True) for s in groups[k][:q]}
 
 
 # --- rendering ---------------------------------------------------------------------------------
