@@ -287,3 +287,9 @@ def test_bad_options_exit_2_with_a_message(tmp_path, capsys, args, message):
     assert rc == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_output_folder_that_cannot_be_made(tmp_path, capsys):
+    (tmp_path / "x").write_text("")
+    assert main(["phantom", "--out", str(tmp_path / "x" / "d"), *SMALL]) == 2
+    assert "cannot create the output folder" in capsys.readouterr().err

@@ -573,7 +573,10 @@ def write_dataset(cfg: PhantomConfig, out: str | Path, *, workers: int = 1, prog
 
     out = Path(out)
     plans = plan_dataset(cfg)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the output folder {out}: {exc.strerror or exc}") from exc
     results: dict[int, tuple[list, tuple | None]] = {}
     jobs = [(p, cfg, str(out)) for p in plans]
     if progress is not None:
