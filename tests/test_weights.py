@@ -193,3 +193,16 @@ def test_bundled_weights_dir_is_the_repository_folder():
     assert got is None or got == repo / "weights"
     if (repo / "weights").is_dir():
         assert got == repo / "weights"
+
+
+def test_bundled_weights_match_their_manifest():
+    """Every bundled weights folder loads and matches weights/MANIFEST.json."""
+    root = bundled_weights_dir()
+    if root is None or not (root / "MANIFEST.json").is_file():
+        pytest.skip("no bundled weights in this checkout (make weights writes them)")
+    folders = [p for p in sorted(root.iterdir()) if (p / "config.json").is_file()]
+    assert folders, "weights/MANIFEST.json exists but no weights folder is bundled"
+    for folder in folders:
+        assert verify_folder(folder), f"{folder.name} is not listed in weights/MANIFEST.json"
+        module, _ = load_weights(folder)
+        assert all(torch.isfinite(p).all() for p in module.parameters())

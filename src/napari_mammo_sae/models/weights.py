@@ -40,12 +40,8 @@ def sha256_file(path: str | Path) -> str:
 
 def bundled_weights_dir() -> Path | None:
     """The repository's ``weights/`` folder (bundled demo weights), or None when absent."""
-    here = Path(__file__).resolve()
-    for root in (here.parents[3], here.parents[2]):  # repo/src/pkg/models -> repo; or site layout
-        cand = root / "weights"
-        if cand.is_dir():
-            return cand
-    return None
+    cand = Path(__file__).resolve().parents[3] / "weights"  # repo/src/napari_mammo_sae/models
+    return cand if cand.is_dir() else None
 
 
 # --- saving ------------------------------------------------------------------------------------
@@ -261,7 +257,7 @@ def _backbone_tensors(folder: Path, config: dict, manifest: Any) -> dict:
             f"{folder.name} takes its backbone from {config['backbone_weights']}, which is not a "
             f"weights folder: keep the two folders side by side ({exc})"
         ) from exc
-    verify_folder(ref, manifest if isinstance(manifest, str | Path) else None)
+    verify_folder(ref, manifest if manifest is False or isinstance(manifest, str | Path) else None)
     want = config.get("backbone_sha256")
     if want and sha256_file(ref / MODEL) != want:
         raise WeightsIntegrityError(
