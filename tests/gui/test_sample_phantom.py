@@ -49,3 +49,13 @@ def test_phantom_sample_opens_with_boxes_on_their_images(make_napari_viewer):
             assert any(_within(np.asarray(rect), e) for e in extents)
     assert len(findings.data) >= 2 and len(marker.data) >= 1
     assert elapsed < 6.0  # generated, written, read and laid out in a few seconds
+
+
+def test_phantom_sample_through_the_plugin_manifest(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-mammo-sae", "phantom_exam")
+    names = [ly.name for ly in viewer.layers]
+    assert {"R CC", "L CC", "R MLO", "L MLO", "phantom findings"} <= set(names)
+    record = viewer.layers["R CC"].metadata["record"]
+    assert record.laterality == "R" and record.spacing_mm == (0.2, 0.2)
+    assert viewer.layers["R CC"].metadata["chest_wall"] == "right"
