@@ -253,3 +253,26 @@ def test_mammosae_file_passed_as_classifier(tmp_path):
     from napari_mammo_sae.models.checkpoints import load_mammosae
 
     assert load_mammosae(path).d_latent == m
+
+
+def test_trusted_file_with_objects_from_missing_modules(tmp_path, b0, monkeypatch):
+    """A trusted checkpoint whose config object comes from a package not installed here loads."""
+    import sys
+    import types
+
+    fake = types.ModuleType("fake_training_framework")
+
+    class DictConfig:
+        def __init__(self, items):
+            self.items = items
+
+    DictConfig.__module__, DictConfig.__qualname__ = fake.__name__, "DictConfig"
+    fake.DictConfig = DictConfig
+    monkeypatch.setitem(sys.modules, fake.__name__, fake)
+    path = tmp_path / "upmc_breast_clip_det_b0_period_n_ft_seed_10.pth"
+    save_downstream(path, b0, config=DictConfig({"lr": 1e-4}))
+    monkeypatch.delitem(sys.modules, fake.__name__)
+    with pytest.raises(UnsafePickleError, match="fake_training_framework.DictConfig"):
+        load_mammoclip_classifier(path)
+    model = load_mammoclip_classifier(path, trust_pickle=True)
+    assert model.backbone_name == "tf_efficientnet_b0" and model.variant == "finetuned"

@@ -144,17 +144,47 @@ def load_checkpoint_file(path: str | Path, *, trust_pickle: bool = False) -> Any
             "the file is corrupt or truncated; download it again"
         ) from exc
     log.warning("unpickling %s with trust_pickle=True (can run code from the file)", path.name)
+    stubbed: list[str] = []
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except ModuleNotFoundError as exc:
-        raise CheckpointError(
-            f"{path.name} needs the Python module {exc.name!r} to unpickle: it is not a plain "
-            "Mammo-CLIP checkpoint"
-        ) from exc
+        obj = torch.load(
+            path, map_location="cpu", weights_only=False, pickle_module=_lenient_pickle(stubbed)
+        )
     except Exception as exc:  # noqa: BLE001 - anything the pickle does is the file's fault
         raise CheckpointError(
             f"{path.name} could not be unpickled ({exc.__class__.__name__}: {exc})"
         ) from exc
+    if stubbed:
+        log.info("%s: classes not importable here were skipped: %s", path.name, ", ".join(stubbed))
+    return obj
+
+
+class _Missing:
+    """Stand-in for a class a trusted pickle names but this environment cannot import."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+def _lenient_pickle(stubbed: list[str]) -> Any:
+    """A pickle module whose Unpickler replaces unimportable classes (e.g. a training framework's
+    config objects around the tensors) by :class:`_Missing` stubs. Only used with trust_pickle."""
+    import types
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            try:
+                return super().find_class(module, name)
+            except (ModuleNotFoundError, AttributeError):
+                stubbed.append(f"{module}.{name}")
+                return type(name, (_Missing,), {"__module__": module})
+
+    lenient = types.ModuleType("lenient_pickle")
+    lenient.__dict__.update({k: getattr(pickle, k) for k in dir(pickle) if not k.startswith("__")})
+    lenient.Unpickler = Unpickler
+    return lenient
 
 
 def _state_and_meta(obj: Any, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
