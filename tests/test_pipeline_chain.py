@@ -48,7 +48,7 @@ CHAIN = textwrap.dedent(
          f"{root}/ft_calc", f"{root}/pt_mass", "--data", f"{root}/data", "--out", f"{root}/report",
          "--bootstrap", "20", "--k", "0,1,2,5,10,all"],
     ]
-    codes = [["phantom" if has_phantom else "fixture", 0]]
+    codes = [["phantom" if has_phantom else "fixture", main(first) if has_phantom else 0]]
     for step in steps:
         rc = main(step)
         codes.append([step[0], rc])
