@@ -228,7 +228,8 @@ class Analysis:
         np.ndarray
     )  # (h, w) float32, reconstruction class-activation map (mean = reconstruction_logit)
     heatmaps: dict[int, np.ndarray]  # neuron -> (h, w) latent map, for the requested neurons
-    timings: dict[str, float]  # seconds per stage of this call (decode, preprocess, ...), total
+    timings: dict[str, float]  # seconds per stage of this call: decode, preprocess, backbone, sae
+    # (sae_encode: its encoder part), heatmaps, total; 0 for stages served from the cache
     signature: str  # weights + preprocessing + dtype: what the cache is keyed by
     sop_instance_uid: str = ""
     preprocess: str = "mammoclip"
@@ -289,6 +290,7 @@ class _SaeResult:
     pooled: np.ndarray  # (m,) float32
     seconds: float
     cams: dict[bytes, np.ndarray] = field(default_factory=dict)
+    encode_seconds: float = 0.0  # the encoder alone (part of ``seconds``)
 
 
 @dataclass
@@ -483,7 +485,7 @@ class Analyzer:
     ) -> Analysis:
         """Probability, latents and heatmaps of ``neurons`` for one mammogram record (cached)."""
         t_start = time.perf_counter()
-        timings = dict.fromkeys(STAGES, 0.0)
+        timings = dict.fromkeys((*STAGES, "sae_encode"), 0.0)
         check_cancelled(progress)
         if progress is not None:
             progress.set_total(4)
@@ -501,6 +503,7 @@ class Analyzer:
         if sae_result is None:
             sae_result = self._run_sae(entry.features, progress)
             timings["sae"] = sae_result.seconds
+            timings["sae_encode"] = sae_result.encode_seconds
         elif progress is not None:
             progress.update(1)
         if ran_backbone:  # only now: a cancelled run leaves nothing behind
@@ -554,6 +557,8 @@ class Analyzer:
         with torch.inference_mode(), self._autocast():
             z = self.sae.encode(tokens)
         z = z.float()
+        self._sync()
+        t_enc = time.perf_counter() - t0
         pooled_z = z.mean(0).cpu().numpy().astype(np.float32)
         latents = PositionLatents.from_tensor(z)
         v = self.head_weights()[2]
@@ -562,7 +567,7 @@ class Analyzer:
         self._sync()
         if progress is not None:
             progress.update(1)
-        return _SaeResult(latents, pooled_z, time.perf_counter() - t0, {v.tobytes(): cam})
+        return _SaeResult(latents, pooled_z, time.perf_counter() - t0, {v.tobytes(): cam}, t_enc)
 
     def _assemble(
         self,
