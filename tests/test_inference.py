@@ -309,3 +309,29 @@ def test_device_dtype_and_dimension_checks(setup):
         Analyzer(clf, _sae(_feature_dim(clf) + 1), size=SIZE, device="cpu")
     with pytest.raises(ConfigError, match="preprocessing"):
         Analyzer(clf, sae, preprocess="nope", device="cpu")
+
+
+def test_from_weights_folders_uses_their_config(setup, records, tmp_path):
+    from napari_mammo_sae.models.weights import save_weights
+
+    clf, sae = setup
+    save_weights(
+        tmp_path / "head",
+        clf,
+        {
+            "kind": "classifier",
+            "backbone": "test_efficientnet",
+            "input_size": [160, 96],
+            "preprocess": "robust",
+        },
+    )
+    save_weights(tmp_path / "sae", sae, {})
+    an = Analyzer.from_weights(tmp_path / "head", tmp_path / "sae", device="cpu")
+    assert an.size == (160, 96) and an.preprocess == "robust"
+    res = an.analyse(records[0])
+    direct = Analyzer(clf, sae, size=(160, 96), preprocess="robust", device="cpu").analyse(
+        records[0]
+    )
+    assert res.probability == pytest.approx(direct.probability, abs=1e-6)
+    np.testing.assert_allclose(res.pooled_latents, direct.pooled_latents, atol=1e-6)
+    assert res.signature == direct.signature  # same weights, same signature
