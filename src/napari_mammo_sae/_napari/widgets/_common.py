@@ -1,0 +1,145 @@
+"""What the review widgets share per viewer: the current analysis, neuron, SAE key and settings.
+
+One :class:`ReviewSession` per viewer (:func:`get_session`). The explorer fills it after a run; the
+intervention, labelling, gallery and plots widgets listen to its signals. Settings the user expects
+to be remembered (model paths, rater name, label database) live in a small JSON file in the user
+config directory - never patient data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from psygnal import Signal
+
+log = logging.getLogger(__name__)
+
+
+def settings_path() -> Path:
+    """The JSON settings file (user config directory)."""
+    from platformdirs import user_config_dir
+
+    return Path(user_config_dir("napari-mammo-sae", appauthor=False)) / "settings.json"
+
+
+def load_settings() -> dict:
+    """Remembered settings ({} when none or unreadable)."""
+    try:
+        return json.loads(settings_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def save_settings(**values: Any) -> None:
+    """Merge ``values`` into the remembered settings (best effort: never raises into the GUI)."""
+    data = load_settings()
+    data.update({k: v for k, v in values.items() if v is not None})
+    try:
+        path = settings_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(path)
+    except OSError as exc:  # a read-only home must not break the plugin
+        log.warning("settings not saved: %s", exc)
+
+
+@dataclass
+class ImageResult:
+    """One analysed image: the analysis, the ranked neurons and their maps and box agreement."""
+
+    layer_name: str
+    analysis: Any  # models.inference.Analysis
+    placement: Any  # layout.Placement
+    neurons: np.ndarray  # top-k neuron ids, best first
+    scores: np.ndarray  # their ranking scores
+    maps: np.ndarray  # (k, h, w) latent maps
+    box_iou: dict[int, float] = field(default_factory=dict)
+    annotations: list = field(default_factory=list)  # boxes in original pixels
+
+
+class ReviewSession:
+    """Per-viewer state shared by the widgets."""
+
+    analysis_changed = Signal(object)  # the ReviewSession
+    neuron_changed = Signal(int)
+    verdicts_changed = Signal()
+
+    def __init__(self) -> None:
+        self.results: dict[str, ImageResult] = {}  # image layer name -> result
+        self.current_layer: str | None = None
+        self.neuron: int | None = None
+        self.sae_hash: str = ""
+        self.concept: str = "calcification"
+        self.variant: str = "finetuned"
+        self.target_class: int = 1
+        self.ranking: str = "logit"
+        self.class_scores: np.ndarray | None = None  # (2, m) dataset ranking scores when probed
+        self.probe: Any = None  # pipeline.probe.ProbeResult
+        self.probe_path: Path | None = None
+        self.data_dir: Path | None = None
+        self.models: Any = None  # _napari.model_choice.LoadedModels
+        self.label_db: Path | None = None
+
+    @property
+    def current(self) -> ImageResult | None:
+        """The result of the image the explorer last focused."""
+        if self.current_layer in self.results:
+            return self.results[self.current_layer]
+        return next(iter(self.results.values()), None)
+
+    @property
+    def top_neurons(self) -> list[int]:
+        """The current image's ranked neurons."""
+        cur = self.current
+        return [] if cur is None else [int(n) for n in cur.neurons]
+
+    def set_neuron(self, neuron: int) -> None:
+        """Make ``neuron`` the current one (emits neuron_changed)."""
+        self.neuron = int(neuron)
+        self.neuron_changed.emit(int(neuron))
+
+    def step_neuron(self, step: int) -> int | None:
+        """Move to the next (+1) or previous (-1) neuron of the top list."""
+        top = self.top_neurons
+        if not top:
+            return None
+        i = top.index(self.neuron) if self.neuron in top else -1
+        self.set_neuron(top[(i + step) % len(top)])
+        return self.neuron
+
+
+_SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def get_session(viewer: Any) -> ReviewSession:
+    """The viewer's session (created on first use)."""
+    if viewer not in _SESSIONS:
+        _SESSIONS[viewer] = ReviewSession()
+    return _SESSIONS[viewer]
+
+
+def notify_error(message: str) -> None:
+    """Show an error in the viewer (falls back to the log outside napari)."""
+    try:
+        from napari.utils.notifications import show_error
+
+        show_error(message)
+    except Exception:  # pragma: no cover - no napari notification manager
+        log.error(message)
+
+
+def notify_info(message: str) -> None:
+    """Show an information message in the viewer."""
+    try:
+        from napari.utils.notifications import show_info
+
+        show_info(message)
+    except Exception:  # pragma: no cover
+        log.info(message)

@@ -1,0 +1,167 @@
+"""Interventions: switch SAE neurons off or keep only some, and see the prediction change at once.
+
+Uses the cached latents of the explorer's last run and the exact closed form that average pooling
+allows (``analysis.interventions``), so a slider move never reruns the backbone: the original, the
+SAE-reconstruction and the intervened probability update immediately, and so does the
+class-activation map of the (intervened) reconstruction, shown as a layer over the image.
+Top-k uses the union of the top-k of each class, as the paper does (dataset rankings from the
+probe file when there is one, else this image's logit contributions).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFormLayout,
+    QLabel,
+    QLineEdit,
+    QSlider,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from .. import layers as L
+from ._common import get_session, notify_error
+
+MODES = ("top-k activated", "top-k deactivated", "custom set: remove", "custom set: keep only",
+         "all neurons labelled spurious: remove", "single neuron: keep only")  # fmt: skip
+CAM_KEY = "mammo_sae_cam"
+
+
+def parse_neurons(text: str, m: int) -> list[int]:
+    """'3, 17 42-45' -> [3, 17, 42, 43, 44, 45] (ValueError on bad or out-of-range ids)."""
+    out: list[int] = []
+    for part in text.replace(",", " ").split():
+        if "-" in part:
+            a, b = part.split("-", 1)
+            out.extend(range(int(a), int(b) + 1))
+        else:
+            out.append(int(part))
+    bad = [n for n in out if not 0 <= n < m]
+    if bad:
+        raise ValueError(f"neuron ids must be between 0 and {m - 1}: {bad[:5]}")
+    return sorted(set(out))
+
+
+class InterventionWidget(QWidget):
+    """Dock widget: mode, k, neuron set; original / reconstruction / intervened probability; CAM."""
+
+    def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.session = get_session(napari_viewer)
+        self.mode = QComboBox()
+        self.mode.addItems(MODES)
+        self.k = QSlider(Qt.Horizontal)
+        self.k.setRange(0, 100)
+        self.k.setValue(10)
+        self.k_label = QLabel("k = 10")
+        self.custom = QLineEdit()
+        self.custom.setPlaceholderText("neuron ids, e.g. 12, 40-42")
+        self.single = QSpinBox()
+        self.single.setRange(0, 1 << 20)
+        self.original = QLabel("-")
+        self.reconstruction = QLabel("-")
+        self.intervened = QLabel("-")
+        self.intervened.setStyleSheet("font-weight: bold")
+        self.neurons_label = QLabel("")
+        self.neurons_label.setWordWrap(True)
+        form = QFormLayout()
+        form.addRow("mode", self.mode)
+        form.addRow(self.k_label, self.k)
+        form.addRow("custom set", self.custom)
+        form.addRow("single neuron", self.single)
+        form.addRow("P original", self.original)
+        form.addRow("P SAE reconstruction", self.reconstruction)
+        form.addRow("P intervened", self.intervened)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(self.neurons_label)
+        layout.addStretch(1)
+        self.last: Any = None  # the last InterventionResult
+        self.mode.currentIndexChanged.connect(self.update)
+        self.k.valueChanged.connect(self.update)
+        self.custom.editingFinished.connect(self.update)
+        self.single.valueChanged.connect(self.update)
+        self.session.analysis_changed.connect(lambda _s: self.update())
+        self.session.neuron_changed.connect(self._neuron_changed)
+        self.update()
+
+    def _neuron_changed(self, neuron: int) -> None:
+        if self.single.value() != neuron:
+            self.single.setValue(int(neuron))
+
+    def _scores(self, cur: Any) -> tuple[np.ndarray, np.ndarray]:
+        """(class-0 scores, class-1 scores) over all neurons for the top-k union."""
+        cs = self.session.class_scores
+        if cs is not None and cs.shape[1] == cur.analysis.n_neurons:
+            return cs[0], cs[1]
+        contrib = np.asarray(cur.analysis.logit_contributions, dtype=np.float64)
+        return -contrib, contrib
+
+    def neuron_set(self) -> tuple[list[int], str]:
+        """(neurons, 'keep'|'remove') of the current mode."""
+        from ...analysis.interventions import topk_union
+
+        cur = self.session.current
+        m = cur.analysis.n_neurons
+        mode = self.mode.currentText()
+        k = self.k.value()
+        self.k_label.setText(f"k = {k}")
+        if mode.startswith("top-k"):
+            s0, s1 = self._scores(cur)
+            neurons = [int(n) for n in topk_union(s0, s1, k)]
+            return neurons, "remove" if "deactivated" in mode else "keep"
+        if mode.startswith("custom"):
+            return parse_neurons(self.custom.text(), m), "keep" if "keep" in mode else "remove"
+        if mode.startswith("all neurons labelled spurious"):
+            from ...labels import LabelStore
+
+            with LabelStore(self.session.label_db) as store:
+                return store.spurious_neurons(self.session.sae_hash), "remove"
+        return [int(self.single.value())], "keep"
+
+    def update(self, *_: Any) -> Any:
+        """Recompute the intervened probability and CAM (closed form); returns the result."""
+        cur = self.session.current
+        if cur is None:
+            self.intervened.setText("run the neuron explorer first")
+            return None
+        try:
+            neurons, how = self.neuron_set()
+        except Exception as exc:  # bad custom text, unreadable label database
+            notify_error(f"intervention: {exc}")
+            return None
+        a = cur.analysis
+        engine = a.intervention()
+        result = engine.apply(neurons, how)
+        self.last = result
+        self.original.setText(f"{a.probability:.3f}")
+        self.reconstruction.setText(f"{a.reconstruction_probability:.3f}")
+        self.intervened.setText(f"{result.probability:.3f}  ({result.delta_probability:+.3f})")
+        shown = ", ".join(map(str, neurons[:20])) + (" ..." if len(neurons) > 20 else "")
+        self.neurons_label.setText(f"{how} {len(neurons)} neurons: {shown}")
+        self._update_cam(cur, neurons, how)
+        return result
+
+    def _update_cam(self, cur: Any, neurons: list[int], how: str) -> None:
+        a = cur.analysis
+        cam = a.reconstruction_cam(neurons, how)
+        name = f"{cur.layer_name} · CAM (intervened)"
+        tf = L.heatmap_transform(a.geometry, a.grid, cur.placement)
+        lim = float(max(abs(cam.min()), abs(cam.max()), 1e-6))
+        if name in self.viewer.layers:
+            lay = self.viewer.layers[name]
+            lay.data = cam
+            lay.contrast_limits = (-lim, lim)
+        else:
+            self.viewer.add_image(
+                cam, name=name, colormap="bwr", blending="translucent", opacity=0.45,
+                contrast_limits=(-lim, lim), interpolation2d="linear", visible=False,
+                metadata={CAM_KEY: {"image": cur.layer_name}}, **tf,
+            )  # fmt: skip

@@ -1,0 +1,264 @@
+"""The review widgets driven end to end in a real viewer on a phantom exam with a tiny model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_mammo_sae.analysis.interventions import intervened_logits, topk_union
+
+pytestmark = pytest.mark.gui
+
+PLUGIN = "napari-mammo-sae"
+
+
+@pytest.fixture(scope="module")
+def exam(tmp_path_factory):
+    """A small phantom dataset (VinDr layout) and tiny classifier + SAE weight folders."""
+    from napari_mammo_sae.models.backbone import create_backbone
+    from napari_mammo_sae.models.classifier import ConceptClassifier
+    from napari_mammo_sae.models.sae import SparseAutoencoder
+    from napari_mammo_sae.models.weights import save_weights
+    from napari_mammo_sae.phantom.dataset import PhantomConfig, write_dataset
+
+    root = tmp_path_factory.mktemp("review")
+    cfg = PhantomConfig(studies=2, seed=5, height=448, width=368, spacing_mm=0.6,
+                        mass_rate=0.5, calc_rate=0.5)  # fmt: skip
+    write_dataset(cfg, root / "data", workers=1)
+    torch.manual_seed(0)
+    clf = ConceptClassifier(create_backbone("test_efficientnet")).eval()
+    save_weights(root / "clf", clf, {"kind": "classifier", "backbone": "test_efficientnet",
+                                      "input_size": [192, 128], "preprocess": "mammoclip"})  # fmt: skip
+    sae = SparseAutoencoder(256, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        sae.b_enc.fill_(0.05)  # some latents fire on random features
+    save_weights(root / "sae", sae, sae.config())
+    return root
+
+
+@pytest.fixture
+def viewer(make_napari_viewer, tmp_path, monkeypatch, exam):
+    from napari_mammo_sae._napari.widgets import _common
+
+    monkeypatch.setattr(_common, "settings_path", lambda: tmp_path / "settings.json")
+    monkeypatch.setattr("napari_mammo_sae.labels.default_path", lambda: tmp_path / "labels.sqlite")
+    v = make_napari_viewer()
+    v.open(str(next((exam / "data" / "images").iterdir())), plugin=PLUGIN)
+    return v
+
+
+def _explorer(viewer, exam, qtbot, k=5):
+    from napari_mammo_sae._napari.widgets.explorer import NeuronExplorer
+
+    w = NeuronExplorer(viewer)
+    w.source.setCurrentIndex(1)
+    w.classifier_path.setText(str(exam / "clf"))
+    w.sae_path.setText(str(exam / "sae"))
+    w.k.setValue(k)
+    w.device.setCurrentText("cpu")
+    return w
+
+
+def _press(viewer, key):
+    """Call the viewer's binding for a key, as napari does on a key press."""
+    func = next(f for k, f in viewer.keymap.items() if str(k) == key)
+    func(viewer)
+
+
+def _run(w, qtbot):
+    worker = w.run()
+    assert worker is not None, w.last_error
+    qtbot.waitUntil(lambda: w.worker is None, timeout=120_000)
+    assert w.last_error is None, w.last_error
+
+
+def test_explorer_layers_sit_on_the_crop_box_and_rerun_updates_them(viewer, exam, qtbot):
+    w = _explorer(viewer, exam, qtbot)
+    n_images = len(viewer.layers)
+    w.image.setCurrentIndex(0)
+    _run(w, qtbot)
+    res = w.session.current
+    a = res.analysis
+    overlays = [lay for lay in viewer.layers if "mammo_sae" in lay.metadata]
+    assert len(overlays) == 5
+    assert w.table.rowCount() == 5
+    assert "P(calcification)" in w.probability.text()
+    lay = overlays[0]
+    assert lay.data.shape == a.grid  # never upsampled
+    assert lay.blending == "additive"
+    assert lay.colormap.colors[0][3] == 0.0  # transparent at zero
+    # the top-left edge of cell (0, 0) lands on the crop box's top-left corner in world mm
+    r0, c0, r1, c1 = a.geometry.crop_box
+    want = res.placement.edge_to_world(np.array([[r0, c0], [r1, c1]]))
+    scale, translate = np.asarray(lay.scale), np.asarray(lay.translate)
+    h, w_ = a.grid
+    got_tl = translate - scale / 2
+    got_br = translate + scale * (np.array([h, w_]) - 0.5)
+    np.testing.assert_allclose(np.minimum(got_tl, got_br), want.min(axis=0), atol=1e-6)
+    np.testing.assert_allclose(np.maximum(got_tl, got_br), want.max(axis=0), atol=1e-6)
+    assert (
+        len({tuple(np.round(o.colormap.colors[-1], 3)) for o in overlays}) == 5
+    )  # distinct colours
+    assert [o.visible for o in overlays].count(True) == 1
+    # clicking a row shows that neuron alone
+    w._row_clicked(2, 0)
+    visible = [o for o in overlays if o.visible]
+    assert [o.metadata["mammo_sae"]["neuron"] for o in visible] == [int(res.neurons[2])]
+    # re-running reuses the layers
+    _run(w, qtbot)
+    assert len(viewer.layers) == n_images + 5
+    w.remove_overlays()
+    assert len(viewer.layers) == n_images
+
+
+def test_explorer_stack_option_and_all_views(viewer, exam, qtbot):
+    w = _explorer(viewer, exam, qtbot, k=3)
+    w.stack.setChecked(True)
+    w.all_views.setChecked(True)
+    _run(w, qtbot)
+    stacks = [
+        lay for lay in viewer.layers if lay.metadata.get("mammo_sae", {}).get("kind") == "stack"
+    ]
+    assert len(stacks) == 4  # one per view of the exam
+    assert stacks[0].data.shape[0] == 3 and stacks[0].ndim == 3
+
+
+def test_intervened_probability_equals_the_core_closed_form(viewer, exam, qtbot):
+    from napari_mammo_sae._napari.widgets.intervention import InterventionWidget
+
+    w = _explorer(viewer, exam, qtbot)
+    iw = InterventionWidget(viewer)
+    _run(w, qtbot)
+    iw.mode.setCurrentText("top-k deactivated")
+    iw.k.setValue(3)
+    result = iw.update()
+    cur = w.session.current
+    a = cur.analysis
+    contrib = np.asarray(a.logit_contributions)
+    neurons = topk_union(-contrib, contrib, 3)
+    sae, clf = w.session.models.analyzer.sae, w.session.models.analyzer.classifier
+    logit = intervened_logits(a.pooled_latents[None, :], sae, clf.head, neurons, "remove")[0]
+    assert result.mode == "remove"
+    assert result.probability == pytest.approx(1 / (1 + np.exp(-logit)), abs=1e-6)
+    assert f"{result.probability:.3f}" in iw.intervened.text()
+    cam = viewer.layers[f"{cur.layer_name} · CAM (intervened)"]
+    assert cam.data.shape == a.grid
+    iw.mode.setCurrentText("custom set: keep only")
+    iw.custom.setText("0, 2-3")
+    assert list(iw.update().neurons) == [0, 2, 3]
+
+
+def test_verdicts_survive_a_new_viewer_and_kappa_is_shown(
+    viewer, exam, qtbot, make_napari_viewer, tmp_path
+):
+    from napari_mammo_sae._napari.widgets._common import get_session
+    from napari_mammo_sae._napari.widgets.labelling import LabellingWidget
+    from napari_mammo_sae.labels import LabelStore
+
+    w = _explorer(viewer, exam, qtbot)
+    lw = LabellingWidget(viewer)
+    lw.db_path.setText(str(tmp_path / "verdicts.sqlite"))
+    lw._db_changed()
+    _run(w, qtbot)
+    top = w.session.top_neurons
+    assert lw.neuron.value() == top[0]
+    lw.rater.setText("ann")
+    assert lw.record("clinical") is not None
+    assert "saved" in lw.saved.text()
+    # viewer key bindings: ']' moves on, '2' records spurious
+    _press(viewer, "]")
+    assert lw.neuron.value() == top[1]
+    _press(viewer, "2")
+    lw.rater.setText("bob")
+    lw.neuron.setValue(top[0])
+    lw.record("clinical")
+    lw.neuron.setValue(top[1])
+    lw.record("clinical")
+    assert "Cohen's kappa ann vs bob" in lw.agreement.text()
+    sae_hash = w.session.sae_hash
+    viewer.close()
+    # a new viewer, a new widget, the same database: everything is there
+    v2 = make_napari_viewer()
+    get_session(v2).sae_hash = sae_hash
+    lw2 = LabellingWidget(v2)
+    lw2.db_path.setText(str(tmp_path / "verdicts.sqlite"))
+    lw2._db_changed()
+    lw2.neuron.setValue(top[1])
+    assert lw2.history.count() == 2
+    with LabelStore(tmp_path / "verdicts.sqlite") as store:
+        assert store.verdict_of(sae_hash, top[1], "ann") == "spurious"
+        kappa, n = store.cohen_kappa("ann", "bob", sae_hash)
+    assert n == 2 and kappa == pytest.approx(0.0)
+    assert lw2.export_csv(tmp_path / "v.csv") == 4
+
+
+def test_no_rater_means_not_saved_and_a_notification(viewer, exam, qtbot):
+    from napari_mammo_sae._napari.widgets.labelling import LabellingWidget
+
+    lw = LabellingWidget(viewer)
+    lw.session.sae_hash = "abc"
+    lw.rater.setText("")
+    assert lw.record("clinical") is None
+    assert "NOT saved" in lw.saved.text()
+
+
+def test_bad_inputs_notify_and_never_crash(make_napari_viewer, exam, tmp_path, monkeypatch, qtbot):
+    from napari.utils.notifications import notification_manager
+
+    from napari_mammo_sae._napari.widgets import _common
+    from napari_mammo_sae._napari.widgets.explorer import NeuronExplorer
+
+    monkeypatch.setattr(_common, "settings_path", lambda: tmp_path / "settings.json")
+    seen = []
+    notification_manager.notification_ready.connect(seen.append)
+    viewer = make_napari_viewer()
+    w = NeuronExplorer(viewer)
+    assert w.run() is None  # no image layer
+    viewer.open(str(next((exam / "data" / "images").iterdir())), plugin=PLUGIN)
+    w.source.setCurrentIndex(1)
+    w.classifier_path.setText(str(tmp_path / "missing"))
+    w.sae_path.setText(str(exam / "sae"))
+    w.device.setCurrentText("cpu")
+    worker = w.run()
+    qtbot.waitUntil(lambda: w.worker is None, timeout=60_000)
+    assert worker is not None and "no classifier" in (w.last_error or "")
+    notification_manager.notification_ready.disconnect(seen.append)
+    assert any("open a DICOM" in str(n.message) for n in seen)
+
+
+def test_boxes_from_a_vindr_csv_and_box_agreement(viewer, exam, qtbot):
+    w = _explorer(viewer, exam, qtbot)
+    n = w.load_boxes(exam / "data" / "finding_annotations.csv")
+    assert n >= 1
+    shapes = [lay for lay in viewer.layers if lay._type_string == "shapes"]
+    assert shapes and "category" in shapes[-1].features
+    w.all_views.setChecked(True)
+    _run(w, qtbot)
+    with_boxes = [r for r in w.session.results.values() if r.annotations]
+    assert with_boxes, "the CSV's boxes reach the analysed images"
+    for r in with_boxes:
+        assert set(r.box_iou) == {int(x) for x in r.neurons}
+        assert all(np.isnan(v) or 0.0 <= v <= 1.0 for v in r.box_iou.values())
+
+
+def test_plots_draw_class_means_and_auc_curves(viewer, tmp_path):
+    import json
+
+    from napari_mammo_sae._napari.widgets._common import get_session
+    from napari_mammo_sae._napari.widgets.plots import PlotsWidget
+    from napari_mammo_sae.pipeline.probe import ProbeResult
+
+    s = get_session(viewer)
+    means = np.abs(np.random.default_rng(0).normal(size=(2, 64)))
+    s.probe = ProbeResult("h", "calcification", means, np.array([30, 5]),
+                          {"class_mean": means}, {}, {})  # fmt: skip
+    report = tmp_path / "report"
+    report.mkdir()
+    rows = [{"variant": "finetuned", "concept": "calcification", "mode": m, "baseline": 0.9,
+             "k": [0, 1, 10, "all"], "auroc": [0.5, 0.6, 0.8, 0.9]} for m in ("activated", "deactivated")]  # fmt: skip
+    (report / "results.json").write_text(json.dumps({"figure2": rows}))
+    pw = PlotsWidget(viewer)
+    pw.report.setText(str(report))
+    drawn = pw.draw()
+    assert drawn == {"means": 2, "marked": 10, "curves": 2}
