@@ -143,7 +143,7 @@ def summarise(results: dict, manifest: dict | None, report_rel: str) -> str:
     maps: dict[tuple[str, str], float] = {}
     for row in results.get("table2", []):
         maps[(row["variant"], row["concept"])] = row["mean_ap"]
-        per = ", ".join(f"{n}: {a:.2f}" for n, a in zip(row["neurons"], row["ap"]))
+        per = ", ".join(f"{n}: {a:.2f}" for n, a in zip(row["neurons"], row["ap"], strict=False))
         add(f"| {row['variant']} | {row['concept']} | {_fmt(row['mean_ap'])} | {per} |")
     for concept in ("calcification", "mass"):
         if ("finetuned", concept) in maps and ("pretrained", concept) in maps:

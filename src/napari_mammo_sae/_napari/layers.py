@@ -26,8 +26,9 @@ def neuron_colormap(rank: int) -> Any:
     from napari.utils.colormaps.standardize_color import transform_color
 
     rgb = transform_color(NEURON_COLOURS[rank % len(NEURON_COLOURS)])[0][:3]
-    colors = np.array([[*rgb, 0.0], [*rgb, 0.55], [*rgb, 0.95]])
-    return Colormap(colors, controls=[0.0, 0.5, 1.0], name=f"mammo-sae-neuron-{rank}")
+    # fully transparent at zero and for the faintest tenth, so the mammogram stays readable
+    colors = np.array([[*rgb, 0.0], [*rgb, 0.0], [*rgb, 0.5], [*rgb, 0.9]])
+    return Colormap(colors, controls=[0.0, 0.1, 0.5, 1.0], name=f"mammo-sae-neuron-{rank}")
 
 
 def heatmap_transform(geometry: Any, grid: tuple[int, int], placement: Any | None) -> dict:

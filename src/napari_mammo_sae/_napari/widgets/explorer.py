@@ -416,6 +416,7 @@ class NeuronExplorer(QWidget):
                 kwargs = {
                     "colormap": L.neuron_colormap(rank), "blending": "additive",
                     "contrast_limits": (0.0, vmax), "interpolation2d": "linear", **transform,
+                    "units": ("pixel", "mm", "mm") if data.ndim == 3 else ("mm", "mm"),
                 }  # fmt: skip
                 if lname in self.viewer.layers:
                     lay = self.viewer.layers[lname]
@@ -428,6 +429,13 @@ class NeuronExplorer(QWidget):
                         data, name=lname, metadata={OVERLAY_KEY: meta}, **kwargs
                     )
                 lay.visible = stack or meta.get("rank") == 0
+        # annotation boxes stay on top of the heatmaps
+        n = len(self.viewer.layers)
+        for i in [i for i, lay in enumerate(self.viewer.layers) if lay._type_string == "shapes"][
+            ::-1
+        ]:
+            self.viewer.layers.move(i, n)
+            n -= 1
 
     def _set_visible(self, visible: bool) -> None:
         for lay in self._overlay_layers():

@@ -163,5 +163,5 @@ class InterventionWidget(QWidget):
             self.viewer.add_image(
                 cam, name=name, colormap="bwr", blending="translucent", opacity=0.45,
                 contrast_limits=(-lim, lim), interpolation2d="linear", visible=False,
-                metadata={CAM_KEY: {"image": cur.layer_name}}, **tf,
+                metadata={CAM_KEY: {"image": cur.layer_name}}, units=("mm", "mm"), **tf,
             )  # fmt: skip

@@ -1,0 +1,141 @@
+"""Render the review widgets in napari on a phantom exam and save screenshots to docs/images/.
+
+    xvfb-run -a -s "-screen 0 1920x1200x24" .venv/bin/python scripts/screenshots.py [--weights weights]
+
+Uses the bundled demo weights (``weights/``): the finetuned calcification model and the SAE, with
+the probe file for rankings and the gallery; the gallery reads images from the recipe's phantom
+dataset when it is there (``build/recipe/phantom``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", type=Path, default=ROOT / "weights")
+    parser.add_argument("--data", type=Path, default=ROOT / "build" / "recipe" / "phantom")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "images")
+    parser.add_argument("--concept", default="calcification")
+    args = parser.parse_args(argv)
+
+    import napari
+    from PIL import Image
+    from qtpy.QtWidgets import QApplication
+
+    import napari_mammo_sae._napari  # noqa: F401 - triton guard first
+    from napari_mammo_sae._napari.sample_phantom import phantom_exam_sample
+    from napari_mammo_sae._napari.widgets.explorer import NeuronExplorer
+    from napari_mammo_sae._napari.widgets.gallery import NeuronGallery
+    from napari_mammo_sae._napari.widgets.intervention import InterventionWidget
+    from napari_mammo_sae._napari.widgets.labelling import LabellingWidget
+    from napari_mammo_sae._napari.widgets.plots import PlotsWidget
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    viewer = napari.Viewer(title="napari-mammo-sae: review", show=True)
+    viewer.window._qt_window.resize(1900, 1150)
+    for data, kwargs, kind in phantom_exam_sample():
+        getattr(viewer, f"add_{kind}")(data, **kwargs)
+    explorer = NeuronExplorer(viewer)
+    intervention = InterventionWidget(viewer)
+    labelling = LabellingWidget(viewer)
+    viewer.window.add_dock_widget(explorer, name="Neuron explorer", area="right")
+    viewer.window.add_dock_widget(intervention, name="Interventions", area="right", tabify=True)
+    viewer.window.add_dock_widget(labelling, name="Neuron labelling", area="right", tabify=True)
+    explorer.source.setCurrentIndex(1)
+    w = args.weights
+    explorer.classifier_path.setText(str(w / f"finetuned-{args.concept}"))
+    explorer.sae_path.setText(str(w / "sae-finetuned-calcification"))
+    probe = w / "probes" / f"{args.concept}.npz"
+    explorer.probe_path.setText(str(probe) if probe.exists() else "")
+    explorer.ranking.setCurrentText("class mean" if probe.exists() else "logit contribution")
+    explorer.all_views.setChecked(True)
+    status = explorer.run_blocking()
+    print("explorer:", status, explorer.status.text())
+    if explorer.last_error:
+        print("error:", explorer.last_error)
+        return 1
+    # focus the view that holds a calcification finding, zoom to it
+    s = explorer.session
+    best = max(s.results.values(), key=lambda r: (len(r.annotations), r.analysis.probability))
+    s.current_layer = best.layer_name
+    explorer.image.setCurrentText(best.layer_name)
+    explorer._fill_table(best)
+    s.set_neuron(int(best.neurons[0]))
+    viewer.reset_view()
+    viewer.layers.selection.active = viewer.layers[best.layer_name]
+    dock = viewer.window._dock_widgets.get("Neuron explorer")
+    if dock is not None:
+        dock.raise_()
+    for _ in range(20):
+        QApplication.processEvents()
+
+    def save(name: str) -> None:
+        path = args.out / name
+        img = viewer.screenshot(canvas_only=False, flash=False)
+        im = Image.fromarray(img)
+        if im.width > 1600:
+            im = im.resize((1600, int(im.height * 1600 / im.width)))
+        im.save(path, optimize=True)
+        print("wrote", path)
+
+    save("review_explorer.png")
+    intervention.mode.setCurrentText("top-k deactivated")
+    intervention.k.setValue(10)
+    cam = f"{best.layer_name} · CAM (intervened)"
+    if cam in viewer.layers:
+        viewer.layers[cam].visible = True
+    for lay in viewer.layers:
+        if "mammo_sae" in lay.metadata:
+            lay.visible = False
+    dock = viewer.window._dock_widgets.get("Interventions")
+    if dock is not None:
+        dock.raise_()
+    for _ in range(20):
+        QApplication.processEvents()
+    save("review_intervention.png")
+    if cam in viewer.layers:
+        viewer.layers[cam].visible = False
+    s.set_neuron(int(best.neurons[0]))
+
+    plots = PlotsWidget(viewer)
+    report = ROOT / "docs" / "evaluation"
+    if report.exists():
+        plots.report.setText(str(report))
+    plots.draw()
+    gallery = NeuronGallery(viewer)
+    gallery.data_dir.setText(str(args.data))
+    viewer.window.add_dock_widget(plots, name="Plots", area="left")
+    viewer.window.add_dock_widget(gallery, name="Neuron gallery", area="left", tabify=True)
+    labelling.rater.setText("demo")
+    dock = viewer.window._dock_widgets.get("Neuron labelling")
+    if dock is not None:
+        dock.raise_()
+    worker = gallery.load()
+    if worker is not None:
+        import time
+
+        t0 = time.time()
+        while not gallery.tiles and time.time() - t0 < 300:
+            QApplication.processEvents()
+            time.sleep(0.05)
+    for _ in range(20):
+        QApplication.processEvents()
+    save("review_gallery_labelling.png")
+    dock = viewer.window._dock_widgets.get("Plots")
+    if dock is not None:
+        dock.raise_()
+    for _ in range(20):
+        QApplication.processEvents()
+    save("review_plots.png")
+    viewer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
