@@ -139,3 +139,63 @@ def test_corrupt_database_gives_a_typed_error_and_is_left_alone(tmp_path):
     assert db.read_bytes() == before
     assert not isinstance(StoreError("x"), sqlite3.Error)
     assert os.path.exists(db)
+
+
+def test_queries_and_per_image_verdicts(tmp_path):
+    with LabelStore(tmp_path / "l.sqlite") as store:
+        store.add("s", 4, "clinical", "ann", concept="mass")
+        store.add("s", 4, "spurious", "ann", image_uid="1.2.3", concept="mass")
+        store.add("s", 5, "unsure", "bob", concept="calcification")
+        assert [v.neuron for v in store.verdicts("s", rater="ann")] == [4, 4]
+        assert [v.verdict for v in store.verdicts(concept="calcification")] == ["unsure"]
+        assert [v.image_uid for v in store.verdicts("s", neuron=4, image_uid="1.2.3")] == ["1.2.3"]
+        # the per-image verdict does not replace the neuron-level one
+        assert [v.verdict for v in store.latest("s", 4, "ann")] == ["clinical"]
+        assert [v.verdict for v in store.latest("s", 4, "ann", image_uid="1.2.3")] == ["spurious"]
+        assert store.counts("s") == {"clinical": 1, "spurious": 0, "unsure": 1}
+
+
+def test_threads_writing_through_two_connections_lose_nothing(tmp_path):
+    import threading
+
+    db = tmp_path / "labels.sqlite"
+    LabelStore(db).close()
+    errors = []
+
+    def write(rater):
+        try:
+            with LabelStore(db) as store:
+                for n in range(25):
+                    store.add("s", n, "clinical", rater)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(r,)) for r in ("ann", "bob")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with LabelStore(db) as store:
+        assert len(store.history("s")) == 50
+        assert store.cohen_kappa("ann", "bob", "s") == (1.0, 25)
+
+
+def test_unwritable_places_and_bad_rows_give_clear_errors(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(StoreError, match="cannot create the label database"):
+        LabelStore(blocker / "labels.sqlite")
+    with LabelStore(tmp_path / "l.sqlite") as store:
+        store.add("s", 1, "clinical", "ann")
+        with pytest.raises(StoreError, match="cannot write"):
+            store.export_csv(blocker / "out.csv")
+        bad = tmp_path / "bad_rows.csv"
+        store.export_csv(bad)
+        lines = bad.read_text().splitlines()
+        # a valid row followed by a damaged one: the whole import is refused, nothing half-merged
+        good = lines[1].replace(",ann,", ",cat,")
+        bad.write_text("\n".join([lines[0], good, lines[1].replace("clinical", "maybe")]) + "\n")
+        with pytest.raises(StoreError, match="line 3"):
+            store.import_csv(bad)
+        assert store.raters("s") == ["ann"]

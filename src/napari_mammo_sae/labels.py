@@ -86,6 +86,7 @@ class LabelStore:
 
     def __init__(self, path: str | Path | None = None) -> None:
         self.path = Path(path) if path is not None else default_path()
+        self._db = None  # set below; closed again if opening fails
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(str(self.path), timeout=10.0, isolation_level=None)
@@ -101,10 +102,9 @@ class LabelStore:
                     "update the plugin to use it"
                 )
         except sqlite3.DatabaseError as exc:
-            raise StoreError(
-                f"cannot open the label database {self.path}: {exc}. Choose another file; the "
-                "existing one is left untouched"
-            ) from exc
+            if getattr(self, "_db", None) is not None:
+                self._db.close()
+            raise StoreError(f"cannot open the label database: {_hint(exc, self.path)}") from exc
         except OSError as exc:
             raise StoreError(f"cannot create the label database at {self.path}: {exc}") from exc
 
@@ -147,12 +147,15 @@ class LabelStore:
                  _now()),
             )  # fmt: skip
         except sqlite3.DatabaseError as exc:
-            raise StoreError(f"the verdict was NOT saved ({exc}): check {self.path}") from exc
+            raise StoreError(f"the verdict was NOT saved: {_hint(exc, self.path)}") from exc
         return int(cur.lastrowid)
 
     # --- reading -----------------------------------------------------------------------------------
     def _rows(self, sql: str, args: Sequence) -> list[Verdict]:
-        return [Verdict(*r) for r in self._db.execute(sql, args).fetchall()]
+        try:
+            return [Verdict(*r) for r in self._db.execute(sql, args).fetchall()]
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"cannot read verdicts: {_hint(exc, self.path)}") from exc
 
     def history(self, sae_hash: str, neuron: int | None = None) -> list[Verdict]:
         """Every verdict (oldest first), for one neuron or all."""
@@ -161,6 +164,28 @@ class LabelStore:
         if neuron is not None:
             sql += " AND neuron = ?"
             args.append(int(neuron))
+        return self._rows(sql + " ORDER BY created_utc, id", args)
+
+    def verdicts(
+        self,
+        sae_hash: str | None = None,
+        *,
+        neuron: int | None = None,
+        rater: str | None = None,
+        verdict: str | None = None,
+        image_uid: str | None = None,
+        concept: str | None = None,
+    ) -> list[Verdict]:
+        """Every stored verdict matching the given fields (oldest first; None matches anything)."""
+        where, args = [], []
+        for column, value in (
+            ("sae_hash", sae_hash), ("neuron", None if neuron is None else int(neuron)),
+            ("rater", rater), ("verdict", verdict), ("image_uid", image_uid), ("concept", concept),
+        ):  # fmt: skip
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        sql = "SELECT * FROM verdicts" + (" WHERE " + " AND ".join(where) if where else "")
         return self._rows(sql + " ORDER BY created_utc, id", args)
 
     def latest(
@@ -268,12 +293,15 @@ class LabelStore:
         rows = self._rows(sql + " ORDER BY created_utc, id", args)
         path = Path(path)
         tmp = path.with_suffix(path.suffix + ".tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(CSV_FIELDS)
-            for v in rows:
-                writer.writerow([getattr(v, f) for f in CSV_FIELDS])
-        tmp.replace(path)
+        try:
+            with open(tmp, "w", newline="", encoding="utf-8") as fh:
+                writer = csv.writer(fh)
+                writer.writerow(CSV_FIELDS)
+                for v in rows:
+                    writer.writerow([getattr(v, f) for f in CSV_FIELDS])
+            tmp.replace(path)
+        except OSError as exc:
+            raise StoreError(f"cannot write {path}: {exc}. Choose another folder") from exc
         return len(rows)
 
     def import_csv(self, path: str | Path) -> int:
@@ -292,9 +320,18 @@ class LabelStore:
         added = 0
         self._db.execute("BEGIN")
         try:
-            for r in rows:
-                if r["verdict"] not in VERDICTS:
-                    raise StoreError(f"unknown verdict {r['verdict']!r} in {Path(path).name}")
+            for line, r in enumerate(rows, start=2):
+                if r["verdict"] not in VERDICTS or not (r["rater"] or "").strip():
+                    raise StoreError(
+                        f"{Path(path).name} line {line}: verdict {r['verdict']!r} by rater "
+                        f"{r['rater']!r} is not valid (verdicts: {', '.join(VERDICTS)}); nothing "
+                        "was imported"
+                    )
+                if not (r["neuron"] or "").strip().isdigit():
+                    raise StoreError(
+                        f"{Path(path).name} line {line}: neuron {r['neuron']!r} is not a neuron "
+                        "id; nothing was imported"
+                    )
                 cur = self._db.execute(
                     "INSERT OR IGNORE INTO verdicts (sae_hash, neuron, image_uid, concept, verdict,"
                     " rater, note, created_utc) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -303,10 +340,25 @@ class LabelStore:
                 )  # fmt: skip
                 added += cur.rowcount
             self._db.execute("COMMIT")
+        except sqlite3.DatabaseError as exc:
+            self._db.execute("ROLLBACK")
+            raise StoreError(f"import failed, nothing imported: {_hint(exc, self.path)}") from exc
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
         return added
+
+
+def _hint(exc: sqlite3.DatabaseError, path: Path) -> str:
+    """A database error with what to do about it."""
+    text = str(exc)
+    if "locked" in text or "busy" in text:
+        return f"{path.name} is locked by another program ({text}); close it and try again"
+    if "readonly" in text or "read-only" in text:
+        return f"{path} is read-only ({text}): choose a label database in a writable folder"
+    if "malformed" in text or "not a database" in text:
+        return f"{path} is damaged ({text}): choose another file; this one is left untouched"
+    return f"{text} (database {path}): choose another file; this one is left untouched"
 
 
 # --- kappa statistics --------------------------------------------------------------------------------
