@@ -1,0 +1,179 @@
+"""The labelling widget in a real viewer: keys on the canvas, persistence, kappa, failures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from qtpy.QtTest import QTest
+
+from napari_mammo_sae.labels import LabelStore
+
+pytestmark = pytest.mark.gui
+
+
+@pytest.fixture
+def settings(tmp_path, monkeypatch):
+    from napari_mammo_sae._napari.widgets import _common
+
+    monkeypatch.setattr(_common, "settings_path", lambda: tmp_path / "settings.json")
+    monkeypatch.setattr("napari_mammo_sae.labels.default_path", lambda: tmp_path / "default.sqlite")
+    return tmp_path
+
+
+def _viewer_with_image(make_napari_viewer):
+    viewer = make_napari_viewer(show=True)
+    viewer.add_image(np.zeros((32, 32), dtype=np.float32), name="mammogram")
+    viewer.layers.selection.active = viewer.layers["mammogram"]
+    return viewer
+
+
+def _widget(viewer, db, rater="ann", sae="sae-abc"):
+    from napari_mammo_sae._napari.widgets.labelling import LabellingWidget
+
+    w = LabellingWidget(viewer)
+    w.db_path.setText(str(db))
+    w._db_changed()
+    w.rater.setText(rater)
+    w.sae.setText(sae)
+    w.sae.editingFinished.emit()  # as when the user leaves the field
+    return w
+
+
+def _key(viewer, key, qtbot):
+    """A real key press on the canvas (an image layer is active, as after opening a mammogram)."""
+    canvas = viewer.window._qt_viewer.canvas.native
+    QTest.keyClick(canvas, key)
+    qtbot.wait(10)
+
+
+def test_canvas_keys_record_verdicts_and_they_survive_a_new_viewer(
+    make_napari_viewer, settings, qtbot
+):
+    db = settings / "verdicts.sqlite"
+    viewer = _viewer_with_image(make_napari_viewer)
+    w = _widget(viewer, db)
+    w.neuron.setValue(40)
+    _key(viewer, "1", qtbot)  # clinical on 40
+    assert "saved" in w.saved.text() and "neuron 40 clinical" in w.saved.text()
+    assert viewer.layers["mammogram"].mode == "pan_zoom"  # the key was ours, not the layer's
+    _key(viewer, "]", qtbot)  # no explorer list: next id
+    assert w.neuron.value() == 41
+    _key(viewer, "2", qtbot)  # spurious on 41
+    _key(viewer, "[", qtbot)
+    _key(viewer, "3", qtbot)  # unsure on 40 (history kept: clinical, then unsure)
+    assert w.history.count() == 2
+    with LabelStore(db) as store:  # on disk now, through another connection
+        assert [v.verdict for v in store.history("sae-abc", 40)] == ["clinical", "unsure"]
+        assert store.verdict_of("sae-abc", 41, "ann") == "spurious"
+    viewer.close()
+
+    v2 = make_napari_viewer()
+    w2 = _widget(v2, db, rater="")  # a fresh widget remembers nothing but the database
+    w2.neuron.setValue(40)
+    items = [w2.history.item(i).text() for i in range(w2.history.count())]
+    assert len(items) == 2 and "ann: unsure" in items[0] and "ann: clinical" in items[1]
+    assert "clinical 0, spurious 1, unsure 1" in w2.agreement.text()
+
+
+def test_two_raters_kappa_on_a_known_case(make_napari_viewer, settings, qtbot):
+    # 10 neurons; agree on 8 (5 clinical, 3 spurious), disagree on 2 -> kappa = 0.28/0.48 = 0.583
+    ann = ["1"] * 5 + ["2"] * 3 + ["1", "2"]
+    bob = ["1"] * 5 + ["2"] * 3 + ["2", "1"]
+    viewer = _viewer_with_image(make_napari_viewer)
+    w = _widget(viewer, settings / "k.sqlite")
+    for rater, keys in (("ann", ann), ("bob", bob)):
+        w.rater.setText(rater)
+        w.neuron.setValue(0)
+        for key in keys:
+            _key(viewer, key, qtbot)
+            _key(viewer, "]", qtbot)
+    assert "Cohen's kappa ann vs bob: 0.58 (10 neurons)" in w.agreement.text()
+    w.rater.setText("cy")
+    w.neuron.setValue(0)
+    w.record("clinical")
+    assert "Fleiss' kappa, 3 raters" in w.agreement.text()
+    assert "(1 neurons)" in w.agreement.text()  # only neuron 0 was rated by all three
+
+
+def test_explorer_session_drives_the_neuron_and_per_image_verdicts(
+    make_napari_viewer, settings, qtbot
+):
+    from types import SimpleNamespace
+
+    from napari_mammo_sae._napari.widgets._common import ImageResult
+
+    viewer = _viewer_with_image(make_napari_viewer)
+    w = _widget(viewer, settings / "s.sqlite", sae="")
+    s = w.session
+    analysis = SimpleNamespace(sop_instance_uid="1.2.840.99")
+    s.results["mammogram"] = ImageResult("mammogram", analysis, None, np.array([7, 3, 9]),
+                                         np.zeros(3), np.zeros((3, 2, 2)), box_iou={7: 0.6, 3: 0.0})  # fmt: skip
+    s.sae_hash = "from-explorer"
+    s.analysis_changed.emit(s)
+    s.set_neuron(7)
+    assert w.neuron.value() == 7 and w.sae.text() == "from-explorer"
+    _key(viewer, "]", qtbot)
+    assert w.neuron.value() == 3 and s.neuron == 3  # the explorer's top list, in rank order
+    _key(viewer, "2", qtbot)  # spurious on 3; its box IoU 0.0 says off the lesion: agreement
+    _key(viewer, "[", qtbot)
+    w.per_image.setChecked(True)
+    _key(viewer, "1", qtbot)
+    assert "(this image)" in w.saved.text()
+    with LabelStore(settings / "s.sqlite") as store:
+        (v,) = store.verdicts("from-explorer", neuron=7)
+        assert v.image_uid == "1.2.840.99" and v.concept == s.concept
+    w.per_image.setChecked(False)
+    _key(viewer, "1", qtbot)  # neuron-level clinical on 7, IoU 0.6: on the lesion, agrees
+    assert "vs box agreement" in w.agreement.text()
+    assert "2 neurons: 100% agree" in w.agreement.text()
+
+
+def test_unsaved_verdicts_say_so_and_never_crash(make_napari_viewer, settings, qtbot):
+    from napari.utils.notifications import notification_manager
+
+    seen = []
+    notification_manager.notification_ready.connect(seen.append)
+    viewer = _viewer_with_image(make_napari_viewer)
+    blocker = settings / "a_file"
+    blocker.write_text("x")
+    w = _widget(viewer, blocker / "labels.sqlite")  # a folder that cannot exist
+    assert "label database unavailable" in w.agreement.text()
+    _key(viewer, "1", qtbot)
+    assert "NOT saved" in w.saved.text()
+    w2 = _widget(viewer, settings / "ok.sqlite", rater="")
+    assert w2.record("spurious") is None and "rater" in w2.saved.text()
+    notification_manager.notification_ready.disconnect(seen.append)
+    assert sum("verdict not saved" in str(n.message) for n in seen) >= 2
+
+
+def test_keys_go_back_to_napari_when_the_widget_is_gone(make_napari_viewer, settings, qtbot):
+    viewer = _viewer_with_image(make_napari_viewer)
+    w = _widget(viewer, settings / "g.sqlite")
+    w.setParent(None)
+    w.deleteLater()
+    qtbot.waitUntil(lambda: not _alive(w), timeout=5000)
+    _key(viewer, "2", qtbot)  # napari's own binding for an image layer again: transform mode
+    assert viewer.layers["mammogram"].mode == "transform"
+    with LabelStore(settings / "g.sqlite") as store:
+        assert store.history("sae-abc") == []
+
+
+def test_csv_export_and_import_between_databases(make_napari_viewer, settings, qtbot):
+    viewer = _viewer_with_image(make_napari_viewer)
+    a = _widget(viewer, settings / "a.sqlite")
+    a.record("clinical")
+    a.note.setText("bright cluster")
+    a.record("spurious")
+    assert a.export_csv(settings / "v.csv") == 2
+    b = _widget(viewer, settings / "b.sqlite")
+    assert b.import_csv(settings / "v.csv") == 2
+    assert b.import_csv(settings / "v.csv") == 0
+    assert "spurious" in b.history.item(0).text() and "bright cluster" in b.history.item(0).text()
+
+
+def _alive(widget) -> bool:
+    try:
+        widget.objectName()
+    except RuntimeError:
+        return False
+    return True
