@@ -1,19 +1,24 @@
 """Neuron gallery: where the current neuron fires most across a probed dataset, as a grid of crops.
 
-A neuron is judged on many images, not one. ``napari-mammo-sae probe`` stores each neuron's
-top-activating images and cells; given the dataset folder (VinDr layout) the gallery reads those
-images, runs the same model (cached), and draws a crop around the strongest cell with the neuron's
-heatmap over it. Loading happens in a worker thread; click a crop to open that image in the viewer.
+A neuron is judged on many images, not one. ``napari-mammo-sae probe`` stores each top neuron's
+top-activating images with the feature cell of its maximum (:class:`pipeline.probe.TopActivation`).
+The gallery reads those images from the dataset folder (VinDr layout) and draws a crop around that
+cell with the neuron's heatmap over it, cell edges on the model's crop box. The heatmap comes from
+the feature store the probe was made from (the SAE encodes the stored map: no backbone run) or,
+without a store, from the explorer's model (one cached backbone run per image). Loading happens in
+a worker thread; click a crop to open that image in the viewer with the neuron's overlay.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from qtpy.QtWidgets import (
     QFileDialog,
+    QFormLayout,
     QHBoxLayout,
     QLabel,
     QLineEdit,
@@ -23,55 +28,180 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._common import get_session, load_settings, notify_error, save_settings
+from ._common import get_session, load_settings, notify_error, notify_info, save_settings
+
+COLUMNS = 4
+CONTEXT_CELLS = 2  # feature cells of context around the strongest cell
+THUMB_PIXELS = 256  # crops are subsampled to at most this many pixels a side
 
 
 def find_image(data_dir: Path, image_id: str) -> Path | None:
     """images/<study>/<image_id>.dicom (or .dcm) under a VinDr-layout folder."""
-    for suffix in (".dicom", ".dcm"):
-        hits = list((data_dir / "images").glob(f"*/{image_id}{suffix}"))
+    for suffix in (".dicom", ".dcm", ""):
+        hits = list((Path(data_dir) / "images").glob(f"*/{image_id}{suffix}"))
         if hits:
             return hits[0]
     return None
 
 
-def gallery_tiles(neuron: int, probe: Any, analyzer: Any, data_dir: Path, n: int) -> list[dict]:
-    """Worker body (no Qt): crops of the neuron's top images with its heatmap (up to n)."""
-    from ...analysis.localisation import upsample_heatmap
+@dataclass
+class Tile:
+    """One gallery crop: the image region, the neuron's map on the feature grid, where it sits."""
+
+    path: Path
+    image_id: str
+    sop_instance_uid: str
+    split: str
+    activation: float  # the probe's maximum activation in this image
+    cell: tuple[int, int]  # the probe's strongest cell (i, j)
+    crop: np.ndarray  # display pixels of the crop (subsampled by `step`)
+    crop_box: tuple[int, int, int, int]  # (row0, col0, row1, col1) of the crop, original pixels
+    step: int  # subsampling of `crop`
+    limits: tuple[float, float]  # display window
+    heat: np.ndarray | None  # (h, w) latent map of the neuron, None without an SAE
+    geometry: Any  # geometry.Geometry of the model input
+    grid: tuple[int, int]  # feature grid (h, w)
+    cell_box: tuple[float, float, float, float]  # (row0, col0, row1, col1) of `cell`, original
+
+
+def _store_maps(store_path: Path, sae: Any, neuron: int) -> Any:
+    """A function image_id -> (heat (h, w) or None without an SAE, geometry) reading the store."""
+    import torch
+
+    from ...pipeline.probe import encode_latents
+    from ...pipeline.store import open as open_store
+
+    store = open_store(store_path)
+    rows = {str(image_id): i for i, image_id in enumerate(store.index.image_id)}
+
+    def heat(image_id: str) -> tuple[np.ndarray | None, Any, tuple[int, int]] | None:
+        row = rows.get(image_id)
+        if row is None:
+            return None
+        if sae is None:
+            return None, store.geometry(row), store.grid
+        tokens = torch.as_tensor(store.tokens(row))
+        device = next(iter(sae.parameters())).device
+        with torch.inference_mode():
+            z = encode_latents(sae, tokens.to(device), [int(neuron)])
+        heat_map = z.float().cpu().numpy()[:, 0].reshape(store.grid)
+        return heat_map, store.geometry(row), store.grid
+
+    heat.close = store.close  # type: ignore[attr-defined]
+    return heat
+
+
+def gallery_tiles(
+    neuron: int,
+    probe: Any,
+    data_dir: str | Path,
+    n: int,
+    *,
+    analyzer: Any = None,
+    store_path: str | Path | None = None,
+    progress: Any = None,
+) -> list[Tile]:
+    """Worker body (no Qt): crops of the neuron's top images with its heatmap (up to ``n``)."""
     from ...dicom import read_mammogram
     from ...errors import MammoSAEError
+    from ...progress import check_cancelled
 
-    tiles = []
-    for top in probe.top_images.get(int(neuron), [])[:n]:
-        path = find_image(data_dir, top.image_id)
-        if path is None:
-            continue
-        try:
-            record = read_mammogram(path)
-            analysis = analyzer.analyse(record)
-        except MammoSAEError:  # an unreadable file is skipped, the others still show
-            continue
-        heat = analysis.latent_maps([int(neuron)])[0]
-        g = analysis.geometry
-        i, j = top.cell
-        r0, c0, r1, c1 = g.feature_cell_box(analysis.grid, i, j)
-        h, w = r1 - r0, c1 - c0
-        y0, y1 = int(max(0, r0 - 2 * h)), int(min(record.shape[0], r1 + 2 * h))
-        x0, x1 = int(max(0, c0 - 2 * w)), int(min(record.shape[1], c1 + 2 * w))
-        crop = record.display_pixels()[y0:y1, x0:x1]
-        # the heatmap over the whole crop box, resampled only for this small thumbnail
-        cr0, cc0, cr1, cc1 = g.crop_box
-        full = upsample_heatmap(heat, (max(1, int(cr1 - cr0)), max(1, int(cc1 - cc0))))
-        canvas = np.zeros(record.shape, dtype=np.float32)
-        canvas[int(cr0) : int(cr0) + full.shape[0], int(cc0) : int(cc0) + full.shape[1]] = full[
-            : record.shape[0] - int(cr0), : record.shape[1] - int(cc0)
-        ]
-        tiles.append({
-            "path": path, "image_id": top.image_id, "activation": top.activation,
-            "crop": crop, "heat": canvas[y0:y1, x0:x1], "limits": record.display_limits(),
-            "cell": (r0 - y0, c0 - x0, h, w), "split": top.split,
-        })  # fmt: skip
+    tops = probe.top_images.get(int(neuron), [])[:n]
+    from_store = None
+    if store_path:
+        sae = analyzer.sae if analyzer is not None else None
+        from_store = _store_maps(Path(store_path), sae, neuron)
+    if progress is not None:
+        progress.set_total(len(tops))
+    tiles: list[Tile] = []
+    try:
+        for top in tops:
+            check_cancelled(progress)
+            path = find_image(Path(data_dir), top.image_id)
+            if path is None:
+                continue
+            try:
+                record = read_mammogram(path)
+                got = from_store(top.image_id) if from_store is not None else None
+                if (got is None or got[0] is None) and analyzer is not None:
+                    analysis = analyzer.analyse(record)
+                    got = (analysis.latent_maps([int(neuron)])[0], analysis.geometry,
+                           tuple(analysis.grid))  # fmt: skip
+            except MammoSAEError:  # an unreadable file is skipped, the others still show
+                continue
+            if got is None:
+                continue
+            tiles.append(_tile(record, path, top, *got))
+            if progress is not None:
+                progress.update(1)
+    finally:
+        if from_store is not None:
+            from_store.close()
     return tiles
+
+
+def _tile(
+    record: Any, path: Path, top: Any, heat: np.ndarray | None, geometry: Any, grid: tuple
+) -> Tile:
+    """Cut the crop around the probe's cell (no full-resolution heatmap is ever made)."""
+    i, j = top.cell
+    heat = None if heat is None else np.asarray(heat, dtype=np.float32)
+    r0, c0, r1, c1 = geometry.feature_cell_box(grid, i, j)
+    h, w = r1 - r0, c1 - c0
+    rows, cols = record.shape
+    y0 = int(max(0, np.floor(r0 - CONTEXT_CELLS * h)))
+    y1 = int(min(rows, np.ceil(r1 + CONTEXT_CELLS * h)))
+    x0 = int(max(0, np.floor(c0 - CONTEXT_CELLS * w)))
+    x1 = int(min(cols, np.ceil(c1 + CONTEXT_CELLS * w)))
+    step = max(1, int(np.ceil(max(y1 - y0, x1 - x0) / THUMB_PIXELS)))
+    pixels = record.display_pixels()
+    crop = np.ascontiguousarray(pixels[y0:y1:step, x0:x1:step], dtype=np.float32)
+    return Tile(
+        path=path, image_id=top.image_id, sop_instance_uid=top.sop_instance_uid, split=top.split,
+        activation=float(top.activation), cell=(int(i), int(j)), crop=crop,
+        crop_box=(y0, x0, y1, x1), step=step, limits=tuple(record.display_limits()), heat=heat,
+        geometry=geometry, grid=(int(grid[0]), int(grid[1])), cell_box=(float(r0), float(c0), float(r1), float(c1)),
+    )  # fmt: skip
+
+
+def draw_tiles(figure: Any, neuron: int, tiles: list[Tile]) -> list[Any]:
+    """Draw the tiles on a matplotlib figure (grid of crops + heatmap); returns the axes."""
+    import matplotlib.patches as patches
+
+    figure.clear()
+    if not tiles:
+        return []
+    cols = min(COLUMNS, len(tiles))
+    rows = int(np.ceil(len(tiles) / cols))
+    vmax = max([float(np.max(t.heat)) for t in tiles if t.heat is not None] + [0.0]) or 1.0
+    axes = []
+    for k, t in enumerate(tiles):
+        ax = figure.add_subplot(rows, cols, k + 1)
+        y0, x0, y1, x1 = t.crop_box
+        lo, hi = t.limits
+        ax.imshow(t.crop, cmap="gray", vmin=lo, vmax=hi, extent=(x0, x1, y1, y0),
+                  interpolation="nearest")  # fmt: skip
+        if t.heat is not None:
+            # the feature grid spans exactly the crop box of the model input (edge coordinates)
+            cr0, cc0, cr1, cc1 = t.geometry.crop_box
+            ax.imshow(np.ma.masked_less_equal(t.heat, 0), cmap="inferno", alpha=0.5, vmin=0,
+                      vmax=vmax, extent=(cc0, cc1, cr1, cr0), interpolation="nearest")  # fmt: skip
+        r0, c0, r1, c1 = t.cell_box
+        ax.add_patch(patches.Rectangle((c0, r0), c1 - c0, r1 - r0, fill=False, ec="#00e5ff",
+                                       lw=0.9))  # fmt: skip
+        ax.set_xlim(x0, x1)
+        ax.set_ylim(y1, y0)
+        ax.set_title(f"{t.activation:.2f} · {t.split or '?'}", color="white", fontsize=7, pad=2)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_color("#555")
+        ax._gallery_index = k
+        axes.append(ax)
+    figure.suptitle(f"neuron {neuron}: top-activating images (max activation · split)",
+                    color="white", fontsize=8)  # fmt: skip
+    figure.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.9, wspace=0.08, hspace=0.25)
+    return axes
 
 
 class NeuronGallery(QWidget):
@@ -84,100 +214,203 @@ class NeuronGallery(QWidget):
 
         self.viewer = napari_viewer
         self.session = get_session(napari_viewer)
-        self.data_dir = QLineEdit(load_settings().get("gallery_data", ""))
+        settings = load_settings()
+        self.data_dir = QLineEdit(settings.get("gallery_data", ""))
         self.data_dir.setPlaceholderText("dataset folder (VinDr layout) the probe was made on")
-        browse = QPushButton("...")
-        browse.setMaximumWidth(28)
+        self.probe_path = QLineEdit(settings.get("gallery_probe", ""))
+        self.probe_path.setPlaceholderText("probe .npz or its folder (default: the explorer's)")
+        self.store_path = QLineEdit(settings.get("gallery_store", ""))
+        self.store_path.setPlaceholderText("feature store .h5 (optional: no backbone reruns)")
+        self.neuron = QSpinBox()
+        self.neuron.setRange(0, 1 << 20)
+        self.neuron.setKeyboardTracking(False)
+        if self.session.neuron is not None:
+            self.neuron.setValue(int(self.session.neuron))
         self.count = QSpinBox()
         self.count.setRange(1, 16)
-        self.count.setValue(8)
+        self.count.setValue(12)
         self.show_button = QPushButton("show gallery")
         self.status = QLabel("")
         self.status.setWordWrap(True)
-        self.figure = Figure(figsize=(4, 4), facecolor="#262930")
+        self.figure = Figure(figsize=(4, 3.4), facecolor="#262930")
         self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setMinimumHeight(320)
-        row = QHBoxLayout()
-        row.addWidget(self.data_dir)
-        row.addWidget(browse)
+        self.canvas.setMinimumHeight(300)
+
+        form = QFormLayout()
+        for label, edit, kind in (
+            ("dataset", self.data_dir, "dir"), ("probe", self.probe_path, "probe"),
+            ("store", self.store_path, "store"),
+        ):  # fmt: skip
+            row = QHBoxLayout()
+            row.addWidget(edit)
+            browse = QPushButton("...")
+            browse.setMaximumWidth(28)
+            browse.clicked.connect(lambda _=False, e=edit, k=kind: self._browse(e, k))
+            row.addWidget(browse)
+            form.addRow(label, row)
         controls = QHBoxLayout()
+        controls.addWidget(QLabel("neuron"))
+        controls.addWidget(self.neuron, 1)
         controls.addWidget(QLabel("crops"))
         controls.addWidget(self.count)
         controls.addWidget(self.show_button)
         layout = QVBoxLayout(self)
-        layout.addLayout(row)
+        layout.addLayout(form)
         layout.addLayout(controls)
         layout.addWidget(self.status)
-        layout.addWidget(self.canvas)
-        self.tiles: list[dict] = []
-        self.worker = None
-        browse.clicked.connect(self._browse)
+        layout.addWidget(self.canvas, 1)
+        self.tiles: list[Tile] = []
+        self.worker: Any = None
+        self.last_error: str | None = None
+        self._shown_neuron: int | None = None
         self.show_button.clicked.connect(self.load)
-        self.session.neuron_changed.connect(lambda _n: self.load() if self.isVisible() else None)
+        self.session.neuron_changed.connect(self._neuron_changed)
         self.canvas.mpl_connect("button_press_event", self._clicked)
 
-    def _browse(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Dataset folder")
+    # --- inputs ---------------------------------------------------------------------------------
+    def _browse(self, edit: QLineEdit, kind: str) -> None:
+        if kind == "dir":
+            path = QFileDialog.getExistingDirectory(self, "Dataset folder")
+        else:
+            pattern = "Probe (*.npz)" if kind == "probe" else "Feature store (*.h5 *.hdf5)"
+            path, _ = QFileDialog.getOpenFileName(self, f"{kind} file", "", pattern)
         if path:
-            self.data_dir.setText(path)
+            edit.setText(path)
 
+    def _neuron_changed(self, neuron: int) -> None:
+        if self.neuron.value() != neuron:
+            self.neuron.setValue(int(neuron))
+        if self.isVisible() and neuron != self._shown_neuron:
+            self.load()
+
+    def probe(self) -> Any:
+        """The probe result to use: the explorer's, else the file or folder given (by SAE hash)."""
+        s = self.session
+        text = self.probe_path.text().strip()
+        if not text:
+            return s.probe
+        from ...pipeline.probe import find_probe, load_probe
+
+        path = Path(text)
+        if path.is_dir():
+            if not s.sae_hash:
+                raise _Refused("a probe folder needs the explorer's SAE: choose the .npz file")
+            found = find_probe(path, s.sae_hash, s.concept)
+            if found is None:
+                raise _Refused(f"no probe for this SAE and {s.concept} in {path.name}")
+            path = found
+        result = load_probe(path)
+        if s.sae_hash and result.sae_sha256 != s.sae_hash:
+            raise _Refused(f"{path.name} was made for another SAE than the explorer's")
+        return result
+
+    # --- loading --------------------------------------------------------------------------------
     def load(self) -> Any:
-        """Load the current neuron's tiles in a worker; returns the worker (None when refused)."""
+        """Load the neuron's tiles in a worker; returns the worker (None when refused)."""
         from napari.qt.threading import create_worker
 
+        from ...errors import MammoSAEError
+
         s = self.session
-        if s.neuron is None or s.models is None:
-            self.status.setText("run the neuron explorer and pick a neuron first")
-            return None
-        if s.probe is None:
-            self.status.setText("no probe file for this SAE: run `napari-mammo-sae probe`")
-            return None
-        data = Path(self.data_dir.text().strip())
-        if not (data / "images").is_dir():
-            self.status.setText("choose the dataset folder (it holds images/<study>/<image>.dicom)")
-            return None
-        save_settings(gallery_data=str(data))
-        neuron = s.neuron
-        self.status.setText(f"loading neuron {neuron}...")
-        self.worker = create_worker(
-            gallery_tiles, neuron, s.probe, s.models.analyzer, data, self.count.value(),
-            _progress={"desc": "neuron gallery"},
-        )  # fmt: skip
-        self.worker.returned.connect(lambda tiles, n=neuron: self._draw(n, tiles))
-        self.worker.errored.connect(lambda exc: notify_error(f"gallery: {exc}"))
-        self.worker.start()
-        return self.worker
-
-    def _draw(self, neuron: int, tiles: list[dict]) -> None:
-        import matplotlib.patches as patches
-
-        self.tiles = tiles
-        self.figure.clear()
-        if not tiles:
-            self.status.setText(f"neuron {neuron}: no top images found in this folder")
-            self.canvas.draw_idle()
-            return
-        cols = 4 if len(tiles) > 4 else len(tiles)
-        rows = int(np.ceil(len(tiles) / cols))
-        vmax = max(float(t["heat"].max()) for t in tiles) or 1.0
-        for k, t in enumerate(tiles):
-            ax = self.figure.add_subplot(rows, cols, k + 1)
-            lo, hi = t["limits"]
-            ax.imshow(t["crop"], cmap="gray", vmin=lo, vmax=hi)
-            ax.imshow(
-                np.ma.masked_less_equal(t["heat"], 0), cmap="inferno", alpha=0.45, vmin=0, vmax=vmax
+        neuron = int(self.neuron.value())
+        try:
+            probe = self.probe()
+        except (_Refused, MammoSAEError) as exc:
+            return self._refuse(str(exc))
+        if probe is None:
+            return self._refuse(
+                "no probe result: run the explorer with a probe file, or choose one"
             )
-            r, c, h, w = t["cell"]
-            ax.add_patch(patches.Rectangle((c, r), w, h, fill=False, ec="#00e5ff", lw=0.8))
-            ax.set_title(f"{t['activation']:.2f} · {t['split']}", color="white", fontsize=7)
-            ax.set_axis_off()
-            ax._gallery_index = k
-        self.figure.suptitle(f"neuron {neuron}: top-activating images", color="white", fontsize=9)
-        self.figure.tight_layout()
-        self.canvas.draw_idle()
-        self.status.setText(f"neuron {neuron}: {len(tiles)} images (click one to open it)")
+        if neuron not in probe.top_images:
+            listed = sorted(probe.top_images)[:12]
+            return self._refuse(
+                f"the probe keeps galleries for its top neurons only ({listed}...); "
+                f"neuron {neuron} is not among them"
+            )
+        data = Path(self.data_dir.text().strip())
+        if not self.data_dir.text().strip() or not (data / "images").is_dir():
+            return self._refuse("choose the dataset folder (it holds images/<study>/<image>)")
+        analyzer = s.models.analyzer if s.models is not None else None
+        store = self.store_path.text().strip() or None
+        if analyzer is None and store is None:
+            return self._refuse(
+                "run the neuron explorer (its SAE draws the heatmaps), or choose the feature "
+                "store the probe was made from (crops with the strongest cell, no heatmap)"
+            )
+        save_settings(gallery_data=str(data), gallery_probe=self.probe_path.text().strip(),
+                      gallery_store=store or "")  # fmt: skip
+        if self.worker is not None:
+            self.worker.quit()
+        self.last_error = None
+        self.status.setText(f"loading neuron {neuron}...")
+        self._shown_neuron = neuron
+        self.worker = create_worker(
+            gallery_tiles, neuron, probe, data, self.count.value(), analyzer=analyzer,
+            store_path=store, _progress={"desc": f"gallery: neuron {neuron}"},
+        )  # fmt: skip
+        worker = self.worker
+        worker.returned.connect(lambda tiles, n=neuron, w=worker: self._draw(n, tiles, w))
+        worker.errored.connect(lambda exc, w=worker: self._failed(exc, w))
+        worker.start()
+        return worker
 
+    def _refuse(self, message: str) -> None:
+        self.status.setText(message)
+        self.last_error = message
+        return None
+
+    def _failed(self, exc: Exception, worker: Any) -> None:
+        if worker is self.worker:
+            self.worker = None
+        self.last_error = str(exc)
+        self.status.setText(f"gallery failed: {exc}")
+        notify_error(f"gallery: {exc}")
+
+    def _draw(self, neuron: int, tiles: list[Tile], worker: Any = None) -> None:
+        if worker is not None and worker is not self.worker:
+            return  # a newer request superseded this one
+        self.worker = None
+        self.tiles = tiles
+        draw_tiles(self.figure, neuron, tiles)
+        self.canvas.draw_idle()
+        if not tiles:
+            self.status.setText(f"neuron {neuron}: none of its top images are in this folder")
+        else:
+            self.status.setText(f"neuron {neuron}: {len(tiles)} images - click one to open it")
+
+    # --- opening ----------------------------------------------------------------------------------
     def _clicked(self, event: Any) -> None:
         k = getattr(event.inaxes, "_gallery_index", None)
         if k is not None and k < len(self.tiles):
-            self.viewer.open(str(self.tiles[k]["path"]), plugin="napari-mammo-sae")
+            self.open_tile(k)
+
+    def open_tile(self, k: int) -> list[Any]:
+        """Open tile ``k``'s image in the viewer with the neuron's heatmap over it."""
+        from ..layers import heatmap_transform, neuron_colormap
+
+        t = self.tiles[k]
+        try:
+            layers = self.viewer.open(str(t.path), plugin="napari-mammo-sae")
+        except Exception as exc:  # noqa: BLE001 - shown, never raised into the viewer
+            notify_error(f"cannot open {t.path.name}: {exc}")
+            return []
+        if not layers or t.heat is None:
+            return list(layers or [])
+        image = layers[0]
+        placement = image.metadata.get("placement")
+        transform = heatmap_transform(t.geometry, t.heat.shape, placement)
+        neuron = self._shown_neuron
+        units = getattr(image, "units", None)
+        overlay = self.viewer.add_image(
+            t.heat, name=f"neuron {neuron} · {image.name}", colormap=neuron_colormap(0),
+            blending="additive", contrast_limits=(0.0, max(float(t.heat.max()), 1e-6)),
+            interpolation2d="linear", metadata={"mammo_sae_gallery": {"neuron": neuron}},
+            **transform, **({"units": units} if units is not None else {}),
+        )  # fmt: skip
+        self.viewer.layers.selection.active = image
+        notify_info(f"opened {t.path.name} with neuron {neuron}")
+        return [*layers, overlay]
+
+
+class _Refused(Exception):
+    """An input the gallery cannot use (shown in its status line)."""
