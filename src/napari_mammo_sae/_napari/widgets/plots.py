@@ -1,19 +1,23 @@
 """Plots dock: class-wise mean latent vectors (the paper's Figure 4) and AUROC versus k (Figure 2).
 
-The class means come from the probe file of the explorer's SAE (``napari-mammo-sae probe``); the
-AUROC-versus-k curves from an evaluation report folder (``napari-mammo-sae evaluate``), chosen by
-path.
+The class means come from a probe file (``napari-mammo-sae probe``): the explorer's, or one chosen
+by path; without one, from the ``figure4_*.csv`` of an evaluation report. The AUROC-versus-k curves
+come from an evaluation report folder (``napari-mammo-sae evaluate``: ``results.json``), chosen by
+path. The explorer's current neuron is marked on the class means.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from qtpy.QtWidgets import (
+    QComboBox,
     QFileDialog,
+    QFormLayout,
     QHBoxLayout,
     QLabel,
     QLineEdit,
@@ -22,7 +26,35 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._common import get_session, load_settings, save_settings
+from ._common import get_session, load_settings, notify_error, save_settings
+
+POSITIVE, NEGATIVE = "#d62728", "#1f77b4"
+N_MARKED, N_LABELLED = 10, 5
+
+
+def read_report(folder: str | Path | None) -> dict:
+    """results.json of an evaluation report folder ({} when there is none or it is unreadable)."""
+    if not folder or not (Path(folder) / "results.json").is_file():
+        return {}
+    try:
+        return json.loads((Path(folder) / "results.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def report_class_means(folder: Path, variant: str, concept: str) -> np.ndarray | None:
+    """(2, m) class means from a report's figure4_<variant>_<concept>.csv (None when absent)."""
+    matches = [p for p in folder.glob("figure4_*.csv") if variant in p.stem and concept in p.stem]
+    if not matches:
+        return None
+    try:
+        with open(matches[0], newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        neg = np.array([float(r["mean_negative"]) for r in rows])
+        pos = np.array([float(r["mean_positive"]) for r in rows])
+    except (OSError, KeyError, ValueError):
+        return None
+    return np.stack([neg, pos])
 
 
 class PlotsWidget(QWidget):
@@ -35,108 +67,208 @@ class PlotsWidget(QWidget):
 
         self.viewer = napari_viewer
         self.session = get_session(napari_viewer)
-        self.report = QLineEdit(load_settings().get("report_dir", ""))
+        settings = load_settings()
+        self.probe_path = QLineEdit(settings.get("plots_probe", ""))
+        self.probe_path.setPlaceholderText("probe .npz (default: the explorer's)")
+        self.report = QLineEdit(settings.get("report_dir", ""))
         self.report.setPlaceholderText("evaluation report folder (optional)")
-        browse = QPushButton("...")
-        browse.setMaximumWidth(28)
+        self.curves = QComboBox()
+        self.curves.setToolTip("which model's AUROC-vs-k curves to show")
         redraw = QPushButton("redraw")
         self.status = QLabel("")
         self.status.setWordWrap(True)
-        self.figure = Figure(figsize=(4, 5), facecolor="white")
+        self.figure = Figure(figsize=(4.2, 5.2), facecolor="white")
         self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setMinimumHeight(380)
+        self.canvas.setMinimumHeight(420)
+        form = QFormLayout()
+        for label, edit, kind in (("probe", self.probe_path, "probe"),
+                                  ("report", self.report, "report")):  # fmt: skip
+            row = QHBoxLayout()
+            row.addWidget(edit)
+            browse = QPushButton("...")
+            browse.setMaximumWidth(28)
+            browse.clicked.connect(lambda _=False, e=edit, k=kind: self._browse(e, k))
+            row.addWidget(browse)
+            form.addRow(label, row)
         row = QHBoxLayout()
-        row.addWidget(self.report)
-        row.addWidget(browse)
+        row.addWidget(self.curves, 1)
         row.addWidget(redraw)
+        form.addRow("curves", row)
         layout = QVBoxLayout(self)
-        layout.addLayout(row)
+        layout.addLayout(form)
         layout.addWidget(self.status)
-        layout.addWidget(self.canvas)
-        browse.clicked.connect(self._browse)
+        layout.addWidget(self.canvas, 1)
+        self._probe_cache: tuple[tuple, Any] | None = None
+        self._current_line: Any = None
+        self._means: np.ndarray | None = None
         redraw.clicked.connect(self.draw)
-        self.session.analysis_changed.connect(lambda _s: self.draw())
+        self.report.editingFinished.connect(self.draw)
+        self.probe_path.editingFinished.connect(self.draw)
+        self.curves.activated.connect(lambda _i: self.draw())
+        self.session.analysis_changed.connect(self._analysis_changed)
+        self.session.neuron_changed.connect(self._neuron_changed)
         self.draw()
 
-    def _browse(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Evaluation report folder")
+    def _browse(self, edit: QLineEdit, kind: str) -> None:
+        if kind == "probe":
+            path, _ = QFileDialog.getOpenFileName(self, "Probe file", "", "Probe (*.npz)")
+        else:
+            path = QFileDialog.getExistingDirectory(self, "Evaluation report folder")
         if path:
-            self.report.setText(path)
-            save_settings(report_dir=path)
+            edit.setText(path)
             self.draw()
 
-    def figure2_rows(self) -> list[dict]:
-        """Figure-2 rows of the report for the session's concept and variant."""
-        folder = Path(self.report.text().strip()) if self.report.text().strip() else None
-        if folder is None or not (folder / "results.json").exists():
-            return []
-        try:
-            results = json.loads((folder / "results.json").read_text())
-        except (OSError, ValueError):
-            return []
-        s = self.session
-        return [
-            r
-            for r in results.get("figure2", [])
-            if r["concept"] == s.concept and r["variant"] == s.variant
-        ]
+    def _analysis_changed(self, _session: Any = None) -> None:
+        self.draw()
 
-    def draw(self) -> dict:
-        """Redraw; returns what was drawn (for tests): {'means': n_lines, 'marked': n, 'curves': n}."""
+    # --- data -----------------------------------------------------------------------------------
+    def probe(self) -> Any:
+        """The probe result: the file chosen here, else the explorer's (None when neither)."""
+        text = self.probe_path.text().strip()
+        if not text:
+            return self.session.probe
+        from ...pipeline.probe import load_probe
+
+        path = Path(text)
+        key = (str(path), path.stat().st_mtime if path.exists() else None)
+        if self._probe_cache is None or self._probe_cache[0] != key:
+            self._probe_cache = (key, load_probe(path))
+        return self._probe_cache[1]
+
+    def figure2_rows(self) -> list[dict]:
+        """Figure-2 rows of the report for the chosen model (variant, concept)."""
+        rows = read_report(self.report.text().strip()).get("figure2", [])
+        models = sorted({(r["variant"], r["concept"]) for r in rows})
+        chosen = self.curves.currentData()
+        self.curves.blockSignals(True)
+        self.curves.clear()
+        for variant, concept in models:
+            self.curves.addItem(f"{variant} · {concept}", (variant, concept))
+        self.curves.blockSignals(False)
+        if not models:
+            return []
         s = self.session
+        if chosen not in models:
+            wanted = (s.variant, s.concept)
+            chosen = wanted if wanted in models else models[0]
+        self.curves.setCurrentIndex(models.index(chosen))
+        return [r for r in rows if (r["variant"], r["concept"]) == chosen]
+
+    # --- drawing --------------------------------------------------------------------------------
+    def draw(self) -> dict:
+        """Redraw; returns what was drawn: {'means': lines, 'marked': top neurons, 'curves': n}."""
+        try:
+            return self._draw()
+        except Exception as exc:  # noqa: BLE001 - a bad file must not break the dock
+            self.figure.clear()
+            self.canvas.draw_idle()
+            self.status.setText(f"cannot draw: {exc}")
+            notify_error(f"plots: {exc}")
+            return {"means": 0, "marked": 0, "curves": 0}
+
+    def _draw(self) -> dict:
+        s = self.session
+        save_settings(report_dir=self.report.text().strip(),
+                      plots_probe=self.probe_path.text().strip())  # fmt: skip
         self.figure.clear()
+        self._current_line = None
         drawn = {"means": 0, "marked": 0, "curves": 0}
         rows = self.figure2_rows()
-        n_axes = 1 + bool(rows)
-        ax = self.figure.add_subplot(n_axes, 1, 1)
-        probe = s.probe
+        ax = self.figure.add_subplot(2 if rows else 1, 1, 1)
+        probe = self.probe()
+        means, counts, title = None, None, ""
         if probe is not None:
-            means = np.asarray(probe.class_means)
-            x = np.arange(means.shape[1])
-            ax.plot(
-                x,
-                means[0],
-                color="#1f77b4",
-                lw=0.8,
-                label=f"class 0 (n={int(probe.class_counts[0])})",
-            )
-            ax.plot(
-                x,
-                means[1],
-                color="#d62728",
-                lw=0.8,
-                label=f"class 1 (n={int(probe.class_counts[1])})",
-            )
-            drawn["means"] = 2
-            top = probe.top(1, "class_mean", 10)
-            ax.scatter(top, means[1][top], color="#d62728", s=14, zorder=3)
-            for n in top[:5]:
-                ax.annotate(
-                    str(n), (n, means[1][n]), fontsize=7, xytext=(2, 2), textcoords="offset points"
-                )
-            drawn["marked"] = len(top)
-            ax.set_title(f"class-wise mean latents ({probe.concept}, training split)", fontsize=9)
-            ax.set_xlabel("SAE neuron", fontsize=8)
-            ax.set_ylabel("mean activation", fontsize=8)
-            ax.legend(fontsize=7)
+            means, counts = np.asarray(probe.class_means), np.asarray(probe.class_counts)
+            title = f"class-wise mean latents ({probe.concept}, {probe.meta.get('split', 'train')})"
+        elif self.report.text().strip():
+            means = report_class_means(Path(self.report.text().strip()), s.variant, s.concept)
+            title = f"class-wise mean latents ({s.concept}, {s.variant}, report)"
+        self._means = means
+        notes = []
+        if means is not None:
+            drawn.update(self._draw_means(ax, means, counts, title))
         else:
-            ax.text(0.5, 0.5, "run the explorer with a probed SAE\nto see class-wise means",
-                    ha="center", va="center", fontsize=9, transform=ax.transAxes)  # fmt: skip
+            ax.text(0.5, 0.5, "no class means yet:\nrun the explorer with a probed SAE,\n"
+                    "or choose a probe file or a report", ha="center", va="center", fontsize=9,
+                    transform=ax.transAxes, color="#555")  # fmt: skip
             ax.set_axis_off()
+            notes.append("no probe result loaded")
         if rows:
-            ax2 = self.figure.add_subplot(2, 1, 2)
-            for r in rows:
-                ks = [len(r["k"]) - 1 if k == "all" else i for i, k in enumerate(r["k"])]
-                ax2.plot(ks, r["auroc"], marker="o", ms=3,
-                         label=f"top-k {r['mode']}", color="#2ca02c" if r["mode"] == "activated" else "#9467bd")  # fmt: skip
-                drawn["curves"] += 1
-            ax2.set_xticks(range(len(rows[0]["k"])))
-            ax2.set_xticklabels([str(k) for k in rows[0]["k"]], rotation=60, fontsize=6)
-            ax2.axhline(0.5, color="grey", lw=0.6, ls=":")
-            ax2.set_ylabel("test AUROC", fontsize=8)
-            ax2.set_title(f"AUROC vs k ({s.variant} {s.concept})", fontsize=9)
-            ax2.legend(fontsize=7)
-        self.figure.tight_layout()
+            drawn["curves"] = self._draw_curves(self.figure.add_subplot(2, 1, 2), rows)
+        elif self.report.text().strip():
+            notes.append("the report folder has no AUROC-vs-k results (results.json figure2)")
+        self.figure.tight_layout(pad=0.6, h_pad=1.2)
         self.canvas.draw_idle()
-        self.status.setText("" if probe is not None else "no probe result loaded")
+        self.status.setText("; ".join(notes))
         return drawn
+
+    def _draw_means(self, ax: Any, means: np.ndarray, counts: Any, title: str) -> dict:
+        x = np.arange(means.shape[1])
+        n0 = f" (n={int(counts[0])})" if counts is not None else ""
+        n1 = f" (n={int(counts[1])})" if counts is not None else ""
+        ax.plot(x, means[0], color=NEGATIVE, lw=0.7, label=f"class 0, negative{n0}")
+        ax.plot(x, means[1], color=POSITIVE, lw=0.7, alpha=0.85, label=f"class 1, positive{n1}")
+        top = [int(n) for n in np.argsort(-means[1], kind="stable")[:N_MARKED]]
+        ax.scatter(top, means[1][top], marker="v", color=POSITIVE, s=18, zorder=3,
+                   label=f"top-{len(top)} class-1 neurons")  # fmt: skip
+        for n in top[:N_LABELLED]:
+            ax.annotate(str(n), (n, means[1][n]), fontsize=7, color=POSITIVE, ha="center",
+                        xytext=(0, 4), textcoords="offset points")  # fmt: skip
+        neuron = self.session.neuron
+        self._current_line = ax.axvline(
+            neuron if neuron is not None else 0, color="#333", lw=0.8, ls="--",
+            label="current neuron", visible=neuron is not None and neuron < means.shape[1],
+        )  # fmt: skip
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("SAE neuron", fontsize=8)
+        ax.set_ylabel("mean activation", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.margins(x=0.01, y=0.15)
+        ax.legend(fontsize=6.5, loc="upper right", framealpha=0.8)
+        ax.grid(alpha=0.25)
+        return {"means": 2, "marked": len(top)}
+
+    def _draw_curves(self, ax: Any, rows: list[dict]) -> int:
+        n = 0
+        for r in rows:
+            au = np.asarray(r["auroc"], dtype=float)
+            if r.get("union_size"):
+                xs = np.asarray(r["union_size"], dtype=float)
+            else:  # categorical k
+                xs = np.arange(len(r["k"]), dtype=float)
+            activated = r["mode"] == "activated"
+            (line,) = ax.plot(xs, au, "o-" if activated else "s--", ms=3, lw=1,
+                              color="#2ca02c" if activated else "#9467bd",
+                              label=f"top-k {r['mode']}")  # fmt: skip
+            cis = r.get("auroc_ci")
+            if cis:
+                lo = np.array([c[0] if c else np.nan for c in cis], dtype=float)
+                hi = np.array([c[1] if c else np.nan for c in cis], dtype=float)
+                ax.fill_between(xs, lo, hi, alpha=0.12, color=line.get_color(), lw=0)
+            n += 1
+        if rows[0].get("baseline") is not None:
+            ax.axhline(rows[0]["baseline"], color="grey", lw=0.8, ls=":", label="all latents")
+        if rows[0].get("union_size"):
+            ax.set_xscale("symlog", linthresh=1)
+            ax.set_xlabel("neurons in the top-k union", fontsize=8)
+        else:
+            ax.set_xticks(range(len(rows[0]["k"])))
+            ax.set_xticklabels([str(k) for k in rows[0]["k"]], fontsize=7)
+            ax.set_xlabel("k", fontsize=8)
+        ax.axhline(0.5, color="k", lw=0.4)
+        ax.set_ylim(0.0, 1.02)
+        ax.set_ylabel("test AUROC", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.set_title(f"AUROC vs k ({rows[0]['variant']} {rows[0]['concept']})", fontsize=9)
+        ax.legend(fontsize=6.5, loc="lower right", framealpha=0.8)
+        ax.grid(alpha=0.25)
+        return n
+
+    def _neuron_changed(self, neuron: int) -> None:
+        """Move the current-neuron marker (no full redraw)."""
+        line = self._current_line
+        if line is None or self._means is None:
+            return
+        line.set_xdata([neuron, neuron])
+        line.set_visible(0 <= neuron < self._means.shape[1])
+        self.canvas.draw_idle()
