@@ -69,7 +69,7 @@ def _press(viewer, key):
 def _run(w, qtbot):
     worker = w.run()
     assert worker is not None, w.last_error
-    qtbot.waitUntil(lambda: w.worker is None, timeout=120_000)
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=120_000)
     assert w.last_error is None, w.last_error
 
 
@@ -144,6 +144,13 @@ def test_intervened_probability_equals_the_core_closed_form(viewer, exam, qtbot)
     assert f"{result.probability:.3f}" in iw.intervened.text()
     cam = viewer.layers[f"{cur.layer_name} · CAM (intervened)"]
     assert cam.data.shape == a.grid
+    # the widget's fast CAM equals the core's for both modes and for large sets
+    for how, ns in [
+        ("remove", list(neurons)),
+        ("keep", list(neurons)),
+        ("remove", list(range(50))),
+    ]:
+        np.testing.assert_allclose(iw.cam(a, ns, how), a.reconstruction_cam(ns, how), atol=1e-5)
     iw.mode.setCurrentText("custom set: keep only")
     iw.custom.setText("0, 2-3")
     assert list(iw.update().neurons) == [0, 2, 3]
@@ -221,7 +228,7 @@ def test_bad_inputs_notify_and_never_crash(make_napari_viewer, exam, tmp_path, m
     w.sae_path.setText(str(exam / "sae"))
     w.device.setCurrentText("cpu")
     worker = w.run()
-    qtbot.waitUntil(lambda: w.worker is None, timeout=60_000)
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=60_000)
     assert worker is not None and "no classifier" in (w.last_error or "")
     notification_manager.notification_ready.disconnect(seen.append)
     assert any("open a DICOM" in str(n.message) for n in seen)

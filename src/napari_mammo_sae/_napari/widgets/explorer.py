@@ -133,6 +133,7 @@ class NeuronExplorer(QWidget):
         self.viewer = napari_viewer
         self.session = get_session(napari_viewer)
         self.worker = None
+        self._pending: list = []
         self.last_error: str | None = None
         settings = load_settings()
 
@@ -308,7 +309,7 @@ class NeuronExplorer(QWidget):
         self.worker.yielded.connect(self.status.setText)
         self.worker.returned.connect(self._done)
         self.worker.errored.connect(lambda exc: self._fail(str(exc)))
-        self.worker.finished.connect(self._finished)
+        self.worker.finished.connect(self._worker_finished)
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         self.status.setText("loading the model...")
@@ -321,10 +322,17 @@ class NeuronExplorer(QWidget):
             self.worker.quit()
             self.status.setText("cancelled")
 
+    def _worker_finished(self) -> None:
+        self.worker = None
+        if not self._pending:
+            self._finished()
+
     def _finished(self) -> None:
+        self.worker = None
+        if self._pending:
+            return
         self.run_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
-        self.worker = None
 
     def _fail(self, message: str) -> None:
         self.last_error = message
@@ -339,7 +347,7 @@ class NeuronExplorer(QWidget):
 
         worker = self.run()
         t0 = time.time()
-        while worker is not None and self.worker is not None and time.time() - t0 < timeout_s:
+        while worker is not None and self.is_busy() and time.time() - t0 < timeout_s:
             QApplication.processEvents()
             time.sleep(0.02)
         return self.probability.text() or self.status.text()
@@ -364,7 +372,12 @@ class NeuronExplorer(QWidget):
         s.results.update(results)
         first = next(iter(results))
         s.current_layer = self.image.currentText() if self.image.currentText() in results else first
-        self._update_layers(results)
+        self._pending = [*self._layer_steps(results), lambda: self._publish(used)]
+        self._drain()
+
+    def _publish(self, used: str) -> None:
+        """Last step of a run: texts, table, then tell the other widgets."""
+        s = self.session
         cur = s.current
         a = cur.analysis
         note = (
@@ -392,9 +405,11 @@ class NeuronExplorer(QWidget):
                 out.append(lay)
         return out
 
-    def _update_layers(self, results: dict[str, ImageResult]) -> None:
+    def _layer_steps(self, results: dict[str, ImageResult]) -> list:
+        """Small GUI-thread steps (one layer each) that bring the overlays up to date."""
         vmax = max(float(r.maps.max()) for r in results.values()) or 1.0
         stack = self.stack.isChecked()
+        steps: list = []
         for name, res in results.items():
             a = res.analysis
             tf = L.heatmap_transform(a.geometry, a.grid, res.placement)
@@ -411,31 +426,60 @@ class NeuronExplorer(QWidget):
                     )  # fmt: skip
             for lay in self._overlay_layers(name):
                 if lay.name not in wanted:
-                    self.viewer.layers.remove(lay)
-            for lname, (data, meta, transform, rank) in wanted.items():
-                kwargs = {
-                    "colormap": L.neuron_colormap(rank), "blending": "additive",
-                    "contrast_limits": (0.0, vmax), "interpolation2d": "linear", **transform,
-                    "units": ("pixel", "mm", "mm") if data.ndim == 3 else ("mm", "mm"),
-                }  # fmt: skip
-                if lname in self.viewer.layers:
-                    lay = self.viewer.layers[lname]
-                    lay.data = data
-                    lay.scale, lay.translate = transform["scale"], transform["translate"]
-                    lay.contrast_limits = (0.0, vmax)
-                    lay.metadata[OVERLAY_KEY] = meta
-                else:
-                    lay = self.viewer.add_image(
-                        data, name=lname, metadata={OVERLAY_KEY: meta}, **kwargs
-                    )
-                lay.visible = stack or meta.get("rank") == 0
-        # annotation boxes stay on top of the heatmaps
+                    steps.append(lambda lay=lay: self.viewer.layers.remove(lay))
+            for lname, spec in wanted.items():
+                steps.append(
+                    lambda lname=lname, spec=spec: self._put_layer(lname, spec, vmax, stack)
+                )
+        steps.append(self._boxes_on_top)
+        return steps
+
+    def _put_layer(self, lname: str, spec: tuple, vmax: float, stack: bool) -> None:
+        data, meta, transform, rank = spec
+        if lname in self.viewer.layers:
+            lay = self.viewer.layers[lname]
+            lay.data = data
+            lay.scale, lay.translate = transform["scale"], transform["translate"]
+            lay.contrast_limits = (0.0, vmax)
+            lay.metadata[OVERLAY_KEY] = meta
+        else:
+            lay = self.viewer.add_image(
+                data, name=lname, metadata={OVERLAY_KEY: meta}, colormap=L.neuron_colormap(rank),
+                blending="additive", contrast_limits=(0.0, vmax), interpolation2d="linear",
+                units=("pixel", "mm", "mm") if data.ndim == 3 else ("mm", "mm"), **transform,
+            )  # fmt: skip
+        lay.visible = stack or meta.get("rank") == 0
+
+    def _boxes_on_top(self) -> None:
+        """Annotation boxes stay above the heatmaps."""
         n = len(self.viewer.layers)
-        for i in [i for i, lay in enumerate(self.viewer.layers) if lay._type_string == "shapes"][
-            ::-1
-        ]:
+        shapes = [i for i, lay in enumerate(self.viewer.layers) if lay._type_string == "shapes"]
+        for i in shapes[::-1]:
             self.viewer.layers.move(i, n)
             n -= 1
+
+    def _drain(self) -> None:
+        """Run one pending GUI step, then yield to the event loop before the next one."""
+        from qtpy.QtCore import QTimer
+
+        if not self._pending:
+            return
+        step = self._pending.pop(0)
+        try:
+            step()
+        except Exception as exc:  # a layer step must never take the viewer down
+            self._pending.clear()
+            self._fail(f"could not show the overlays: {exc}")
+            self._finished()
+            return
+        if self._pending:
+            QTimer.singleShot(0, self._drain)
+        else:
+            self._finished()
+
+    def is_busy(self) -> bool:
+        """True while an analysis runs or its layers are still being shown."""
+        return self.worker is not None or bool(self._pending)
 
     def _set_visible(self, visible: bool) -> None:
         for lay in self._overlay_layers():
@@ -458,26 +502,27 @@ class NeuronExplorer(QWidget):
                 self.table.selectRow(row)
 
     # --- table ----------------------------------------------------------------------------------
-    def _verdict(self, neuron: int) -> str:
-        db = self.session.label_db
+    def _verdicts(self, neurons: list[int]) -> list[str]:
+        """Current verdicts of the neurons ('?' when the database cannot be read)."""
         if not self.session.sae_hash:
-            return ""
+            return [""] * len(neurons)
         try:
             from ...labels import LabelStore
 
-            with LabelStore(db) as store:
-                return store.verdict_of(self.session.sae_hash, neuron) or ""
+            with LabelStore(self.session.label_db) as store:
+                return [store.verdict_of(self.session.sae_hash, n) or "" for n in neurons]
         except Exception:  # the table must render even when the database cannot be opened
-            return "?"
+            return ["?"] * len(neurons)
 
     def _fill_table(self, res: ImageResult) -> None:
         a = res.analysis
         self.table.setRowCount(len(res.neurons))
+        verdicts = self._verdicts([int(n) for n in res.neurons])
         for row, (n, score, m) in enumerate(zip(res.neurons, res.scores, res.maps, strict=True)):
             iou = res.box_iou.get(int(n), float("nan"))
             values = [
                 row + 1, int(n), f"{score:.4g}", f"{a.logit_contributions[int(n)]:+.3f}", f"{m.max():.3f}",
-                "-" if np.isnan(iou) else f"{iou:.2f}", self._verdict(int(n)),
+                "-" if np.isnan(iou) else f"{iou:.2f}", verdicts[row],
             ]  # fmt: skip
             for col, v in enumerate(values):
                 item = QTableWidgetItem(str(v))
@@ -489,8 +534,8 @@ class NeuronExplorer(QWidget):
         cur = self.session.current
         if cur is None:
             return
-        for row, n in enumerate(cur.neurons):
-            self.table.setItem(row, len(COLUMNS) - 1, QTableWidgetItem(self._verdict(int(n))))
+        for row, v in enumerate(self._verdicts([int(n) for n in cur.neurons])):
+            self.table.setItem(row, len(COLUMNS) - 1, QTableWidgetItem(v))
 
     def _row_clicked(self, row: int, _col: int) -> None:
         cur = self.session.current

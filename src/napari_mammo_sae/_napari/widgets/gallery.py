@@ -184,14 +184,15 @@ def draw_tiles(figure: Any, neuron: int, tiles: list[Tile]) -> list[Any]:
         if t.heat is not None:
             # the feature grid spans exactly the crop box of the model input (edge coordinates)
             cr0, cc0, cr1, cc1 = t.geometry.crop_box
-            ax.imshow(np.ma.masked_less_equal(t.heat, 0), cmap="inferno", alpha=0.5, vmin=0,
+            # the faintest tenth stays transparent, as on the viewer's neuron overlays
+            ax.imshow(np.ma.masked_less_equal(t.heat, 0.1 * vmax), cmap="inferno", alpha=0.5, vmin=0,
                       vmax=vmax, extent=(cc0, cc1, cr1, cr0), interpolation="nearest")  # fmt: skip
         r0, c0, r1, c1 = t.cell_box
         ax.add_patch(patches.Rectangle((c0, r0), c1 - c0, r1 - r0, fill=False, ec="#00e5ff",
                                        lw=0.9))  # fmt: skip
         ax.set_xlim(x0, x1)
         ax.set_ylim(y1, y0)
-        ax.set_title(f"{t.activation:.2f} · {t.split or '?'}", color="white", fontsize=7, pad=2)
+        ax.set_title(f"{t.activation:.3g} · {t.split or '?'}", color="white", fontsize=7, pad=2)
         ax.set_xticks([])
         ax.set_yticks([])
         for spine in ax.spines.values():

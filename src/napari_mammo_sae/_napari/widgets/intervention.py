@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from qtpy.QtCore import Qt
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QComboBox,
     QFormLayout,
@@ -88,13 +88,17 @@ class InterventionWidget(QWidget):
         self.k.valueChanged.connect(self.update)
         self.custom.editingFinished.connect(self.update)
         self.single.valueChanged.connect(self.update)
-        self.session.analysis_changed.connect(lambda _s: self.update())
+        # after a run, in its own event-loop turn (the explorer's layer steps come first)
+        self.session.analysis_changed.connect(lambda _s: QTimer.singleShot(0, self.update))
         self.session.neuron_changed.connect(self._neuron_changed)
         self.update()
 
     def _neuron_changed(self, neuron: int) -> None:
         if self.single.value() != neuron:
+            single_mode = self.mode.currentText().startswith("single")
+            self.single.blockSignals(not single_mode)  # only the single-neuron mode depends on it
             self.single.setValue(int(neuron))
+            self.single.blockSignals(False)
 
     def _scores(self, cur: Any) -> tuple[np.ndarray, np.ndarray]:
         """(class-0 scores, class-1 scores) over all neurons for the top-k union."""
@@ -149,9 +153,23 @@ class InterventionWidget(QWidget):
         self._update_cam(cur, neurons, how)
         return result
 
+    def cam(self, a: Any, neurons: list[int], how: str) -> np.ndarray:
+        """The intervened reconstruction's CAM, from the full CAM and only the set's columns."""
+        v, bias = a._weights
+        idx = np.asarray(sorted(set(int(n) for n in neurons)), dtype=np.int64)
+        if idx.size > a.n_neurons // 2:  # a large set: cheaper from its complement
+            idx = np.setdiff1d(np.arange(a.n_neurons), idx)
+            how = "keep" if how == "remove" else "remove"
+        full = a.cam.reshape(-1).astype(np.float64)  # computed in the worker: sum_j v_j z_j + bias
+        part = (
+            a.latents.columns(idx).astype(np.float64) @ v[idx] if idx.size else np.zeros_like(full)
+        )
+        flat = part + bias if how == "keep" else full - part
+        return np.asarray(flat, dtype=np.float32).reshape(a.grid)
+
     def _update_cam(self, cur: Any, neurons: list[int], how: str) -> None:
         a = cur.analysis
-        cam = a.reconstruction_cam(neurons, how)
+        cam = self.cam(a, neurons, how)
         name = f"{cur.layer_name} · CAM (intervened)"
         tf = L.heatmap_transform(a.geometry, a.grid, cur.placement)
         lim = float(max(abs(cam.min()), abs(cam.max()), 1e-6))

