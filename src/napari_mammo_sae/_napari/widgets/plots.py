@@ -77,9 +77,10 @@ class PlotsWidget(QWidget):
         redraw = QPushButton("redraw")
         self.status = QLabel("")
         self.status.setWordWrap(True)
-        self.figure = Figure(figsize=(4.2, 5.2), facecolor="white")
+        # constrained layout keeps the legends under the axes clear of the labels
+        self.figure = Figure(figsize=(4.2, 6.0), facecolor="white", layout="constrained")
         self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setMinimumHeight(420)
+        self.canvas.setMinimumHeight(520)
         form = QFormLayout()
         for label, edit, kind in (("probe", self.probe_path, "probe"),
                                   ("report", self.report, "report")):  # fmt: skip
@@ -198,7 +199,6 @@ class PlotsWidget(QWidget):
             drawn["curves"] = self._draw_curves(self.figure.add_subplot(2, 1, 2), rows)
         elif self.report.text().strip():
             notes.append("the report folder has no AUROC-vs-k results (results.json figure2)")
-        self.figure.tight_layout(pad=0.6, h_pad=1.2)
         self.canvas.draw_idle()
         self.status.setText("; ".join(notes))
         return drawn
@@ -226,8 +226,9 @@ class PlotsWidget(QWidget):
         ax.set_ylabel("mean activation", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.margins(x=0.01, y=0.15)
-        ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2,
-                  frameon=False)  # fmt: skip
+        ax.legend(
+            fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False
+        )
         ax.grid(alpha=0.25)
         return {"means": 2, "marked": len(top)}
 
@@ -252,7 +253,11 @@ class PlotsWidget(QWidget):
         if rows[0].get("baseline") is not None:
             ax.axhline(rows[0]["baseline"], color="grey", lw=0.8, ls=":", label="all latents")
         if rows[0].get("union_size"):
+            from matplotlib.ticker import FuncFormatter
+
             ax.set_xscale("symlog", linthresh=1)
+            ax.set_xlim(0, max(float(np.nanmax(r["union_size"])) for r in rows) * 1.5)
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
             ax.set_xlabel("neurons in the top-k union", fontsize=8)
         else:
             ax.set_xticks(range(len(rows[0]["k"])))
@@ -263,8 +268,9 @@ class PlotsWidget(QWidget):
         ax.set_ylabel("test AUROC", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.set_title(f"test AUROC vs k\n{rows[0]['variant']} · {rows[0]['concept']}", fontsize=9)
-        ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=3,
-                  frameon=False)  # fmt: skip
+        ax.legend(
+            fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3, frameon=False
+        )
         ax.grid(alpha=0.25)
         return n
 
