@@ -356,6 +356,9 @@ class NeuronGallery(QWidget):
         return worker
 
     def _refuse(self, message: str) -> None:
+        if self.worker is not None:  # a pending load of another neuron must not draw over this
+            self.worker.quit()
+            self.worker = None
         self.status.setText(message)
         self.last_error = message
         return None

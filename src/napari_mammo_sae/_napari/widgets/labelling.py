@@ -242,6 +242,7 @@ class LabellingWidget(QWidget):
         self.session.analysis_changed.connect(self._analysis_changed)
         self.session.verdicts_changed.connect(self.refresh)
         self._bind_keys()
+        _warm_up_kappa()
         self._db_changed()
 
     # --- keys -----------------------------------------------------------------------------------
@@ -466,6 +467,15 @@ class LabellingWidget(QWidget):
 
 
 KEYS_BY_VERDICT = {v: k for k, v in KEYS.items() if isinstance(v, str)}
+
+
+def _warm_up_kappa() -> None:
+    """Import scikit-learn's metrics off the GUI thread (about 1 s the first time)."""
+    import sys
+    import threading
+
+    if "sklearn.metrics" not in sys.modules:
+        threading.Thread(target=__import__, args=("sklearn.metrics",), daemon=True).start()
 
 
 def _fmt(value: float) -> str:
