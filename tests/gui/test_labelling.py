@@ -177,3 +177,14 @@ def _alive(widget) -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def test_a_second_viewer_without_the_widget_keeps_napari_keys(make_napari_viewer, settings, qtbot):
+    viewer = _viewer_with_image(make_napari_viewer)
+    w = _widget(viewer, settings / "two.sqlite")
+    other = _viewer_with_image(make_napari_viewer)  # no labelling widget here
+    _key(other, "2", qtbot)
+    assert other.layers["mammogram"].mode == "transform"
+    with LabelStore(settings / "two.sqlite") as store:
+        assert store.history("sae-abc") == []
+    assert w.saved.text() == ""
