@@ -188,3 +188,37 @@ def test_a_second_viewer_without_the_widget_keeps_napari_keys(make_napari_viewer
     with LabelStore(settings / "two.sqlite") as store:
         assert store.history("sae-abc") == []
     assert w.saved.text() == ""
+
+
+def test_a_verdict_shown_as_saved_survives_killing_the_viewer_process(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    db = tmp_path / "killed.sqlite"
+    code = textwrap.dedent(
+        f"""
+        import os, signal
+        import napari
+        import napari_mammo_sae._napari
+        from napari_mammo_sae._napari.widgets import _common
+        _common.settings_path = lambda: __import__("pathlib").Path({str(tmp_path)!r}) / "s.json"
+        from napari_mammo_sae._napari.widgets.labelling import LabellingWidget
+        viewer = napari.Viewer(show=False)
+        w = LabellingWidget(viewer)
+        w.db_path.setText({str(db)!r}); w._db_changed()
+        w.rater.setText("ann"); w.sae.setText("sae-k"); w.neuron.setValue(12)
+        w.record("spurious")
+        print("UI:", w.saved.text(), flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)  # no close, no atexit, no Qt teardown
+        """
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env=env)  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert "saved" in proc.stdout and "neuron 12 spurious" in proc.stdout
+    with LabelStore(db) as store:
+        assert store.verdict_of("sae-k", 12, "ann") == "spurious"
