@@ -61,27 +61,68 @@ def run_analysis(viewer, weights: Path) -> str:
         from napari_mammo_sae._napari.widgets.explorer import NeuronExplorer
     except ImportError:
         return "the review widgets are not built yet: showing the reader alone"
+    from napari_mammo_sae._napari.widgets.intervention import InterventionWidget
+    from napari_mammo_sae._napari.widgets.labelling import LabellingWidget
+
     explorer = NeuronExplorer(viewer)
     viewer.window.add_dock_widget(explorer, name="Neuron explorer", area="right")
-    for module, cls, name in [
-        ("intervention", "InterventionWidget", "Interventions"),
-        ("labelling", "LabellingWidget", "Neuron labelling"),
-    ]:
-        try:
-            mod = __import__(f"napari_mammo_sae._napari.widgets.{module}", fromlist=[cls])
-            viewer.window.add_dock_widget(getattr(mod, cls)(viewer), name=name, area="right")
-        except ImportError:
-            pass
-    run = getattr(explorer, "run_blocking", None)
-    if run is None:
-        return "explorer docked: press Run"
-    summary = run()
-    return str(summary or "analysis done")
+    viewer.window.add_dock_widget(
+        InterventionWidget(viewer), name="Interventions", area="right", tabify=True
+    )
+    viewer.window.add_dock_widget(
+        LabellingWidget(viewer), name="Neuron labelling", area="right", tabify=True
+    )
+    if (weights / "probes" / "calcification.npz").exists():
+        explorer.ranking.setCurrentText("class mean")
+    explorer.all_views.setChecked(True)
+    summary = explorer.run_blocking()
+    if explorer.last_error:
+        return f"analysis failed: {explorer.last_error}"
+    s = explorer.session
+    best = max(s.results.values(), key=lambda r: (len(r.annotations), r.analysis.probability))
+    s.current_layer = best.layer_name
+    explorer.image.setCurrentText(best.layer_name)
+    explorer._fill_table(best)
+    s.set_neuron(int(best.neurons[0]))
+    dock = viewer.window._dock_widgets.get("Neuron explorer")
+    if dock is not None:
+        dock.raise_()
+    return f"{summary}; showing {best.layer_name}, top neuron {int(best.neurons[0])}"
+
+
+def write_overlays(viewer, out: Path) -> list[Path]:
+    """The top neurons' heatmaps over their mammograms as PNGs (headless demo output)."""
+    import numpy as np
+    from PIL import Image
+
+    from napari_mammo_sae._napari.widgets._common import get_session
+    from napari_mammo_sae.analysis.localisation import upsample_heatmap
+
+    written = []
+    for name, res in get_session(viewer).results.items():
+        rec = res.placement.record
+        lo, hi = rec.display_limits()
+        grey = np.clip((rec.display_pixels() - lo) / max(hi - lo, 1e-6), 0, 1)
+        r0, c0, r1, c1 = (int(round(v)) for v in res.analysis.geometry.crop_box)
+        heat = upsample_heatmap(res.maps[0], (r1 - r0, c1 - c0))
+        heat = heat / (heat.max() or 1.0)
+        rgb = np.stack([grey] * 3, axis=-1)
+        alpha = np.clip((heat - 0.1) / 0.9, 0, 1)[..., None] * 0.6
+        rgb[r0:r1, c0:c1] = rgb[r0:r1, c0:c1] * (1 - alpha) + alpha * np.array([1.0, 0.23, 0.19])
+        path = out / f"overlay_{name.replace(' ', '_')}_n{int(res.neurons[0])}.png"
+        Image.fromarray((255 * rgb).astype(np.uint8)).save(path)
+        written.append(path)
+    return written
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sample", choices=("auto", "cbis", "phantom"), default="auto")
+    parser.add_argument(
+        "--sample",
+        choices=("auto", "cbis", "phantom"),
+        default="phantom",
+        help="phantom (default: the bundled models were trained on phantoms) or cbis",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "demo")
     parser.add_argument("--screenshot", action="store_true", help="save the view and exit")
     args = parser.parse_args(argv)
@@ -120,7 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.screenshot:
         args.out.mkdir(parents=True, exist_ok=True)
         path = args.out / "demo.png"
+        for _ in range(30):
+            from qtpy.QtWidgets import QApplication
+
+            QApplication.processEvents()
         viewer.screenshot(str(path), canvas_only=False)
+        if weights is not None:
+            for p in write_overlays(viewer, args.out):
+                print(f"overlay: {p}")
         viewer.close()
         print(f"view saved to {path}")
         if REPORT.exists():
