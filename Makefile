@@ -52,8 +52,11 @@ screenshots: system-deps venv
 benchmarks: venv
 	$(PY) benchmarks/run_all.py
 
+# Trains the bundled demo weights from scratch (about an hour on 2 CPU cores) and regenerates
+# docs/evaluation/ and docs/EVALUATION.md from them.
 weights: venv
-	$(PY) scripts/make_weights.py
+	$(PY) scripts/make_weights.py --workers 1
+	$(PY) scripts/summarise_evaluation.py
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .ruff_cache
