@@ -412,6 +412,10 @@ class NeuronGallery(QWidget):
             **transform, **({"units": units} if units is not None else {}),
         )  # fmt: skip
         self.viewer.layers.selection.active = image
+        # centre the view on the strongest cell
+        i, j = t.cell
+        scale, translate = np.asarray(transform["scale"]), np.asarray(transform["translate"])
+        self.viewer.camera.center = tuple(translate + scale * np.array([i, j]))
         notify_info(f"opened {t.path.name} with neuron {neuron}")
         return [*layers, overlay]
 
