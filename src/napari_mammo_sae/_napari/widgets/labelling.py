@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import math
 import weakref
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -341,7 +341,8 @@ class LabellingWidget(QWidget):
         where = " (this image)" if uid else ""
         self.saved.setText(
             f"<span style='color:{VERDICT_COLOURS[verdict]}'>&#10003;</span> saved "
-            f"{datetime.now().strftime('%H:%M:%S')}: neuron {neuron} {verdict}{where} by {rater}"
+            f"{datetime.now(UTC).strftime('%H:%M:%S')} UTC: neuron {neuron} {verdict}{where} "
+            f"by {rater}"
         )
         self.note.clear()
         self.session.verdicts_changed.emit()  # refreshes this widget and the explorer's table
@@ -359,7 +360,7 @@ class LabellingWidget(QWidget):
                 for v in reversed(store.history(sae, self.neuron.value())):
                     note = f" - {v.note}" if v.note else ""
                     where = f" [image ...{v.image_uid[-8:]}]" if v.image_uid else ""
-                    when = v.created_utc[:16].replace("T", " ")
+                    when = v.created_utc[:16].replace("T", " ") + " UTC"
                     self.history.addItem(f"{when}  {v.rater}: {v.verdict}{where}{note}")
                 self.agreement.setText(self._agreement_text(store, sae))
         except Exception as exc:  # a bad path must not break the widget
