@@ -376,7 +376,7 @@ class NeuronGallery(QWidget):
         self.worker = None
         self.tiles = tiles
         draw_tiles(self.figure, neuron, tiles)
-        self.canvas.draw_idle()
+        self.canvas.draw()  # synchronous: no deferred draw can outlive a closed viewer
         if not tiles:
             self.status.setText(f"neuron {neuron}: none of its top images are in this folder")
         else:

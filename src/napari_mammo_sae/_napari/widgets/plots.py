@@ -162,7 +162,7 @@ class PlotsWidget(QWidget):
             return self._draw()
         except Exception as exc:  # noqa: BLE001 - a bad file must not break the dock
             self.figure.clear()
-            self.canvas.draw_idle()
+            self.canvas.draw()  # synchronous: no deferred draw can outlive a closed viewer
             self.status.setText(f"cannot draw: {exc}")
             notify_error(f"plots: {exc}")
             return {"means": 0, "marked": 0, "curves": 0}
@@ -199,7 +199,7 @@ class PlotsWidget(QWidget):
             drawn["curves"] = self._draw_curves(self.figure.add_subplot(2, 1, 2), rows)
         elif self.report.text().strip():
             notes.append("the report folder has no AUROC-vs-k results (results.json figure2)")
-        self.canvas.draw_idle()
+        self.canvas.draw()  # synchronous: no deferred draw can outlive a closed viewer
         self.status.setText("; ".join(notes))
         return drawn
 
@@ -281,4 +281,4 @@ class PlotsWidget(QWidget):
             return
         line.set_xdata([neuron, neuron])
         line.set_visible(0 <= neuron < self._means.shape[1])
-        self.canvas.draw_idle()
+        self.canvas.draw()  # synchronous: no deferred draw can outlive a closed viewer
