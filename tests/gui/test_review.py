@@ -269,3 +269,20 @@ def test_plots_draw_class_means_and_auc_curves(viewer, tmp_path):
     pw.report.setText(str(report))
     drawn = pw.draw()
     assert drawn == {"means": 2, "marked": 10, "curves": 2}
+
+
+def test_widgets_from_the_plugin_menu_share_one_session(make_napari_viewer):
+    """napari hands each plugin widget its own viewer proxy; the session must still be shared."""
+    import gc
+
+    from napari_mammo_sae._napari.widgets._common import get_session
+
+    viewer = make_napari_viewer()
+    dock_a, explorer = viewer.window.add_plugin_dock_widget("napari-mammo-sae", "Neuron explorer")
+    _, labelling = viewer.window.add_plugin_dock_widget("napari-mammo-sae", "Neuron labelling")
+    assert explorer.viewer is not labelling.viewer  # two proxies
+    assert explorer.session is labelling.session is get_session(viewer)
+    viewer.window.remove_dock_widget(dock_a)
+    del explorer, dock_a
+    gc.collect()
+    assert labelling.session is get_session(viewer)

@@ -119,10 +119,19 @@ _SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def get_session(viewer: Any) -> ReviewSession:
-    """The viewer's session (created on first use)."""
-    if viewer not in _SESSIONS:
-        _SESSIONS[viewer] = ReviewSession()
-    return _SESSIONS[viewer]
+    """The viewer's session (created on first use).
+
+    Widgets opened from the Plugins menu get napari's ``PublicOnlyProxy`` of the viewer, a new
+    proxy per widget: the session is keyed by the viewer itself, so it is shared and lives as
+    long as the viewer, not as long as one widget's proxy.
+    """
+    try:
+        real = object.__getattribute__(viewer, "__wrapped__")
+    except AttributeError:
+        real = viewer
+    if real not in _SESSIONS:
+        _SESSIONS[real] = ReviewSession()
+    return _SESSIONS[real]
 
 
 def notify_error(message: str) -> None:
