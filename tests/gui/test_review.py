@@ -286,3 +286,33 @@ def test_widgets_from_the_plugin_menu_share_one_session(make_napari_viewer):
     del explorer, dock_a
     gc.collect()
     assert labelling.session is get_session(viewer)
+
+
+def test_closing_the_viewer_mid_run_exits_cleanly(exam, tmp_path):
+    """A worker still running when the viewer closes must not abort the process at exit."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        f"""
+        import napari
+        from napari_mammo_sae._napari.widgets import _common
+        from pathlib import Path
+        _common.settings_path = lambda: Path({str(tmp_path / "s.json")!r})
+        v = napari.Viewer(show=True)
+        v.open({str(next((exam / "data" / "images").iterdir()))!r}, plugin="napari-mammo-sae")
+        _, e = v.window.add_plugin_dock_widget("napari-mammo-sae", "Neuron explorer")
+        e.source.setCurrentIndex(1)
+        e.classifier_path.setText({str(exam / "clf")!r})
+        e.sae_path.setText({str(exam / "sae")!r})
+        e.all_views.setChecked(True)
+        worker = e.run()
+        assert worker is not None, e.last_error
+        v.close()
+        print("CLOSED", flush=True)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "CLOSED" in proc.stdout and "Aborted" not in proc.stderr

@@ -134,6 +134,37 @@ def get_session(viewer: Any) -> ReviewSession:
     return _SESSIONS[real]
 
 
+_LIVE_WORKERS: set = set()
+
+
+def keep_alive(worker: Any) -> Any:
+    """Hold a worker until it finishes, so closing a widget (or the viewer) mid-run cannot delete
+    the worker's Qt signals while its thread still emits - that aborts the whole process."""
+    if not _LIVE_WORKERS:
+        import atexit
+
+        atexit.unregister(_await_workers)
+        atexit.register(_await_workers)
+    _LIVE_WORKERS.add(worker)
+    worker.finished.connect(lambda w=worker: _LIVE_WORKERS.discard(w))
+    return worker
+
+
+def _await_workers(timeout_ms: int = 20_000) -> None:
+    """At interpreter exit: stop our running workers and let their threads end before Qt goes."""
+    for worker in list(_LIVE_WORKERS):
+        try:
+            worker.quit()
+        except RuntimeError:  # its Qt side is already gone
+            pass
+    try:
+        from napari.qt.threading import WorkerBase
+
+        WorkerBase.await_workers(timeout_ms)
+    except Exception:  # never raise at exit
+        pass
+
+
 def notify_error(message: str) -> None:
     """Show an error in the viewer (falls back to the log outside napari)."""
     try:

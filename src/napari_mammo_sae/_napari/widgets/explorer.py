@@ -35,7 +35,14 @@ from qtpy.QtWidgets import (
 
 from .. import layers as L
 from ..model_choice import ModelChoice, bundled_choice, load_models
-from ._common import ImageResult, get_session, load_settings, notify_error, save_settings
+from ._common import (
+    ImageResult,
+    get_session,
+    keep_alive,
+    load_settings,
+    notify_error,
+    save_settings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -313,6 +320,7 @@ class NeuronExplorer(QWidget):
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         self.status.setText("loading the model...")
+        keep_alive(self.worker)
         self.worker.start()
         return self.worker
 

@@ -28,7 +28,14 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._common import get_session, load_settings, notify_error, notify_info, save_settings
+from ._common import (
+    get_session,
+    keep_alive,
+    load_settings,
+    notify_error,
+    notify_info,
+    save_settings,
+)
 
 COLUMNS = 4
 CONTEXT_CELLS = 2  # feature cells of context around the strongest cell
@@ -352,6 +359,7 @@ class NeuronGallery(QWidget):
         worker = self.worker
         worker.returned.connect(lambda tiles, n=neuron, w=worker: self._draw(n, tiles, w))
         worker.errored.connect(lambda exc, w=worker: self._failed(exc, w))
+        keep_alive(worker)
         worker.start()
         return worker
 

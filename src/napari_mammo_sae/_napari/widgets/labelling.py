@@ -37,7 +37,7 @@ from qtpy.QtWidgets import (
 )
 
 from ...labels import VERDICTS, LabelStore, default_path
-from ._common import get_session, load_settings, notify_error, save_settings
+from ._common import get_session, keep_alive, load_settings, notify_error, save_settings
 
 KEYS = {"1": "clinical", "2": "spurious", "3": "unsure", "]": +1, "[": -1}
 KEY_NAMES = {"1": "clinical", "2": "spurious", "3": "unsure", "]": "next", "[": "previous"}
@@ -420,6 +420,7 @@ class LabellingWidget(QWidget):
         self.worker.returned.connect(self._hashed)
         self.worker.errored.connect(lambda exc: notify_error(f"cannot hash the SAE: {exc}"))
         self.worker.finished.connect(self._worker_done)
+        keep_alive(self.worker)
         self.worker.start()
         return self.worker
 
@@ -476,7 +477,9 @@ def _warm_up_kappa() -> None:
     import threading
 
     if "sklearn.metrics" not in sys.modules:
-        threading.Thread(target=__import__, args=("sklearn.metrics",), daemon=True).start()
+        threading.Thread(
+            target=__import__, args=("sklearn.metrics",)
+        ).start()  # not daemon: an import cut off at exit can crash
 
 
 def _fmt(value: float) -> str:
