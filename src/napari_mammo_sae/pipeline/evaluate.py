@@ -112,14 +112,8 @@ def reconstruction_logits(pooled_z: np.ndarray, sae: Any, w: np.ndarray, c: floa
 
 def topk_union(scores0: np.ndarray, scores1: np.ndarray, k: int) -> np.ndarray:
     """Union of the top-k neurons of class 0 and of class 1 (analysis/interventions.py)."""
-    try:
-        from ..analysis.interventions import topk_union as _union
-    except ImportError:  # private fallback until interventions.py lands
-        if k <= 0:
-            return np.zeros(0, dtype=np.int64)
-        a = np.argsort(-np.asarray(scores0), kind="stable")[:k]
-        b = np.argsort(-np.asarray(scores1), kind="stable")[:k]
-        return np.union1d(a, b).astype(np.int64)
+    from ..analysis.interventions import topk_union as _union
+
     return np.asarray(_union(scores0, scores1, k), dtype=np.int64)
 
 
@@ -127,16 +121,8 @@ def intervened_logits(
     pooled_z: np.ndarray, sae: Any, model: Any, neurons: np.ndarray, mode: str
 ) -> np.ndarray:
     """Closed-form head logits with only ``neurons`` kept ("keep") or removed ("remove")."""
-    try:
-        from ..analysis.interventions import intervened_logits as _logits
-    except ImportError:  # private fallback until interventions.py lands
-        w, c = head_parts(model)
-        _, m = sae_dims(sae)
-        mask = np.zeros(m)
-        mask[np.asarray(neurons, dtype=np.int64)] = 1.0
-        if mode == "remove":
-            mask = 1.0 - mask
-        return reconstruction_logits(pooled_z * mask[None, :], sae, w, c)
+    from ..analysis.interventions import intervened_logits as _logits
+
     return np.asarray(_logits(pooled_z, sae, getattr(model, "head", model), neurons, mode))
 
 

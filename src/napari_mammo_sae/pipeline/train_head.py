@@ -249,36 +249,15 @@ def build_classifier(backbone: str, init_weights: str | None = None) -> Any:
 
 def save_model(folder: str | Path, model: Any, config: dict) -> Path:
     """Write a classifier in our weights format (models/weights.py save_weights)."""
-    try:
-        from ..models.weights import save_weights
-    except ImportError:  # private fallback until models/weights.py lands
-        from safetensors.torch import save_file
+    from ..models.weights import save_weights
 
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(folder / "model.safetensors"))
-        (folder / "config.json").write_text(json.dumps(config, indent=1))
-        return folder
     return save_weights(folder, model, config)
 
 
 def load_model_folder(folder: str | Path) -> tuple[Any, dict]:
     """(module, config) from a weights folder (models/weights.py load_weights)."""
-    try:
-        from ..models.weights import load_weights
-    except ImportError:  # private fallback until models/weights.py lands
-        from safetensors.torch import load_file
+    from ..models.weights import load_weights
 
-        folder = Path(folder)
-        try:
-            config = json.loads((folder / "config.json").read_text())
-            state = load_file(str(folder / "model.safetensors"))
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{folder} is not a weights folder ({exc})") from exc
-        model = _private_classifier(config["backbone"])
-        model.load_state_dict(state)
-        return model, config
     return load_weights(folder)
 
 
