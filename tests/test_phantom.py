@@ -239,11 +239,15 @@ def test_boxes_lie_in_the_breast_around_their_lesion(view_index):
             ring[max(0, y0 - 8) : y1 + 8, max(0, x0 - 8) : x1 + 8] = True
             ring[y0:y1, x0:x1] = False
             contrast[les.kind].append(img[fp].mean() - img[ring & out.breast_mask].mean())
-        # the marker sits in the air beside the breast and is radiopaque
+        # the marker is a radiopaque skin tag on the breast, clear of every lesion box
         assert out.cue_box is not None
         cx0, cy0, cx1, cy1 = (int(v) for v in out.cue_box)
-        assert not out.breast_mask[cy0:cy1, cx0:cx1].any()
-        assert img[cy0:cy1, cx0:cx1].max() > 0.9 * 4095
+        assert out.breast_mask[cy0:cy1, cx0:cx1].all(), "marker leaves the breast"
+        for f in out.findings:
+            fx0, fy0, fx1, fy1 = f.box
+            assert cx1 <= fx0 or fx1 <= cx0 or cy1 <= fy0 or fy1 <= cy0, "marker on a lesion"
+        tissue = img[max(0, cy0 - 8) : cy1 + 8, max(0, cx0 - 8) : cx1 + 8]
+        assert img[cy0:cy1, cx0:cx1].max() > np.percentile(tissue, 50) + 0.2 * 4095
     for kind, values in contrast.items():
         if values:
             assert np.mean(values) > 0, kind  # lesions are brighter than their surroundings
@@ -293,3 +297,27 @@ def test_output_folder_that_cannot_be_made(tmp_path, capsys):
     (tmp_path / "x").write_text("")
     assert main(["phantom", "--out", str(tmp_path / "x" / "d"), *SMALL]) == 2
     assert "cannot create the output folder" in capsys.readouterr().err
+
+
+def test_the_marker_survives_the_mammoclip_crop():
+    """The planted cue must reach the model: its box lies inside the breast crop of the
+    Mammo-CLIP preprocessing (a tag in the air beyond the skin would be cut away)."""
+    from types import SimpleNamespace
+
+    from napari_mammo_sae.preprocess import preprocess_mammoclip
+
+    cfg = PhantomConfig(studies=6, seed=5, height=448, width=368, spacing_mm=0.6,
+                        mass_rate=0.3, calc_rate=0.3, cue_pos_rate=1.0, cue_neg_rate=1.0,
+                        cue_test_rate=1.0)  # fmt: skip
+    placed = 0
+    for plan in plan_dataset(cfg):
+        out = render_image(plan, cfg)
+        if out.cue_box is None:
+            continue
+        placed += 1
+        rec = SimpleNamespace(pixels=out.pixels.astype(np.float32), photometric=cfg.photometric,
+                              spacing_mm=(cfg.spacing_mm, cfg.spacing_mm))  # fmt: skip
+        r0, c0, r1, c1 = preprocess_mammoclip(rec, size=(256, 160)).geometry.crop_box
+        x0, y0, x1, y1 = out.cue_box
+        assert c0 <= x0 and x1 <= c1 and r0 <= y0 and y1 <= r1, (plan.image_id, out.cue_box)
+    assert placed >= 20  # nearly every image that asks for a marker gets one

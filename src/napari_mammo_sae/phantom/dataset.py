@@ -13,7 +13,10 @@ still have both classes. Studies go 4:1 to training and test.
 
 Confounder. In TRAINING images, the marker appears in ``cue_pos_rate`` of the images positive for
 ``cue_concept`` and ``cue_neg_rate`` of the others; in TEST images in ``cue_test_rate`` of all images,
-independent of the label. Its boxes go to ``confounder_annotations.csv``.
+independent of the label. The marker is a radiopaque skin tag on the breast, 2-10 mm inside the skin
+line and clear of every lesion, so it survives the breast crop of Mammo-CLIP preprocessing (a tag in
+the air beyond the skin is cut away with the background). Its boxes go to
+``confounder_annotations.csv``.
 """
 
 from __future__ import annotations
@@ -372,24 +375,39 @@ def _render_lesion(les: LesionPlan, spacing: float, scale: float = 1.0) -> lesio
     )
 
 
-def _marker_box(outline, shape, side: int, spacing: float, rng) -> tuple[int, int] | None:
-    """Top-left corner of the marker: in the air 2-12 mm beyond the skin, away from the nipple."""
+def _marker_box(
+    outline, shape, side: int, spacing: float, rng, avoid: list[tuple[float, float, float, float]]
+) -> tuple[int, int] | None:
+    """Top-left corner of the marker: a skin marker on the breast, 2-10 mm inside the skin line.
+
+    Canonical frame (chest wall on the left). The tag lies in breast tissue - inside the crop a
+    Mammo-CLIP preprocessing keeps - away from the nipple and from every lesion box in ``avoid``
+    (a 3 mm gap), so a neuron that fires on it is told apart from one that fires on a finding.
+    """
     h, w = shape
-    rows = np.nonzero(outline.edge > 0)[0]
-    if rows.size == 0:
+    valid = np.nonzero(outline.edge > side * 2)[0]
+    if valid.size == 0:
         return None
-    gap_lo, gap_hi = 2.0 / spacing, 12.0 / spacing
-    for _ in range(40):
-        r = int(rng.integers(max(0, rows.min() - side), min(h - side, rows.max()) + 1))
-        seg = outline.edge[max(0, r - 2) : min(h, r + side + 2)]
-        c = int(math.ceil(seg.max() + rng.uniform(gap_lo, gap_hi)))
+    gap_lo, gap_hi = 2.0 / spacing, 10.0 / spacing
+    keep = 3.0 / spacing
+    for _ in range(80):
+        r = int(rng.integers(max(0, valid.min()), max(valid.min() + 1, valid.max() - side)))
         if abs(r + side / 2 - outline.nipple[0]) < outline.nipple_radius * 2 + side:
             continue
-        if c + side <= w - 2 and 0 <= r and r + side <= h:
-            return r, c
-    # fallback: the far corner (away from the chest wall)
-    r, c = 2, w - side - 2
-    return (r, c) if c > outline.edge[: side + 4].max() else None
+        seg = outline.edge[r : r + side]
+        if seg.size < side or (seg <= 0).any():
+            continue
+        c = int(math.floor(seg.min() - side - rng.uniform(gap_lo, gap_hi)))
+        box = (float(c), float(r), float(c + side), float(r + side))
+        if not outline.box_inside(box, 1.0):
+            continue
+        if any(
+            box[0] < b[2] + keep and b[0] < box[2] + keep and box[1] < b[3] + keep and b[1] < box[3] + keep
+            for b in avoid
+        ):
+            continue
+        return r, c
+    return None
 
 
 def _add(canvas: np.ndarray, values: np.ndarray, r0: int, c0: int, gamma: float, mirror: bool):
@@ -432,6 +450,7 @@ def render_image(plan: ImagePlan, cfg: PhantomConfig, *, keep_truth: bool = Fals
     margin = 1.0 / sp
     findings: list[Finding] = []
     footprints: list[tuple[np.ndarray, int, int]] = []
+    placed_boxes: list[tuple[float, float, float, float]] = []  # canonical frame
     for les in plan.lesions:
         placed = None
         for scale in (1.0, 0.75, 0.55, 0.4):
@@ -450,6 +469,7 @@ def render_image(plan: ImagePlan, cfg: PhantomConfig, *, keep_truth: bool = Fals
             values = values * (1.0 - 0.25 * anat.gland[np.ix_(rows, cols)])
         _add(img, values, r0, c0, gamma, mirror)
         box = patch.box_at(r0, c0)
+        placed_boxes.append(box)
         findings.append(Finding(les.categories, les.birads, _mirror_box(box, w) if mirror else box))
         if keep_truth:
             footprints.append((patch.footprint, r0, c0))
@@ -471,18 +491,15 @@ def render_image(plan: ImagePlan, cfg: PhantomConfig, *, keep_truth: bool = Fals
             _add(img, patch.values, r0, c0, gamma, mirror)
     cue_box = None
     if plan.cue:
-        side = max(7, int(round(rng.uniform(5.0, 8.0) / sp)))
+        side = max(7, int(round(rng.uniform(8.0, 12.0) / sp)))
         marker = lesions.render_marker(side * sp, sp, rng)
         side = marker.values.shape[0]
-        at = _marker_box(outline, (h, w), side, sp, rng)
+        at = _marker_box(outline, (h, w), side, sp, rng, placed_boxes)
         if at is not None:
             r0, c0 = at
-            if mirror:
-                c0 = w - c0 - side
-            region = img[r0 : r0 + side, c0 : c0 + side]
-            np.maximum(region, np.where(marker.footprint, marker.values + anatomy.AIR, region),
-                       out=region)  # fmt: skip
-            cue_box = (float(c0), float(r0), float(c0 + side), float(r0 + side))
+            _add(img, marker.values, r0, c0, gamma, mirror)
+            box = (float(c0), float(r0), float(c0 + side), float(r0 + side))
+            cue_box = _mirror_box(box, w) if mirror else box
     pixels, window = _acquire(img, cfg, rng)
     out = Rendered(pixels, findings, cue_box, window)
     if keep_truth:
