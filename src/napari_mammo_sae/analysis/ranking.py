@@ -10,7 +10,7 @@ more specific to that class. Three methods (names used by the CLI and the GUI):
 * ``"logit"`` - each neuron's mean contribution to the head's logit through the decoder,
   ``(W_dec^T w)_j * s_c[j]``, signed toward the class (negated for the negative class).
 
-The same math as ``pipeline/probe.py``'s ``rank_scores`` so the numbers agree.
+``pipeline/probe.py`` (``rank_scores``) and the GUI both score through this module.
 """
 
 from __future__ import annotations

@@ -89,14 +89,11 @@ def load_dataset(data_dir: str | Path) -> list[DatasetImage]:
     root = Path(data_dir)
     if not root.is_dir():
         raise AnnotationError(f"no dataset folder at {root}: pass a VinDr-Mammo or phantom folder")
-    try:
-        from .. import annotations as ann
-    except ImportError:  # pragma: no cover - private fallback until annotations.py lands
-        return _load_dataset_csv(root)
-    vindr = ann.load_vindr(root)
+    from ..annotations import load_vindr
+
+    vindr = load_vindr(root)
     out = []
     for image_id, image in vindr.images.items():
-        rows = {c: _image_rows(ann, image, c) for c in CONCEPTS}
         out.append(
             DatasetImage(
                 image_id=str(image_id),
@@ -106,73 +103,11 @@ def load_dataset(data_dir: str | Path) -> list[DatasetImage]:
                 view=str(image.view),
                 density=str(getattr(image, "density", "") or ""),
                 labels={c: int(bool(image.has(c))) for c in CONCEPTS},
-                rows=rows,
+                rows={c: [int(v) for v in image.row_labels(c)] for c in CONCEPTS},
                 boxes={c: [tuple(map(float, b)) for b in image.boxes(c)] for c in CONCEPTS},
             )
         )
     return out
-
-
-def _image_rows(ann: Any, image: Any, concept: str) -> list[int]:
-    """Per-row labels of one image: one entry per finding row (a 'No Finding' image has one row)."""
-    rows = getattr(image, "row_labels", None)
-    if callable(rows):
-        return [int(v) for v in rows(concept)]
-    findings = list(getattr(image, "findings", []) or [])
-    if not findings:
-        return [0]
-    name = ann.CONCEPTS.get(concept, concept) if hasattr(ann, "CONCEPTS") else concept
-    out = []
-    for f in findings:
-        cats = getattr(f, "categories", None) or [getattr(f, "category", "")]
-        out.append(int(name in cats))
-    return out
-
-
-def _load_dataset_csv(root: Path) -> list[DatasetImage]:
-    """Minimal VinDr CSV reader (private fallback): breast-level + finding annotations."""
-    import ast
-    import csv
-
-    names = {"mass": "Mass", "calcification": "Suspicious Calcification"}
-    breast = root / "breast-level_annotations.csv"
-    finding = root / "finding_annotations.csv"
-    if not breast.exists() or not finding.exists():
-        raise AnnotationError(
-            f"{root} lacks breast-level_annotations.csv or finding_annotations.csv: "
-            "pass a VinDr-Mammo or phantom folder"
-        )
-    images: dict[str, DatasetImage] = {}
-    with breast.open(newline="") as fh:
-        for rec in csv.DictReader(fh):
-            images[rec["image_id"]] = DatasetImage(
-                rec["image_id"], rec["study_id"], rec["split"], rec["laterality"],
-                rec["view_position"], rec.get("breast_density", ""),
-                {c: 0 for c in CONCEPTS}, {c: [] for c in CONCEPTS}, {c: [] for c in CONCEPTS},
-            )  # fmt: skip
-    with finding.open(newline="") as fh:
-        for rec in csv.DictReader(fh):
-            image = images.get(rec["image_id"])
-            if image is None:
-                raise AnnotationError(
-                    f"finding_annotations.csv names image {rec['image_id']} that "
-                    "breast-level_annotations.csv lacks"
-                )
-            cats = ast.literal_eval(rec["finding_categories"])
-            for c in CONCEPTS:
-                hit = int(names[c] in cats)
-                image.rows[c].append(hit)
-                if hit:
-                    image.labels[c] = 1
-                    if rec["xmin"]:
-                        image.boxes[c].append(
-                            tuple(float(rec[k]) for k in ("xmin", "ymin", "xmax", "ymax"))
-                        )
-    for image in images.values():
-        for c in CONCEPTS:
-            if not image.rows[c]:
-                image.rows[c].append(0)
-    return list(images.values())
 
 
 def list_images(

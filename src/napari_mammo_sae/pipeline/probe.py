@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CheckpointError, ConfigError, StoreError
+from ..errors import ConfigError, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -85,20 +85,8 @@ def load_sae(folder: str | Path) -> Any:
     path = Path(folder)
     if not (path / "model.safetensors").exists():
         raise ConfigError(f"no SAE weights in {path}: pass the folder written by 'train'")
-    try:
-        from ..models.weights import load_weights
-    except ImportError:  # private fallback until models/weights.py lands
-        from safetensors.torch import load_file
+    from ..models.weights import load_weights
 
-        from ..models.sae import SparseAutoencoder
-
-        try:
-            config = json.loads((path / "config.json").read_text())
-            sae = SparseAutoencoder.from_config(config)
-            sae.load_state_dict(load_file(str(path / "model.safetensors")))
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            raise CheckpointError(f"{path} does not hold SAE weights ({exc})") from exc
-        return sae.eval()
     sae, _ = load_weights(path)
     return sae.eval()
 
@@ -214,23 +202,22 @@ def rank_scores(
     over all images; ``logit``: each neuron's mean contribution to the head's logit,
     ``(W_dec^T w)_j * mean_c[j]``, signed toward the class (negated for class 0).
     """
-    class_mean = np.asarray(means.mean, dtype=np.float64)
+    from ..analysis import ranking
+
     out: dict[str, np.ndarray] = {
-        "class_mean": class_mean,
-        "class_centred": class_mean - np.asarray(means.overall, dtype=np.float64)[None, :],
+        "class_mean": ranking.class_mean_scores(means.mean),
+        "class_centred": ranking.class_centred_scores(means.mean, means.overall),
     }
     if head is not None:
-        _, _, W_dec, _ = sae_parts(sae)
-        u = W_dec.double().cpu().numpy().T @ np.asarray(head[0], dtype=np.float64)
-        contrib = class_mean * u[None, :]
-        out["logit"] = np.stack([-contrib[0], contrib[1]])
+        out["logit"] = ranking.logit_scores(means.mean, sae, head)
     return out
 
 
 def top_neurons(scores: np.ndarray, k: int) -> list[int]:
     """Indices of the k highest scores, best first (stable for ties)."""
-    order = np.argsort(-np.asarray(scores), kind="stable")
-    return [int(i) for i in order[:k]]
+    from ..analysis.ranking import rank
+
+    return [int(i) for i in rank(scores, k)]
 
 
 # --- top-activating images -------------------------------------------------------------------

@@ -202,34 +202,12 @@ def _collate(batch):
 
 
 # --- model -------------------------------------------------------------------------------------
-def _private_classifier(backbone: str) -> Any:
-    import timm
-    import torch
-
-    class Classifier(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0)
-            self.head = torch.nn.Linear(self.backbone.num_features, 1)
-
-        def forward_features(self, x):
-            return self.backbone.forward_features(x)
-
-        def forward(self, x):
-            return self.head(self.forward_features(x).mean(dim=(-2, -1)))
-
-    return Classifier()
-
-
 def build_classifier(backbone: str, init_weights: str | None = None) -> Any:
     """A ConceptClassifier (backbone + Linear(C, 1) head), backbone optionally from a weights folder."""
-    try:
-        from ..models.backbone import create_backbone
-        from ..models.classifier import ConceptClassifier
-    except ImportError:  # private fallback until models/ lands
-        model = _private_classifier(backbone)
-    else:
-        model = ConceptClassifier(create_backbone(backbone))
+    from ..models.backbone import create_backbone
+    from ..models.classifier import ConceptClassifier
+
+    model = ConceptClassifier(create_backbone(backbone))
     if init_weights:
         if not Path(init_weights).exists():
             raise ConfigError(
