@@ -443,20 +443,43 @@ class NeuronExplorer(QWidget):
         return steps
 
     def _put_layer(self, lname: str, spec: tuple, vmax: float, stack: bool) -> None:
+        """Update the overlay layer ``lname`` in place, or build it and queue its insertion.
+
+        A new layer costs napari two chunks of GUI-thread work of about equal size - building the
+        layer, then inserting it (layer controls, vispy node, layer-list row) - so they run in two
+        event-loop turns. Hidden layers are built hidden, so nothing is drawn for them.
+        """
         data, meta, transform, rank = spec
+        visible = stack or meta.get("rank") == 0
         if lname in self.viewer.layers:
             lay = self.viewer.layers[lname]
             lay.data = data
             lay.scale, lay.translate = transform["scale"], transform["translate"]
             lay.contrast_limits = (0.0, vmax)
             lay.metadata[OVERLAY_KEY] = meta
-        else:
-            lay = self.viewer.add_image(
-                data, name=lname, metadata={OVERLAY_KEY: meta}, colormap=L.neuron_colormap(rank),
-                blending="additive", contrast_limits=(0.0, vmax), interpolation2d="linear",
-                units=("pixel", "mm", "mm") if data.ndim == 3 else ("mm", "mm"), **transform,
-            )  # fmt: skip
-        lay.visible = stack or meta.get("rank") == 0
+            lay.visible = visible
+            return
+        from napari.layers import Image
+
+        lay = Image(
+            data, name=lname, metadata={OVERLAY_KEY: meta}, colormap=L.neuron_colormap(rank),
+            blending="additive", contrast_limits=(0.0, vmax), interpolation2d="linear",
+            units=("pixel", "mm", "mm") if data.ndim == 3 else ("mm", "mm"), visible=visible,
+            **transform,
+        )  # fmt: skip
+        self._pending.insert(0, lambda: self._insert_layer(lay))
+
+    def _insert_layer(self, layer: Any) -> None:
+        """Add a built overlay on top, leaving the user's layer selection as it was."""
+        layers = self.viewer.layers
+        activate = getattr(layers, "_activate_on_insert", None)
+        if activate is not None:  # napari selects each inserted layer; ours should not steal it
+            layers._activate_on_insert = False
+        try:
+            layers.append(layer)
+        finally:
+            if activate is not None:
+                layers._activate_on_insert = activate
 
     def _boxes_on_top(self) -> None:
         """Annotation boxes stay above the heatmaps."""
@@ -480,8 +503,8 @@ class NeuronExplorer(QWidget):
             self._fail(f"could not show the overlays: {exc}")
             self._finished()
             return
-        if self._pending:
-            QTimer.singleShot(0, self._drain)
+        if self._pending:  # a real (1 ms) timer: paints and input run before the next step
+            QTimer.singleShot(1, self._drain)
         else:
             self._finished()
 
