@@ -1,4 +1,4 @@
-"""Render the review widgets in napari on a phantom exam and save screenshots to docs/images/.
+"""Render a phantom exam and the review widgets in napari and save screenshots to docs/images/.
 
     xvfb-run -a -s "-screen 0 1920x1200x24" .venv/bin/python scripts/screenshots.py [--weights weights]
 
@@ -41,6 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     viewer.window._qt_window.resize(1900, 1150)
     for data, kwargs, kind in phantom_exam_sample():
         getattr(viewer, f"add_{kind}")(data, **kwargs)
+    # the exam alone (README, phantom section): findings and the planted marker
+    viewer.reset_view()
+    for _ in range(10):
+        QApplication.processEvents()
+    exam = Image.fromarray(viewer.screenshot(canvas_only=True, flash=False))
+    exam.thumbnail((1000, 1200))
+    exam.save(args.out / "phantom_exam.png", optimize=True)
+    print("wrote", args.out / "phantom_exam.png")
     explorer = NeuronExplorer(viewer)
     intervention = InterventionWidget(viewer)
     labelling = LabellingWidget(viewer)

@@ -154,6 +154,14 @@ def test_intervened_probability_equals_the_core_closed_form(viewer, exam, qtbot)
     iw.mode.setCurrentText("custom set: keep only")
     iw.custom.setText("0, 2-3")
     assert list(iw.update().neurons) == [0, 2, 3]
+    # the CAM layer follows each update (written in place), hidden or shown
+    np.testing.assert_allclose(cam.data, a.reconstruction_cam([0, 2, 3], "keep"), atol=1e-5)
+    cam.visible = True
+    iw.custom.setText("1")
+    iw.update()
+    np.testing.assert_allclose(cam.data, a.reconstruction_cam([1], "keep"), atol=1e-5)
+    lim = float(np.abs(cam.data).max())
+    assert tuple(cam.contrast_limits) == pytest.approx((-lim, lim), rel=1e-5)
 
 
 def test_verdicts_survive_a_new_viewer_and_kappa_is_shown(

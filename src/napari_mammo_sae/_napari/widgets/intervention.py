@@ -175,8 +175,17 @@ class InterventionWidget(QWidget):
         lim = float(max(abs(cam.min()), abs(cam.max()), 1e-6))
         if name in self.viewer.layers:
             lay = self.viewer.layers[name]
-            lay.data = cam
-            lay.contrast_limits = (-lim, lim)
+            data = lay.data
+            if isinstance(data, np.ndarray) and data.shape == cam.shape and data.dtype == cam.dtype:
+                # same grid: write in place and refresh - no extent/dims recomputation, and a
+                # hidden layer does no drawing work at all
+                data[...] = cam
+                if tuple(lay.contrast_limits) != (-lim, lim):
+                    lay.contrast_limits = (-lim, lim)
+                lay.refresh(extent=False)
+            else:
+                lay.data = cam
+                lay.contrast_limits = (-lim, lim)
         else:
             self.viewer.add_image(
                 cam, name=name, colormap="bwr", blending="translucent", opacity=0.45,
