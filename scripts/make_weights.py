@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = {
     "seed": 20261124,
     "phantom": {
-        "studies": 140,
+        "studies": 160,
         "extra": ["--mass-rate", "0.3", "--calc-rate", "0.3", "--size", "medium"],
     },
     "backbone": "tinynet_d",  # EfficientNet-B0 rescaled (TinyNet): B0 blocks, width 0.54, depth 0.695
@@ -52,12 +52,14 @@ RECIPE = {
     "preprocess": "mammoclip",
     "pretext": {"task": "density", "epochs": 1, "lr": 1e-3, "batch_size": 8},
     "probe_head": {"epochs": 60, "lr": 1e-2, "batch_size": 64},
-    "finetune": {"epochs": 2, "lr": 5e-4, "batch_size": 8},
+    "finetune": {"epochs": 3, "lr": 5e-4, "batch_size": 8},
     "sae": {
         "d_latent": 2560,
         # the paper's 3e-5 left half the latents on for every token of these features (L0 1356 of
-        # 2560, neurons firing over the whole breast); 2e-4 gives sparse, local neurons
-        "l1_coefficient": 2e-4,
+        # 2560, neurons firing over the whole breast) and 2e-4 still about 450: a neuron that is on
+        # over 5% of the breast has a 95th-percentile box as large as the breast, so localisation
+        # needs a sparser code
+        "l1_coefficient": 8e-4,
         "lr": 5e-4,
         "batch_size": 4096,
         "epochs": 10,
@@ -119,6 +121,7 @@ class Recipe:
         argv = [sys.executable, "-m", "napari_mammo_sae", *map(str, args)]
         shown = "napari-mammo-sae " + " ".join(shlex.quote(str(a)) for a in args)
         shown = shown.replace(str(self.work), "$WORK").replace(str(self.out), "weights")
+        shown = shown.replace(str(ROOT) + "/", "")
         entry = {"step": name, "command": shown}
         if done is not None and done.exists():
             print(f"[skip] {name}: {done} exists", flush=True)

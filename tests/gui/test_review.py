@@ -77,7 +77,10 @@ def test_explorer_layers_sit_on_the_crop_box_and_rerun_updates_them(viewer, exam
     w = _explorer(viewer, exam, qtbot)
     n_images = len(viewer.layers)
     w.image.setCurrentIndex(0)
+    chosen = viewer.layers[w.image.currentText()]
+    viewer.layers.selection.active = chosen
     _run(w, qtbot)
+    assert viewer.layers.selection.active is chosen  # the overlays do not steal the selection
     res = w.session.current
     a = res.analysis
     overlays = [lay for lay in viewer.layers if "mammo_sae" in lay.metadata]
