@@ -121,3 +121,22 @@ def test_standalone_probe_file_report_means_and_bad_files(viewer, tmp_path):
     notification_manager.notification_ready.disconnect(seen.append)
     assert "cannot draw" in pw.status.text() and "not a probe file" in pw.status.text()
     assert any("plots" in str(n.message) for n in seen)
+
+
+def test_a_hidden_plots_dock_draws_when_shown(viewer, qtbot):
+    """No matplotlib redraw on the GUI thread for a dock nobody sees; it catches up when shown."""
+    from napari_mammo_sae._napari.widgets._common import get_session
+    from napari_mammo_sae._napari.widgets.plots import PlotsWidget
+
+    s = get_session(viewer)
+    pw = PlotsWidget(viewer)
+    qtbot.addWidget(pw)
+    assert not pw.isVisible() and pw._means is None  # drawn once at creation: nothing to show
+    s.probe = _probe()
+    s.analysis_changed.emit(s)
+    assert pw._means is None  # hidden: not redrawn yet
+    pw.show()
+    qtbot.waitUntil(lambda: pw._means is not None, timeout=5000)
+    np.testing.assert_allclose(pw._means, s.probe.class_means)
+    s.set_neuron(7)  # visible now: the marker moves at once
+    assert list(pw._current_line.get_xdata()) == [7, 7]

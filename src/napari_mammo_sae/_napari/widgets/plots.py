@@ -102,6 +102,7 @@ class PlotsWidget(QWidget):
         self._probe_cache: tuple[tuple, Any] | None = None
         self._current_line: Any = None
         self._means: np.ndarray | None = None
+        self._stale = False  # something changed while the dock was hidden
         redraw.clicked.connect(self.draw)
         self.report.editingFinished.connect(self.draw)
         self.probe_path.editingFinished.connect(self.draw)
@@ -120,7 +121,18 @@ class PlotsWidget(QWidget):
             self.draw()
 
     def _analysis_changed(self, _session: Any = None) -> None:
-        self.draw()
+        # a matplotlib redraw costs the GUI thread 0.1-0.3 s: only when the dock can be seen
+        if self.isVisible():
+            self.draw()
+        else:
+            self._stale = True
+
+    def showEvent(self, event: Any) -> None:  # noqa: N802 - Qt override
+        """Draw what changed while the dock was hidden (a tab behind another, or closed)."""
+        super().showEvent(event)
+        if self._stale:
+            self._stale = False
+            self.draw()
 
     # --- data -----------------------------------------------------------------------------------
     def probe(self) -> Any:
@@ -281,4 +293,7 @@ class PlotsWidget(QWidget):
             return
         line.set_xdata([neuron, neuron])
         line.set_visible(0 <= neuron < self._means.shape[1])
-        self.canvas.draw()  # synchronous: no deferred draw can outlive a closed viewer
+        if self.isVisible():
+            self.canvas.draw()  # synchronous: no deferred draw can outlive a closed viewer
+        else:
+            self._stale = True
