@@ -19,6 +19,7 @@ from qtpy.QtWidgets import (
     QFormLayout,
     QLabel,
     QLineEdit,
+    QSizePolicy,
     QSlider,
     QSpinBox,
     QVBoxLayout,
@@ -71,6 +72,12 @@ class InterventionWidget(QWidget):
         self.intervened.setStyleSheet("font-weight: bold")
         self.neurons_label = QLabel("")
         self.neurons_label.setWordWrap(True)
+        # fixed geometry: texts that change with every slider step must not re-layout the dock
+        lines = self.neurons_label.fontMetrics().lineSpacing()
+        self.neurons_label.setFixedHeight(4 * lines + 4)
+        self.neurons_label.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Fixed)
+        self.neurons_label.setAlignment(Qt.AlignLeft | Qt.AlignTop)
+        self.k_label.setMinimumWidth(self.k_label.fontMetrics().horizontalAdvance("k = 1000") + 4)
         form = QFormLayout()
         form.addRow("mode", self.mode)
         form.addRow(self.k_label, self.k)
