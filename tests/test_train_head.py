@@ -133,3 +133,61 @@ def test_bad_arguments_exit_with_config_code(data, tmp_path):
     assert main([*base, "--concept", "density"]) == ConfigError.exit_code
     assert main([*base, "--concept", "mass", "--variant", "frozen"]) == ConfigError.exit_code
     assert main([*base, "--concept", "mass", "--input-size", "big"]) == ConfigError.exit_code
+
+
+# --- the lesion (patch) pretext ------------------------------------------------------------------
+def test_lesion_patches_sit_on_findings_and_negatives_avoid_them():
+    import numpy as np
+
+    from napari_mammo_sae.pipeline import lesion_pretext as lp
+
+    img = np.full((200, 120), -1.0, np.float32)
+    img[20:180, :100] = 1.0  # the breast
+    centres = np.array([[60.0, 40.0]])
+    crops = lp.sample_patches(img, centres, 32, np.random.default_rng(0))
+    pos = [(r, c) for r, c, y in crops if y == 1]
+    neg = [(r, c) for r, c, y in crops if y == 0]
+    assert len(pos) == lp.POSITIVES_PER_FINDING and len(neg) == lp.NEGATIVES_PER_IMAGE
+    for r, c in pos:  # the finding's centre lies in every positive crop, away from its edge
+        assert r + 8 <= 60 <= r + 24 and c + 8 <= 40 <= c + 24
+    for r, c in neg:  # negatives: tissue at the centre, the finding outside the crop
+        assert img[r + 16, c + 16] > 0
+        assert not (r <= 60 < r + 32 and c <= 40 < c + 32)
+    for r, c, _ in crops:
+        assert 0 <= r <= 200 - 32 and 0 <= c <= 120 - 32
+    # the epoch's list depends only on (seed, epoch)
+    a = lp.epoch_patches([img, img], [centres, np.zeros((0, 2))], 32, 5, 0)
+    assert a == lp.epoch_patches([img, img], [centres, np.zeros((0, 2))], 32, 5, 0)
+    assert a != lp.epoch_patches([img, img], [centres, np.zeros((0, 2))], 32, 5, 1)
+
+
+def test_lesion_pretext_trains_resumes_exactly_and_initialises_a_concept_head(data, tmp_path):
+    lesion = dict(task="lesion", concept=None, patch_size=32, epochs=2, batch_size=4)
+    full = tmp_path / "full"
+    rc = main(
+        ["train-head", "--data", str(data), "--task", "lesion", "--variant", "finetuned",
+         "--backbone", "test_efficientnet", "--input-size", "128x80", "--patch-size", "32",
+         "--epochs", "2", "--batch-size", "4", "--lr", "1e-3", "--device", "cpu", "--out", str(full)]
+    )  # fmt: skip
+    assert rc == 0
+    state, config = _state(full)
+    prov = config["provenance"]
+    assert prov["task"] == "lesion" and prov["patch_size"] == 32
+    assert [h["epoch"] for h in prov["history"]] == [1, 2] and prov["history"][0]["patches"] > 0
+    assert 0.0 <= prov["train_auroc"] <= 1.0
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        train_head(_cfg(data, **lesion), cut, progress=_Killer(at=3))
+    train_head(_cfg(data, **lesion), cut, resume=True)
+    b, _ = _state(cut)
+    for k in state:
+        assert torch.equal(state[k], b[k]), k
+    # a backbone for --init-weights like any other
+    ft = tmp_path / "ft"
+    train_head(_cfg(data, epochs=1, init_weights=str(full)), ft)
+    ft_state, _ = _state(ft)
+    assert ft_state["backbone.conv_stem.weight"].shape == state["backbone.conv_stem.weight"].shape
+    with pytest.raises(ConfigError, match="--variant finetuned"):
+        train_head(_cfg(data, **lesion, variant="pretrained"), tmp_path / "x")
+    with pytest.raises(ConfigError, match="--patch-size"):
+        train_head(_cfg(data, **{**lesion, "patch_size": 500}), tmp_path / "y")

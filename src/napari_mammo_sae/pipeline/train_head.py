@@ -11,8 +11,9 @@ Variants (the paper's naming):
 - ``finetuned``: backbone and head trained end to end (BN in train mode).
 
 Tasks: ``concept`` (mass or calcification, per-image labels), and pretext tasks to give a backbone
-something to learn before it is frozen: ``view`` (MLO = 1 vs CC = 0) and ``density`` (dense C/D = 1
-vs A/B = 0). Loss: BCE with pos_weight = negatives / positives of the training split (Mammo-CLIP).
+something to learn before it is frozen: ``view`` (MLO = 1 vs CC = 0), ``density`` (dense C/D = 1
+vs A/B = 0) and ``lesion`` (a patch classifier, crops on the finding boxes versus breast tissue;
+``lesion_pretext.py``). Loss: BCE with pos_weight = negatives / positives of the training split (Mammo-CLIP).
 Optional training augmentation (``--augment``): Mammo-CLIP's flips, affine and elastic (SPEC 2).
 
 Checkpoints (``checkpoint.pt`` in the output folder, loadable with ``weights_only=True``) are
@@ -40,7 +41,7 @@ from ..errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
-TASKS = ("concept", "view", "density")
+TASKS = ("concept", "view", "density", "lesion")
 VARIANTS = ("pretrained", "finetuned")
 CHECKPOINT = "checkpoint.pt"
 
@@ -67,6 +68,7 @@ class HeadConfig:
     workers: int = 0
     limit: int | None = None
     device: str = "cpu"
+    patch_size: int = 128  # the lesion task's crops, model-input pixels
 
     def learning_rate(self) -> float:
         """The given lr, else 1e-3 for a linear probe and 5e-5 for fine-tuning."""
@@ -84,12 +86,16 @@ class HeadConfig:
             raise ConfigError(
                 f"unknown concept {self.concept!r}: use --concept mass or --concept calcification"
             )
+        if self.task == "lesion" and self.variant != "finetuned":
+            raise ConfigError("the lesion task trains the backbone: use --variant finetuned")
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError("--epochs and --batch-size must be at least 1")
 
     def identity(self) -> dict:
         """The fields a resumed run must share with the checkpoint."""
         keys = ("task", "concept", "variant", "backbone", "input_size", "preprocess", "seed")
+        if self.task == "lesion":
+            keys += ("patch_size",)
         return {k: _jsonable(getattr(self, k)) for k in keys}
 
 
@@ -108,6 +114,8 @@ def task_label(item: Any, task: str, concept: str | None) -> int | None:
     if task == "density":
         d = (item.density or "").upper().replace("DENSITY", "").strip()
         return 1 if d in ("C", "D") else 0 if d in ("A", "B") else None
+    if task == "lesion":  # whole-image score of the patch classifier: any finding
+        return int(any(item.labels.values()))
     raise ConfigError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
 
 
@@ -371,6 +379,12 @@ def train_head(
 
     cfg.validate()
     out = Path(out)
+    if cfg.task == "lesion":
+        from .lesion_pretext import train_lesion_pretext
+
+        return train_lesion_pretext(
+            cfg, out, resume=resume, progress=progress, stop_after_steps=stop_after_steps
+        )
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     train_items, y_train = _items(cfg, "training")
@@ -560,6 +574,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--update-bn-stats", action="store_true",
         help="pretrained: let BN running statistics update as Mammo-CLIP's probes did",
     )  # fmt: skip
+    parser.add_argument(
+        "--patch-size", type=int, default=128, help="lesion task: crop side, model-input pixels"
+    )
     parser.add_argument("--seed", type=int, default=10)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers for scoring")
     parser.add_argument("--limit", type=int, help="at most this many images per split")
@@ -593,6 +610,7 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         limit=args.limit,
         device=args.device,
+        patch_size=args.patch_size,
     )
     progress = TqdmProgress(desc="train-head")
     try:
