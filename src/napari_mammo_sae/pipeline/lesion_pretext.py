@@ -14,8 +14,8 @@ each finding box (mass or calcification; the centre jittered by up to a quarter 
 ``NEGATIVES_PER_IMAGE`` crops of breast tissue whose centre keeps half a patch away from every
 finding. The crop list is fixed before the epoch starts, so a run stopped mid-epoch resumes on the
 same batches. The network is the usual classifier (backbone, global average pooling, Linear(C, 1)):
-the saved folder is a backbone for ``--init-weights`` like any other train-head output, and its
-AUROC is scored on whole images (any finding versus none).
+the saved folder is a backbone for ``--init-weights`` like any other train-head output. Its train
+and test AUROC are the patch classifier's, on a fresh draw of crops from each split.
 """
 
 from __future__ import annotations
@@ -99,6 +99,53 @@ def _batch(images: list[Any], crops: list[tuple[int, int, int, int]], patch: int
     return x.unsqueeze(1).expand(-1, 3, -1, -1), y
 
 
+def _load(items: list[Any], cfg: Any, boxes: dict, progress: Any) -> tuple[list, list]:
+    """(images (H, W) float16 tensors, finding centres (N, 2) in input pixels) of readable items."""
+    import torch
+
+    from .extract import PreprocessedImages, geometry_from_json, make_loader
+
+    data = PreprocessedImages(items, cfg.preprocess, cfg.input_size)
+    images: list[Any] = [None] * len(items)
+    centres: list[np.ndarray] = [np.zeros((0, 2))] * len(items)
+    for batch in make_loader(data, batch_size=8, workers=cfg.workers):
+        if batch is None:
+            continue
+        idx, imgs, geoms, _ = batch
+        for k, i in enumerate(idx):
+            images[i] = imgs[k, 0].to(torch.float16)
+            found = boxes.get(items[i].image_id, {})
+            all_boxes = [b for concept in ("mass", "calcification") for b in found.get(concept, [])]
+            centres[i] = finding_centres(geometry_from_json(geoms[k]), all_boxes)
+        if progress is not None:
+            progress.update(len(idx))
+    keep = [i for i, im in enumerate(images) if im is not None]
+    return [images[i] for i in keep], [centres[i] for i in keep]
+
+
+def patch_auroc(
+    model: Any, images: list, centres: list, patch: int, seed: int, device: str
+) -> float:
+    """AUROC of the patch classifier on a fresh draw of crops (findings vs tissue)."""
+    import torch
+
+    from ..analysis.metrics import auroc
+
+    arrays = [im.float().numpy() for im in images]
+    crops = epoch_patches(arrays, centres, patch, seed, 1_000_003)
+    if not crops:
+        return math.nan
+    scores, labels = [], []
+    model.eval()
+    with torch.inference_mode():
+        for k in range(0, len(crops), 64):
+            x, y = _batch(images, crops[k : k + 64], patch)
+            scores.append(model(x.to(device)).reshape(-1).float().cpu().numpy())
+            labels.append(y.numpy())
+    y, s = np.concatenate(labels), np.concatenate(scores)
+    return auroc(y, s) if 0 < y.sum() < len(y) else math.nan
+
+
 def train_lesion_pretext(
     cfg: Any, out: Path, *, resume: bool, progress: Any, stop_after_steps: int | None
 ) -> Any:
@@ -106,14 +153,7 @@ def train_lesion_pretext(
     import torch
 
     from . import train_head as th
-    from .extract import (
-        PreprocessedImages,
-        backbone_signature,
-        geometry_from_json,
-        load_dataset,
-        make_loader,
-        resolve_device,
-    )
+    from .extract import backbone_signature, load_dataset, resolve_device
 
     patch = int(cfg.patch_size)
     h, w = cfg.input_size
@@ -123,8 +163,8 @@ def train_lesion_pretext(
         )
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    train_items, y_train = th._items(cfg, "training")
-    test_items, y_test = th._items(cfg, "test")
+    train_items, _ = th._items(cfg, "training")
+    test_items, _ = th._items(cfg, "test")
     boxes = {d.image_id: d.boxes for d in load_dataset(cfg.data)}
     model = th.build_classifier(cfg.backbone, cfg.init_weights).to(device)
     optimizer = torch.optim.Adam(
@@ -150,27 +190,10 @@ def train_lesion_pretext(
         )
 
     # every training image preprocessed once, one channel, float16
-    base_train = PreprocessedImages(train_items, cfg.preprocess, cfg.input_size)
-    images: list[Any] = [None] * len(train_items)
-    centres: list[np.ndarray] = [np.zeros((0, 2))] * len(train_items)
     if progress is not None:
         progress.set_total(len(train_items))
         progress.set_description("preprocessing")
-    for batch in make_loader(base_train, batch_size=8, workers=cfg.workers):
-        if batch is None:
-            continue
-        idx, imgs, geoms, _ = batch
-        for k, i in enumerate(idx):
-            images[i] = imgs[k, 0].to(torch.float16)
-            item = train_items[i]
-            found = boxes.get(item.image_id, {})
-            all_boxes = [b for concept in ("mass", "calcification") for b in found.get(concept, [])]
-            centres[i] = finding_centres(geometry_from_json(geoms[k]), all_boxes)
-        if progress is not None:
-            progress.update(len(idx))
-    keep = [i for i, im in enumerate(images) if im is not None]
-    images = [images[i] for i in keep]
-    centres = [centres[i] for i in keep]
+    images, centres = _load(train_items, cfg, boxes, progress)
     arrays = [im.float().numpy() for im in images]
     n_pos = sum(len(c) for c in centres) * POSITIVES_PER_FINDING
     if n_pos == 0:
@@ -228,17 +251,14 @@ def train_lesion_pretext(
 
     if progress is not None:
         progress.set_description("scoring")
-    model.eval()
-    s_train = th._scores(model, base_train, device, 8, cfg.workers)
-    base_test = PreprocessedImages(test_items, cfg.preprocess, cfg.input_size)
-    s_test = th._scores(model, base_test, device, 8, cfg.workers) if test_items else np.zeros(0)
-    train_auc = th._auroc(y_train, s_train)
-    test_auc = th._auroc(y_test, s_test) if test_items else math.nan
+    test_images, test_centres = _load(test_items, cfg, boxes, None)
+    train_auc = patch_auroc(model, images, centres, patch, cfg.seed, device)
+    test_auc = patch_auroc(model, test_images, test_centres, patch, cfg.seed, device)
     model = model.cpu()
     provenance = {
         **asdict(cfg), "input_size": list(cfg.input_size), "data": Path(cfg.data).name,
         "lr": cfg.learning_rate(), "pos_weight": pw, "backbone_signature": backbone_signature(model),
-        "train_auroc": train_auc, "test_auroc": test_auc, "auroc_of": "whole images, any finding",
+        "train_auroc": train_auc, "test_auroc": test_auc, "auroc_of": "patches: crops on findings vs breast tissue",
         "n_train": len(train_items), "n_test": len(test_items), "history": history,
         "bn_stats": "updated",
     }  # fmt: skip
