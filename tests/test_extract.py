@@ -284,7 +284,10 @@ def test_torchrun_shards_are_joined_by_an_index(dataset, weights, tmp_path):
     view = open_view(out)
     assert sorted(view.index.image_id) == sorted(dataset[1]["images"])
     single = tmp_path / "one.h5"
-    extract_features(dataset[0], model, single, config=config, input_size=SIZE)
+    res = extract_features(dataset[0], model, single, config=config, input_size=SIZE)
+    # the steady-state rate leaves out the first batch (loader start-up, the first decode)
+    assert res.steady[0] == res.stored - 1 and 0 < res.steady[1] < res.seconds
+    assert res.steady_images_per_second > 0
     one = open_view(single)
     for row, image_id in enumerate(view.index.image_id):
         other = int(np.nonzero(one.index.image_id == image_id)[0][0])

@@ -319,11 +319,20 @@ class ExtractResult:
     unreadable: list[str]
     seconds: float
     complete: bool
+    #: (images, seconds) of the run after its first batch: the steady state, without the loader
+    #: workers' start-up and the first decode that nothing can overlap
+    steady: tuple[int, float] = (0, 0.0)
 
     @property
     def images_per_second(self) -> float:
-        """Throughput of the images computed in this run."""
+        """Throughput of the images computed in this run (start-up included)."""
         return self.stored / self.seconds if self.seconds > 0 else float("nan")
+
+    @property
+    def steady_images_per_second(self) -> float:
+        """Throughput after the first batch (what a dataset-scale run sustains)."""
+        n, s = self.steady
+        return n / s if n and s > 0 else float("nan")
 
 
 def distributed_env() -> tuple[int, int]:
@@ -412,6 +421,7 @@ def extract_features(
     torch_dtype = torch.float16 if dtype == "float16" else torch.float32
     stored, unreadable = 0, []
     t0 = time.perf_counter()
+    t_first, n_first = None, 0
     try:
         for batch in loader:
             check_cancelled(progress)
@@ -440,13 +450,17 @@ def extract_features(
                 )
             store.append_many(feats, rows)
             stored += len(rows)
+            if t_first is None:
+                t_first, n_first = time.perf_counter(), stored
             if progress is not None:
                 progress.update(len(rows))
             if on_batch is not None:
                 on_batch(stored)
             if stop_after is not None and stored >= stop_after:
                 break
-        seconds = time.perf_counter() - t0
+        t_end = time.perf_counter()
+        seconds = t_end - t0
+        steady = (stored - n_first, t_end - t_first) if t_first is not None else (0, 0.0)
         seen = {it.image_id for it in todo[: len(dataset)]}
         unreadable = sorted(seen - store.image_ids - done) if stop_after is None else []
         complete = stop_after is None or stored + skipped >= len(items)
@@ -454,7 +468,7 @@ def extract_features(
         store.close(complete=False)
         raise
     store.close(complete=complete, n_unreadable=len(unreadable))
-    result = ExtractResult(path, stored, skipped, unreadable, seconds, complete)
+    result = ExtractResult(path, stored, skipped, unreadable, seconds, complete, steady)
     if world > 1 and complete:
         join_shards(out, [shard_path(out, r, world) for r in range(world)])
     return result
