@@ -8,7 +8,10 @@ cancer detection on screening mammography", Sci. Rep. 2019). Mammo-CLIP's own ba
 what findings look like from the reports that describe them; on data without reports this task
 plays that part.
 
-Each training image is preprocessed once (the model input, one channel kept in memory as float16).
+Each training image is preprocessed once (the model input, one channel kept in memory as float16:
+about 0.7 MB per image at 768 x 480, 2.8 MB at Mammo-CLIP's 1520 x 912 - phantom and CBIS-scale
+sets fit, a VinDr-scale split (16,000 images, 44 GB at 1520 x 912) needs ``--limit`` or a streaming
+loader this module does not have yet).
 An epoch draws, from a generator seeded by (seed, epoch): ``POSITIVES_PER_FINDING`` crops around
 each finding box (mass or calcification; the centre jittered by up to a quarter patch) and
 ``NEGATIVES_PER_IMAGE`` crops of breast tissue whose centre keeps half a patch away from every
@@ -63,11 +66,11 @@ def sample_patches(
         for _ in range(POSITIVES_PER_FINDING):
             jitter = rng.uniform(-patch / 4, patch / 4, size=2)
             out.append((*_corner(centre + jitter, patch, (h, w)), 1))
-    level = image.min() + TISSUE_MARGIN
+    level = float(image.min()) + TISSUE_MARGIN  # float16 images compare exactly as float32
     for _ in range(NEGATIVES_PER_IMAGE):
         for _try in range(200):  # rejection sampling: a uniform point of the breast
             centre = rng.uniform((0, 0), (h, w))
-            if image[int(centre[0]), int(centre[1])] <= level:
+            if float(image[int(centre[0]), int(centre[1])]) <= level:
                 continue  # background
             if len(centres) and np.min(np.abs(centres - centre).max(axis=1)) < patch:
                 continue  # the crop would hold (part of) a finding
@@ -131,7 +134,7 @@ def patch_auroc(
 
     from ..analysis.metrics import auroc
 
-    arrays = [im.float().numpy() for im in images]
+    arrays = [im.numpy() for im in images]  # float16 views, no copies
     crops = epoch_patches(arrays, centres, patch, seed, 1_000_003)
     if not crops:
         return math.nan
@@ -194,7 +197,7 @@ def train_lesion_pretext(
         progress.set_total(len(train_items))
         progress.set_description("preprocessing")
     images, centres = _load(train_items, cfg, boxes, progress)
-    arrays = [im.float().numpy() for im in images]
+    arrays = [im.numpy() for im in images]  # float16 views: the split is held in memory once
     n_pos = sum(len(c) for c in centres) * POSITIVES_PER_FINDING
     if n_pos == 0:
         raise ConfigError("the training split has no finding boxes: the lesion task needs some")
