@@ -327,3 +327,21 @@ def test_closing_the_viewer_mid_run_exits_cleanly(exam, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "CLOSED" in proc.stdout and "Aborted" not in proc.stderr
+
+
+def test_gc_freeze_runs_once_and_can_be_turned_off(monkeypatch):
+    import gc
+
+    from napari_mammo_sae._napari.widgets import explorer
+
+    monkeypatch.setattr(explorer, "_FROZEN", False)
+    gc.unfreeze()
+    monkeypatch.setenv("NAPARI_MAMMO_SAE_GC_FREEZE", "0")
+    explorer.freeze_long_lived_objects()
+    assert gc.get_freeze_count() == 0 and not explorer._FROZEN
+    monkeypatch.delenv("NAPARI_MAMMO_SAE_GC_FREEZE")
+    explorer.freeze_long_lived_objects()
+    assert gc.get_freeze_count() > 1000 and explorer._FROZEN
+    gc.unfreeze()
+    explorer.freeze_long_lived_objects()  # once per process: not again
+    assert gc.get_freeze_count() == 0
