@@ -24,6 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concept", default="calcification")
     args = parser.parse_args(argv)
 
+    # the widgets remember paths between runs: screenshots start from none of the user's settings
+    import os
+    import tempfile
+
+    os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="mammo-sae-screenshots-")
+
     import napari
     from PIL import Image
     from qtpy.QtWidgets import QApplication

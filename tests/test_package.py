@@ -65,3 +65,17 @@ def test_core_never_imports_qt_or_napari():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == ""
+
+
+def test_the_suite_keeps_away_from_the_users_settings_and_verdicts():
+    """conftest points platformdirs at throw-away directories: no test touches the user's files."""
+    import os
+
+    from napari_mammo_sae._napari.widgets._common import settings_path
+    from napari_mammo_sae.labels import default_path
+
+    home = os.path.expanduser("~")
+    for path in (settings_path(), default_path()):
+        assert "napari-mammo-sae-tests-" in str(path), path
+        assert not str(path).startswith(os.path.join(home, ".config"))
+        assert not str(path).startswith(os.path.join(home, ".local"))

@@ -191,9 +191,18 @@ def draw_tiles(figure: Any, neuron: int, tiles: list[Tile]) -> list[Any]:
         if t.heat is not None:
             # the feature grid spans exactly the crop box of the model input (edge coordinates)
             cr0, cc0, cr1, cc1 = t.geometry.crop_box
-            # the faintest tenth stays transparent, as on the viewer's neuron overlays
-            ax.imshow(np.ma.masked_less_equal(t.heat, 0.1 * vmax), cmap="inferno", alpha=0.5, vmin=0,
-                      vmax=vmax, extent=(cc0, cc1, cr1, cr0), interpolation="nearest")  # fmt: skip
+            # light enough to read the tissue under it: a neuron that fires over the whole crop
+            # must not hide what it fires on. Below a third of this image's peak stays clear; the
+            # strongest cells get an outline
+            peak = float(np.max(t.heat)) or 1.0
+            extent = (cc0, cc1, cr1, cr0)
+            ax.imshow(np.ma.masked_less_equal(t.heat, peak / 3), cmap="inferno", alpha=0.3, vmin=0,
+                      vmax=vmax, extent=extent, interpolation="nearest")  # fmt: skip
+            h, w = t.heat.shape
+            ys = cr0 + (np.arange(h) + 0.5) * (cr1 - cr0) / h
+            xs = cc0 + (np.arange(w) + 0.5) * (cc1 - cc0) / w
+            if h > 1 and w > 1:
+                ax.contour(xs, ys, t.heat, levels=[0.6 * peak], colors="#ffb000", linewidths=0.7)
         r0, c0, r1, c1 = t.cell_box
         ax.add_patch(patches.Rectangle((c0, r0), c1 - c0, r1 - r0, fill=False, ec="#00e5ff",
                                        lw=0.9))  # fmt: skip
