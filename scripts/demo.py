@@ -80,10 +80,7 @@ def run_analysis(viewer, weights: Path) -> str:
         return f"analysis failed: {explorer.last_error}"
     s = explorer.session
     best = max(s.results.values(), key=lambda r: (len(r.annotations), r.analysis.probability))
-    s.current_layer = best.layer_name
-    explorer.image.setCurrentText(best.layer_name)
-    explorer._fill_table(best)
-    s.set_neuron(int(best.neurons[0]))
+    explorer.show_view(best.layer_name)
     dock = viewer.window._dock_widgets.get("Neuron explorer")
     if dock is not None:
         dock.raise_()

@@ -77,10 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     # focus the view that holds a calcification finding, zoom to it
     s = explorer.session
     best = max(s.results.values(), key=lambda r: (len(r.annotations), r.analysis.probability))
-    s.current_layer = best.layer_name
-    explorer.image.setCurrentText(best.layer_name)
-    explorer._fill_table(best)
-    s.set_neuron(int(best.neurons[0]))
+    explorer.show_view(best.layer_name)
     viewer.reset_view()
     viewer.layers.selection.active = viewer.layers[best.layer_name]
     dock = viewer.window._dock_widgets.get("Neuron explorer")

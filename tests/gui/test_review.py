@@ -125,6 +125,15 @@ def test_explorer_stack_option_and_all_views(viewer, exam, qtbot):
     ]
     assert len(stacks) == 4  # one per view of the exam
     assert stacks[0].data.shape[0] == 3 and stacks[0].ndim == 3
+    # choosing another view shows that view's analysis: table, texts, current neuron
+    views = list(w.session.results)
+    other = next(v for v in views if v != w.session.current_layer)
+    w.image.setCurrentText(other)
+    res = w.session.results[other]
+    assert w.session.current_layer == other and w.status.text().startswith(other)
+    assert [int(w.table.item(r, 1).text()) for r in range(3)] == [int(n) for n in res.neurons]
+    assert f"{res.analysis.probability:.3f}" in w.probability.text()
+    assert w.show_view("not a view") is False
 
 
 def test_intervened_probability_equals_the_core_closed_form(viewer, exam, qtbot):

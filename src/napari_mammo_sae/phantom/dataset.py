@@ -402,7 +402,10 @@ def _marker_box(
         if not outline.box_inside(box, 1.0):
             continue
         if any(
-            box[0] < b[2] + keep and b[0] < box[2] + keep and box[1] < b[3] + keep and b[1] < box[3] + keep
+            box[0] < b[2] + keep
+            and b[0] < box[2] + keep
+            and box[1] < b[3] + keep
+            and b[1] < box[3] + keep
             for b in avoid
         ):
             continue

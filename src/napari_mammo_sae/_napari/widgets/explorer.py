@@ -162,6 +162,7 @@ class NeuronExplorer(QWidget):
         self.session = get_session(napari_viewer)
         self.worker = None
         self._pending: list = []
+        self._used = "class_mean"  # the ranking the last run used
         self.last_error: str | None = None
         settings = load_settings()
 
@@ -252,6 +253,7 @@ class NeuronExplorer(QWidget):
         self.boxes_button.clicked.connect(self._load_boxes_dialog)
         self.session.neuron_changed.connect(self._show_neuron)
         self.session.verdicts_changed.connect(self._refresh_verdicts)
+        self.image.currentTextChanged.connect(self._image_changed)
         napari_viewer.layers.events.inserted.connect(self._refresh_images)
         napari_viewer.layers.events.removed.connect(self._refresh_images)
         self._refresh_images()
@@ -277,11 +279,13 @@ class NeuronExplorer(QWidget):
 
     def _refresh_images(self, *_: Any) -> None:
         current = self.image.currentText()
+        self.image.blockSignals(True)  # a refill is not the user choosing a view
         self.image.clear()
         names = [lay.name for lay in image_layers(self.viewer)]
         self.image.addItems(names)
         if current in names:
             self.image.setCurrentText(current)
+        self.image.blockSignals(False)
 
     def choice(self) -> ModelChoice:
         """The ModelChoice of the form (ConfigError when incomplete)."""
@@ -402,8 +406,27 @@ class NeuronExplorer(QWidget):
         freeze_long_lived_objects()
         first = next(iter(results))
         s.current_layer = self.image.currentText() if self.image.currentText() in results else first
+        self._used = used
         self._pending = [*self._layer_steps(results), lambda: self._publish(used)]
         self._drain()
+
+    def show_view(self, layer_name: str) -> bool:
+        """Make an analysed view the current one: its texts, table and top neuron; False if none."""
+        s = self.session
+        if layer_name not in s.results or self.is_busy():
+            return False
+        s.current_layer = layer_name
+        if self.image.currentText() != layer_name:
+            self.image.blockSignals(True)
+            self.image.setCurrentText(layer_name)
+            self.image.blockSignals(False)
+        self._publish(self._used)
+        return True
+
+    def _image_changed(self, name: str) -> None:
+        """Choosing another view after an every-view run shows that view's analysis."""
+        if name != self.session.current_layer:
+            self.show_view(name)
 
     def _publish(self, used: str) -> None:
         """Last step of a run: texts, table, then tell the other widgets."""
