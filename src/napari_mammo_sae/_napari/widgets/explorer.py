@@ -163,6 +163,7 @@ class NeuronExplorer(QWidget):
         self.worker = None
         self._pending: list = []
         self._used = "class_mean"  # the ranking the last run used
+        self._batching = False  # inside a layers begin_batch/end_batch of our layer steps
         self.last_error: str | None = None
         settings = load_settings()
 
@@ -485,7 +486,19 @@ class NeuronExplorer(QWidget):
                     lambda lname=lname, spec=spec: self._put_layer(lname, spec, vmax, stack)
                 )
         steps.append(self._boxes_on_top)
-        return steps
+        # napari re-arranges and redraws the whole scene graph on every insert; a batch defers
+        # that to one update when the last overlay is in (the layers added are hidden but one)
+        return [self._begin_batch, *steps, self._end_batch]
+
+    def _begin_batch(self) -> None:
+        if not self._batching:
+            self.viewer.layers.events.begin_batch()
+            self._batching = True
+
+    def _end_batch(self) -> None:
+        if self._batching:
+            self._batching = False
+            self.viewer.layers.events.end_batch()
 
     def _put_layer(self, lname: str, spec: tuple, vmax: float, stack: bool) -> None:
         """Update the overlay layer ``lname`` in place, or build it and queue its insertion.
@@ -545,6 +558,10 @@ class NeuronExplorer(QWidget):
             step()
         except Exception as exc:  # a layer step must never take the viewer down
             self._pending.clear()
+            try:
+                self._end_batch()
+            except Exception:  # noqa: BLE001 - already failing: report the first error
+                pass
             self._fail(f"could not show the overlays: {exc}")
             self._finished()
             return
