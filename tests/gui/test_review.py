@@ -354,3 +354,22 @@ def test_gc_freeze_runs_once_and_can_be_turned_off(monkeypatch):
     gc.unfreeze()
     explorer.freeze_long_lived_objects()  # once per process: not again
     assert gc.get_freeze_count() == 0
+
+
+def test_overlay_batch_always_ends_even_when_a_layer_step_fails(viewer, exam, qtbot, monkeypatch):
+    """The inserts run inside one layers batch; it must close on success and on failure, or
+    napari would stop updating its scene graph."""
+    canvas = viewer.window._qt_viewer.canvas
+    w = _explorer(viewer, exam, qtbot, k=2)
+    _run(w, qtbot)
+    assert not w._batching and not canvas._pause_scene_graph
+    w.remove_overlays()
+
+    def broken(layer):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(w, "_insert_layer", broken)
+    w.run()
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=120_000)
+    assert "could not show the overlays: boom" in (w.last_error or "")
+    assert not w._batching and not canvas._pause_scene_graph
