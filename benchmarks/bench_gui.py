@@ -22,7 +22,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+#: the main window's size for every figure: under software OpenGL a paint costs in proportion to
+#: the pixels, so the window must not follow whatever size napari saved last
+WINDOW = (1600, 1000)
+
+
 def main() -> int:
+    import os
+
+    # napari restores its last window size from its settings: start from none
+    os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="bench-gui-settings-")
     import napari
     import numpy as np
     import torch
@@ -50,6 +59,7 @@ def main() -> int:
     save_weights(tmp / "sae", sae, sae.config())
 
     viewer = napari.Viewer(show=True)
+    viewer.window._qt_window.resize(*WINDOW)
     study = next((tmp / "data" / "images").iterdir())
     viewer.open(str(study), plugin="napari-mammo-sae")
     w = NeuronExplorer(viewer)
@@ -59,8 +69,6 @@ def main() -> int:
     w.sae_path.setText(str(tmp / "sae"))
     w.device.setCurrentText("cpu")
     w.k.setValue(10)
-
-    import os
 
     if os.environ.get("BENCH_PROFILE"):
         import cProfile
@@ -137,7 +145,7 @@ def main() -> int:
         pstats.Stats(prof).sort_stats("cumulative").print_stats(18)
     m = w.session.current.analysis.n_neurons
 
-    print(f"image {base.data.shape} at 0.1 mm; feature grid {w.session.current.analysis.grid}; "
+    print(f"window {WINDOW[0]}x{WINDOW[1]}; image {base.data.shape} at 0.1 mm; feature grid {w.session.current.analysis.grid}; "
           f"{len(overlays)} overlays; {m} latents")  # fmt: skip
     print(f"| overlay memory / base image layer | {100 * ratio:.3f}% | <= 1% |")
     print(
@@ -160,6 +168,7 @@ def main() -> int:
 
         path = cbis_case_paths(1)[0]
         viewer = napari.Viewer(show=True)
+        viewer.window._qt_window.resize(*WINDOW)
         w = NeuronExplorer(viewer)
         w.device.setCurrentText("cpu")
         viewer.open(str(path), plugin="napari-mammo-sae")
