@@ -228,17 +228,9 @@ def train_lesion_pretext(
                     images, crops[step * cfg.batch_size : (step + 1) * cfg.batch_size], patch
                 )
                 loss = loss_fn(model(x.to(device)).reshape(-1), y.to(device))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(float(loss.detach()))
+                th.optimise(loss, optimizer, losses, progress)
                 steps_done += 1
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(loss=f"{losses[-1]:.4f}")
-                if flag["stop"] or (
-                    stop_after_steps is not None and steps_done >= stop_after_steps
-                ):
+                if th.stop_now(flag, steps_done, stop_after_steps):
                     checkpoint(epoch, step + 1)
                     stopped = True
                     break

@@ -304,6 +304,22 @@ class TrainHeadResult:
     stopped: bool = False
 
 
+def optimise(loss: Any, optimizer: Any, losses: list, progress: Any) -> None:
+    """One optimiser step on ``loss``; records it and moves the progress bar."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    losses.append(float(loss.detach()))
+    if progress is not None:
+        progress.update(1)
+        progress.set_postfix(loss=f"{losses[-1]:.4f}")
+
+
+def stop_now(flag: dict, steps_done: int, stop_after_steps: int | None) -> bool:
+    """True after a SIGINT/SIGTERM or once ``stop_after_steps`` steps are done (tests)."""
+    return bool(flag["stop"]) or (stop_after_steps is not None and steps_done >= stop_after_steps)
+
+
 def _items(cfg: HeadConfig, split: str):
     from .extract import list_images
 
@@ -478,17 +494,9 @@ def train_head(
                     logits = model(images.to(device))
                     target = target.to(device)
                 loss = loss_fn(logits.reshape(-1), target.reshape(-1))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(float(loss.detach()))
+                optimise(loss, optimizer, losses, progress)
                 steps_done += 1
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(loss=f"{losses[-1]:.4f}")
-                if flag["stop"] or (
-                    stop_after_steps is not None and steps_done >= stop_after_steps
-                ):
+                if stop_now(flag, steps_done, stop_after_steps):
                     checkpoint(epoch, step + 1)
                     stopped = True
                     break
