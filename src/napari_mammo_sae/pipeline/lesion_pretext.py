@@ -23,7 +23,6 @@ and test AUROC are the patch classifier's, on a fresh draw of crops from each sp
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict
 from pathlib import Path
@@ -173,24 +172,7 @@ def train_lesion_pretext(
     optimizer = torch.optim.Adam(
         model.parameters(), lr=cfg.learning_rate(), weight_decay=cfg.weight_decay
     )
-    start_epoch, start_step, history = 0, 0, []
-    if resume:
-        state = th._load_checkpoint(out)
-        if state is not None:
-            saved = json.loads(state["identity"])
-            if saved != cfg.identity():
-                raise ConfigError(
-                    f"the checkpoint in {out} was made with {saved}, not {cfg.identity()}: "
-                    "use the same settings to resume, or another --out"
-                )
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            start_epoch, start_step = int(state["epoch"]), int(state["step"])
-            history = json.loads(state["history"])
-    elif (out / th.CHECKPOINT).exists():
-        raise ConfigError(
-            f"{out} holds a checkpoint: pass --resume to continue it, or another --out"
-        )
+    start_epoch, start_step, history = th.restore(cfg, out, resume, model, optimizer)
 
     # every training image preprocessed once, one channel, float16
     if progress is not None:
@@ -205,10 +187,7 @@ def train_lesion_pretext(
     loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pw, device=device))
 
     def checkpoint(epoch: int, step: int) -> None:
-        th._save_checkpoint(out, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-            "step": step, "identity": json.dumps(cfg.identity()), "history": json.dumps(history),
-        })  # fmt: skip
+        th.save_state(out, cfg, model, optimizer, epoch, step, history)
 
     stopped, steps_done, shown = False, 0, len(train_items)
     with th._stop_on_signals() as flag:

@@ -304,6 +304,42 @@ class TrainHeadResult:
     stopped: bool = False
 
 
+def restore(cfg: HeadConfig, out: Path, resume: bool, model: Any, optimizer: Any) -> tuple:
+    """(start epoch, start step, history): from the checkpoint in ``out`` when resuming.
+
+    ConfigError when the checkpoint was made with other settings, or when one exists and
+    ``resume`` was not asked for (nothing is overwritten silently).
+    """
+    if not resume:
+        if (out / CHECKPOINT).exists():
+            raise ConfigError(
+                f"{out} holds a checkpoint: pass --resume to continue it, or another --out"
+            )
+        return 0, 0, []
+    state = _load_checkpoint(out)
+    if state is None:
+        log.warning("no checkpoint in %s: starting from scratch", out)
+        return 0, 0, []
+    saved = json.loads(state["identity"])
+    if saved != cfg.identity():
+        raise ConfigError(
+            f"the checkpoint in {out} was made with {saved}, not {cfg.identity()}: "
+            "use the same settings to resume, or another --out"
+        )
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["epoch"]), int(state["step"]), json.loads(state["history"])
+
+
+def save_state(out: Path, cfg: HeadConfig, model: Any, optimizer: Any, epoch: int, step: int,
+               history: list) -> None:  # fmt: skip
+    """Checkpoint everything a resumed run needs (weights, optimiser, position, identity)."""
+    _save_checkpoint(out, {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+        "step": step, "identity": json.dumps(cfg.identity()), "history": json.dumps(history),
+    })  # fmt: skip
+
+
 def optimise(loss: Any, optimizer: Any, losses: list, progress: Any) -> None:
     """One optimiser step on ``loss``; records it and moves the progress bar."""
     optimizer.zero_grad(set_to_none=True)
@@ -416,26 +452,7 @@ def train_head(
     optimizer = torch.optim.Adam(params, lr=cfg.learning_rate(), weight_decay=cfg.weight_decay)
     loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pw, device=device))
 
-    start_epoch, start_step, history = 0, 0, []
-    if resume:
-        state = _load_checkpoint(out)
-        if state is None:
-            log.warning("no checkpoint in %s: starting from scratch", out)
-        else:
-            saved = json.loads(state["identity"])
-            if saved != cfg.identity():
-                raise ConfigError(
-                    f"the checkpoint in {out} was made with {saved}, not {cfg.identity()}: "
-                    "use the same settings to resume, or another --out"
-                )
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            start_epoch, start_step = int(state["epoch"]), int(state["step"])
-            history = json.loads(state["history"])
-    elif (out / CHECKPOINT).exists():
-        raise ConfigError(
-            f"{out} holds a checkpoint: pass --resume to continue it, or another --out"
-        )
+    start_epoch, start_step, history = restore(cfg, out, resume, model, optimizer)
 
     base_train = PreprocessedImages(train_items, cfg.preprocess, cfg.input_size)
     base_test = PreprocessedImages(test_items, cfg.preprocess, cfg.input_size)
@@ -453,17 +470,7 @@ def train_head(
         )
 
     def checkpoint(epoch: int, step: int) -> None:
-        _save_checkpoint(
-            out,
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch,
-                "step": step,
-                "identity": json.dumps(cfg.identity()),
-                "history": json.dumps(history),
-            },
-        )
+        save_state(out, cfg, model, optimizer, epoch, step, history)
 
     stopped = False
     steps_done = 0
