@@ -39,6 +39,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -217,12 +218,31 @@ def store_fp16(
         if drop_prefix and key.startswith(drop_prefix):
             continue
         out[key] = value.to(torch.float16) if value.is_floating_point() else value
-    config = json.loads((src / "config.json").read_text())
+    config = relative_provenance(json.loads((src / "config.json").read_text()), dst)
     config["stored_dtype"] = "float16"
     config.update(extra or {})
     dst.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in out.items()}, str(dst / "model.safetensors"))
     (dst / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True))
+
+
+def relative_provenance(config: Any, dst: Path) -> Any:
+    """``config`` with every ``init_weights`` path that names a sibling of ``dst`` made relative.
+
+    train-head records the ``--init-weights`` path it was given, which is absolute here; a shipped
+    folder says ``../backbone-pretext`` instead, so the files do not depend on where they were built.
+    """
+    if isinstance(config, list):
+        return [relative_provenance(v, dst) for v in config]
+    if not isinstance(config, dict):
+        return config
+    out = {}
+    for key, value in config.items():
+        if key == "init_weights" and isinstance(value, str) and Path(value).is_absolute():
+            if Path(value).resolve().parent == dst.resolve().parent:
+                value = f"../{Path(value).name}"
+        out[key] = relative_provenance(value, dst)
+    return out
 
 
 def folder_metrics(folder: Path) -> dict:

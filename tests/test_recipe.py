@@ -36,6 +36,11 @@ def test_quick_recipe_writes_verified_weights_and_a_report(tmp_path):
     # the pretrained heads hold only their head and borrow the pretext backbone
     head_only = json.loads((out / "pretrained-mass" / "config.json").read_text())
     assert head_only["backbone_weights"] == "../backbone-pretext"
+    # no shipped file names the machine it was built on: provenance paths are relative
+    for cfg in out.glob("*/config.json"):
+        text = cfg.read_text()
+        assert str(tmp_path) not in text, cfg
+    assert head_only["provenance"]["init_weights"] == "../backbone-pretext"
     assert manifest["metrics"]["finetuned-calcification"]
     results = json.loads((report / "results.json").read_text())
     assert {"table1", "figure2", "table2", "figure4", "confounder"} <= set(results)

@@ -351,18 +351,37 @@ def save_sae_weights(folder: Path, sae: Any, extra: dict | None = None) -> Path:
 
 
 # --- distributed ---------------------------------------------------------------------------------
-def _dist_setup(rank: int | None, world: int | None, device: str) -> tuple[int, int, Any]:
-    """(rank, world, dist module or None); initialises the process group under torchrun."""
+def _dist_setup(rank: int | None, world: int | None, device: str) -> tuple[int, int, Any, bool]:
+    """(rank, world, dist module or None, whether this call created the process group).
+
+    Initialises the process group under torchrun; a group the caller made is left to the caller.
+    """
     import torch.distributed as dist
 
     rank = int(os.environ.get("RANK", "0")) if rank is None else rank
     world = int(os.environ.get("WORLD_SIZE", "1")) if world is None else world
     if world <= 1:
-        return 0, 1, None
-    if not dist.is_initialized():
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-        dist.init_process_group(backend, rank=rank, world_size=world)
-    return rank, world, dist
+        return 0, 1, None, False
+    if dist.is_initialized():
+        return rank, world, dist, False
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    dist.init_process_group(backend, rank=rank, world_size=world)
+    return rank, world, dist, True
+
+
+def _dist_teardown(dist: Any, clean: bool) -> None:
+    """Close a process group this run created.
+
+    After a clean run every rank first meets at a barrier (rank 0 may still be writing the
+    weights): a rank that tears its gloo connections down while a peer is still using them can
+    abort the peer's process (SIGABRT, "terminate called without an active exception"). After a
+    failure there is no barrier, since a dead peer would never arrive.
+    """
+    try:
+        if clean:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def _resolve_device(device: str, world: int) -> str:
@@ -392,11 +411,6 @@ def train_sae(
 
     ``stop_after_steps`` behaves like a SIGTERM after that step (checkpoint, return interrupted).
     """
-    import torch
-
-    from ..models.sae import SparseAutoencoder
-    from . import store as fs
-
     out = Path(out_dir)
     ckpt_dir = out / CHECKPOINT_DIR
     tensors, meta = ({}, {})
@@ -412,7 +426,29 @@ def train_sae(
         )
     env_world = int(os.environ.get("WORLD_SIZE", "1")) if world is None else world
     device = _resolve_device(config.device, env_world)
-    rank, world, dist = _dist_setup(rank, world, device)
+    rank, world, dist, own_group = _dist_setup(rank, world, device)
+    clean = False
+    try:
+        result = _train_loop(store, config, out, ckpt_dir, tensors, meta, resume, progress,
+                             stop_after_steps, on_step, rank, world, dist, device)  # fmt: skip
+        clean = True
+        return result
+    finally:
+        if own_group:
+            _dist_teardown(dist, clean)
+
+
+def _train_loop(
+    store: Any, config: TrainConfig, out: Path, ckpt_dir: Path, tensors: dict, meta: dict,
+    resume: bool, progress: Any, stop_after_steps: int | None,
+    on_step: Callable[[int], None] | None, rank: int, world: int, dist: Any, device: str,
+) -> TrainResult:  # fmt: skip
+    """The body of :func:`train_sae` once the config and the process group are settled."""
+    import torch
+
+    from ..models.sae import SparseAutoencoder
+    from . import store as fs
+
     if config.batch_size % world:
         raise ConfigError(f"batch size {config.batch_size} must divide by the {world} processes")
     opened = isinstance(store, (str, Path))
