@@ -161,6 +161,59 @@ def test_two_process_gloo_matches_single_process(tiny_store, tmp_path):
     assert not torch.equal(a["W_enc"], SparseAutoencoder(D, M, init="paper").W_enc)
 
 
+class _LateDist:
+    """A stand-in for torch.distributed whose 'worker thread' lets go of tensors late, as gloo does."""
+
+    class ReduceOp:
+        MAX = "max"
+
+    def __init__(self):
+        import threading
+
+        self.kept, self.calls, self.lock = [], [], threading.Lock()
+
+    def all_reduce(self, tensor, op=None):
+        import threading
+
+        self.calls.append(("all_reduce", op))
+        held = tensor.view(tensor.shape)  # a C++-side reference: the view keeps the tensor alive
+        with self.lock:
+            self.kept.append(held)
+
+        def let_go():
+            with self.lock:
+                self.kept[:] = [t for t in self.kept if t is not held]
+
+        threading.Timer(0.05, let_go).start()
+
+    def barrier(self):
+        self.calls.append(("barrier", None))
+
+    def destroy_process_group(self):
+        with self.lock:
+            self.calls.append(("destroy", len(self.kept)))
+
+
+def test_collectives_close_only_after_the_backend_let_go_of_every_tensor():
+    from napari_mammo_sae.pipeline.train_sae import _Comm
+
+    fake = _LateDist()
+    comm = _Comm(fake, owned=True)
+    for _ in range(3):
+        comm.all_reduce(torch.ones(4))  # the caller drops its reference at once
+    comm.all_reduce(torch.ones(1), op=comm.ReduceOp.MAX)
+    comm.close(clean=True)
+    assert fake.calls[-2:] == [("barrier", None), ("destroy", 0)]  # nothing held at destroy
+    # a failed run skips the barrier (a dead peer never arrives) but still closes
+    fake2 = _LateDist()
+    _Comm(fake2, owned=True).close(clean=False)
+    assert fake2.calls == [("destroy", 0)]
+    # a process group the caller made is left open
+    fake3 = _LateDist()
+    _Comm(fake3, owned=False).close(clean=True)
+    assert fake3.calls == []
+
+
 def test_cli_end_to_end_with_toml_and_resume(tiny_store, tmp_path):
     toml = tmp_path / "train.toml"
     toml.write_text("[train]\nbatch_size = 40\nfraction = 0.5\nlr = 0.001\nd_latent = 128\n")

@@ -351,37 +351,88 @@ def save_sae_weights(folder: Path, sae: Any, extra: dict | None = None) -> Path:
 
 
 # --- distributed ---------------------------------------------------------------------------------
-def _dist_setup(rank: int | None, world: int | None, device: str) -> tuple[int, int, Any, bool]:
-    """(rank, world, dist module or None, whether this call created the process group).
+class _Comm:
+    """The collectives a run uses (``torch.distributed`` under another name), made safe to exit.
 
-    Initialises the process group under torchrun; a group the caller made is left to the caller.
+    Gloo finishes a collective on its own worker thread and drops its record of the work (which
+    holds the tensors) a moment after ``wait()`` has returned. If Python has let go of such a
+    tensor, that last drop needs the GIL; when it comes after the interpreter began to shut down,
+    the worker thread is killed inside a destructor and the process aborts (SIGABRT, "terminate
+    called without an active exception") although the run had finished and saved. So every tensor
+    handed to a collective is kept here until gloo has released it, and :meth:`close` waits for
+    that (GIL released while it waits) before destroying the process group.
+    """
+
+    def __init__(self, dist: Any, owned: bool) -> None:
+        self.dist = dist
+        self.owned = owned  # this run created the process group and closes it
+        self.ReduceOp = dist.ReduceOp
+        self._held: list[Any] = []
+
+    def _hold(self, tensor: Any) -> None:
+        self._held = [t for t in self._held if not self._released(t)]
+        self._held.append(tensor)
+
+    @staticmethod
+    def _released(tensor: Any) -> bool:
+        count = getattr(tensor, "_use_count", None)
+        return count is not None and count() <= 1  # only our reference is left
+
+    def all_reduce(self, tensor: Any, op: Any = None) -> None:
+        self._hold(tensor)
+        if op is None:
+            self.dist.all_reduce(tensor)
+        else:
+            self.dist.all_reduce(tensor, op=op)
+
+    def broadcast(self, tensor: Any, src: int) -> None:
+        self._hold(tensor)
+        self.dist.broadcast(tensor, src=src)
+
+    def settle(self, timeout: float = 10.0) -> bool:
+        """Wait until gloo holds none of our tensors; True when it let go of all of them."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._held = [t for t in self._held if not self._released(t)]
+            if not self._held or time.monotonic() > deadline:
+                return not self._held
+            time.sleep(0.001)  # releases the GIL: gloo's threads may need it to let go
+
+    def close(self, clean: bool) -> None:
+        """Close a process group this run created.
+
+        After a clean run every rank first meets at a barrier (rank 0 may still be writing the
+        weights) and waits until gloo has let go of every tensor; after a failure there is no
+        barrier, since a dead peer would never arrive.
+        """
+        if not self.owned:
+            return
+        try:
+            if clean:
+                self.dist.barrier()
+                if not self.settle():
+                    log.warning("the process group still held tensors after 10 s; closing anyway")
+        finally:
+            self.dist.destroy_process_group()
+            self._held.clear()
+
+
+def _dist_setup(rank: int | None, world: int | None, device: str) -> tuple[int, int, _Comm | None]:
+    """(rank, world, collectives or None); initialises the process group under torchrun.
+
+    A process group the caller made is used and left open; one made here is closed at the end.
     """
     import torch.distributed as dist
 
     rank = int(os.environ.get("RANK", "0")) if rank is None else rank
     world = int(os.environ.get("WORLD_SIZE", "1")) if world is None else world
     if world <= 1:
-        return 0, 1, None, False
+        return 0, 1, None
     if dist.is_initialized():
-        return rank, world, dist, False
+        return rank, world, _Comm(dist, owned=False)
     backend = "nccl" if device.startswith("cuda") else "gloo"
     dist.init_process_group(backend, rank=rank, world_size=world)
-    return rank, world, dist, True
-
-
-def _dist_teardown(dist: Any, clean: bool) -> None:
-    """Close a process group this run created.
-
-    After a clean run every rank first meets at a barrier (rank 0 may still be writing the
-    weights): a rank that tears its gloo connections down while a peer is still using them can
-    abort the peer's process (SIGABRT, "terminate called without an active exception"). After a
-    failure there is no barrier, since a dead peer would never arrive.
-    """
-    try:
-        if clean:
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    return rank, world, _Comm(dist, owned=True)
 
 
 def _resolve_device(device: str, world: int) -> str:
@@ -426,7 +477,7 @@ def train_sae(
         )
     env_world = int(os.environ.get("WORLD_SIZE", "1")) if world is None else world
     device = _resolve_device(config.device, env_world)
-    rank, world, dist, own_group = _dist_setup(rank, world, device)
+    rank, world, dist = _dist_setup(rank, world, device)
     clean = False
     try:
         result = _train_loop(store, config, out, ckpt_dir, tensors, meta, resume, progress,
@@ -434,8 +485,8 @@ def train_sae(
         clean = True
         return result
     finally:
-        if own_group:
-            _dist_teardown(dist, clean)
+        if dist is not None:
+            dist.close(clean)
 
 
 def _train_loop(
