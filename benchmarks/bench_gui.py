@@ -85,11 +85,69 @@ def main() -> int:
         w.worker_done = done
         w._done = done
     gaps: list[float] = []
+    ticks: list[float] = []
     last = [time.perf_counter()]
+    steps: list[tuple[float, float, str]] = []  # (start, end, what) of each explorer GUI step
+    tail_prof: list = []
+    if os.environ.get("BENCH_TIMELINE"):  # what ran inside the longest stall
+        drain = w._drain
+
+        def timed_drain() -> None:
+            step = w._pending[0] if w._pending else None
+            what = getattr(step, "__name__", "?")
+            code = getattr(step, "__code__", None)
+            if what == "<lambda>" and code is not None:
+                what = f"lambda at {Path(code.co_filename).name}:{code.co_firstlineno}"
+            if len(w._pending) == 1 and os.environ.get("BENCH_TIMELINE") == "profile":
+                import cProfile
+
+                tail_prof.append(cProfile.Profile())
+                tail_prof[0].enable()  # the last step and what follows it
+            t = time.perf_counter()
+            drain()
+            steps.append((t, time.perf_counter(), what))
+
+        w._drain = timed_drain
+
+        def timed_event(cls: type, label: str) -> None:
+            orig = cls.event
+
+            def event(self, e):  # noqa: ANN001
+                t = time.perf_counter()
+                out = orig(self, e)
+                if time.perf_counter() - t > 0.005:
+                    steps.append((t, time.perf_counter(), f"{label} event {e.type()}"))
+                return out
+
+            cls.event = event
+
+        from napari._qt.qt_main_window import _QtMainWindow
+
+        timed_event(_QtMainWindow, "main window")
+        timed_event(type(viewer.window._qt_viewer.canvas.native), "canvas")
+        from qtpy.QtCore import QObject
+
+        class Gaps(QObject):
+            """The time from one event's delivery to the next: what each event (and all it set
+            off before the next one) cost."""
+
+            prev = [time.perf_counter(), "start"]
+
+            def eventFilter(self, obj, e):  # noqa: ANN001, N802
+                now = time.perf_counter()
+                t, what = self.prev
+                if now - t > 0.02:
+                    steps.append((t, now, f"after {what}"))
+                self.prev[:] = [now, f"{type(obj).__name__} event {e.type()}"]
+                return False
+
+        gaps_filter = Gaps()
+        QApplication.instance().installEventFilter(gaps_filter)
 
     def tick() -> None:
         now = time.perf_counter()
         gaps.append(now - last[0])
+        ticks.append(now)
         last[0] = now
 
     timer = QTimer()
@@ -106,6 +164,11 @@ def main() -> int:
         time.sleep(0.005)
     timer.stop()
     run_s = time.perf_counter() - t0
+    if tail_prof:
+        import pstats
+
+        tail_prof[0].disable()
+        pstats.Stats(tail_prof[0]).sort_stats("cumulative").print_stats(40)
     if w.last_error:
         print("error:", w.last_error)
         return 1
@@ -113,6 +176,15 @@ def main() -> int:
     overlays = [lay for lay in viewer.layers if "mammo_sae" in lay.metadata]
     ratio = sum(np.asarray(o.data).nbytes for o in overlays) / np.asarray(base.data).nbytes
     stall_ms = 1000 * max(gaps)
+    if os.environ.get("BENCH_TIMELINE"):
+        for i in sorted(range(len(gaps)), key=gaps.__getitem__)[-4:]:
+            end, start = ticks[i], ticks[i] - gaps[i]
+            inside = [(a, b, what) for a, b, what in steps if b > start and a < end]
+            print(
+                f"stall {1000 * gaps[i]:.0f} ms at +{1000 * (start - t0):.0f} ms; explorer steps in it:"
+            )
+            for a, b, what in inside:
+                print(f"    {1000 * (b - a):6.1f} ms  {what}")
 
     iw.mode.setCurrentText("top-k deactivated")
     times = []

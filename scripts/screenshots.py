@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     # the widgets remember paths between runs: screenshots start from none of the user's settings
     import os
     import tempfile
+    import time
 
     os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="mammo-sae-screenshots-")
 
@@ -99,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     intervention.mode.setCurrentText("top-k deactivated")
     intervention.k.setValue(10)
     cam = f"{best.layer_name} · CAM (intervened)"
+    for _ in range(200):  # the CAM layer is added over a few event-loop turns
+        if cam in viewer.layers:
+            break
+        QApplication.processEvents()
+        time.sleep(0.01)
     if cam in viewer.layers:
         viewer.layers[cam].visible = True
     for lay in viewer.layers:
@@ -129,8 +135,6 @@ def main(argv: list[str] | None = None) -> int:
         dock.raise_()
     worker = gallery.load()
     if worker is not None:
-        import time
-
         t0 = time.time()
         while not gallery.tiles and time.time() - t0 < 300:
             QApplication.processEvents()

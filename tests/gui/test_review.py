@@ -154,8 +154,17 @@ def test_intervened_probability_equals_the_core_closed_form(viewer, exam, qtbot)
     assert result.mode == "remove"
     assert result.probability == pytest.approx(1 / (1 + np.exp(-logit)), abs=1e-6)
     assert f"{result.probability:.3f}" in iw.intervened.text()
-    cam = viewer.layers[f"{cur.layer_name} · CAM (intervened)"]
+    # the CAM layer is built at once and added over the next event-loop turns, holding the
+    # latest update's map, without taking the user's layer selection
+    cam_name = f"{cur.layer_name} · CAM (intervened)"
+    selected = set(viewer.layers.selection)
+    qtbot.waitUntil(lambda: cam_name in viewer.layers, timeout=10_000)
+    cam = viewer.layers[cam_name]
     assert cam.data.shape == a.grid
+    np.testing.assert_allclose(cam.data, a.reconstruction_cam(list(neurons), "remove"), atol=1e-5)
+    assert set(viewer.layers.selection) == selected
+    qtbot.waitUntil(lambda: viewer.window._qt_window.updatesEnabled(), timeout=10_000)
+    assert not viewer.window._qt_viewer.canvas._pause_scene_graph
     # the widget's fast CAM equals the core's for both modes and for large sets
     for how, ns in [
         ("remove", list(neurons)),
@@ -360,9 +369,20 @@ def test_overlay_batch_always_ends_even_when_a_layer_step_fails(viewer, exam, qt
     """The inserts run inside one layers batch; it must close on success and on failure, or
     napari would stop updating its scene graph."""
     canvas = viewer.window._qt_viewer.canvas
+    window = viewer.window._qt_window
     w = _explorer(viewer, exam, qtbot, k=2)
+    seen = []
+    insert = w._insert_layer
+
+    def recording_insert(layer):
+        seen.append(window.updatesEnabled())  # repaints are held while the overlays go in
+        insert(layer)
+
+    monkeypatch.setattr(w, "_insert_layer", recording_insert)
     _run(w, qtbot)
-    assert not w._batching and not canvas._pause_scene_graph
+    monkeypatch.undo()  # the recorder holds the window: drop it before napari's leak check
+    assert seen == [False, False]
+    assert not w._batching and not canvas._pause_scene_graph and window.updatesEnabled()
     w.remove_overlays()
 
     def broken(layer):
@@ -372,4 +392,4 @@ def test_overlay_batch_always_ends_even_when_a_layer_step_fails(viewer, exam, qt
     w.run()
     qtbot.waitUntil(lambda: not w.is_busy(), timeout=120_000)
     assert "could not show the overlays: boom" in (w.last_error or "")
-    assert not w._batching and not canvas._pause_scene_graph
+    assert not w._batching and not canvas._pause_scene_graph and window.updatesEnabled()

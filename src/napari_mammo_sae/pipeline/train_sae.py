@@ -225,7 +225,7 @@ def autograd_grads(sae: Any, x: Any, *, n_total: int, dead_mask: Any = None) -> 
         "sq_sum": float(err.pow(2).sum()),
         "l1_sum": float(z.abs().sum()),
         "l0_sum": float((z > 0).sum()),
-        "auxk": float(out.get("auxk", 0.0)),
+        "auxk": float(out["auxk"].detach()) if "auxk" in out else 0.0,
         "fired": (z > 0).any(0),
         "active_fraction": float((z > 0).any(0).float().mean()),
     }

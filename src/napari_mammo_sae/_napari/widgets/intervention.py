@@ -27,7 +27,7 @@ from qtpy.QtWidgets import (
 )
 
 from .. import layers as L
-from ._common import get_session, notify_error
+from ._common import get_session, insert_in_turns, notify_error
 
 MODES = ("top-k activated", "top-k deactivated", "custom set: remove", "custom set: keep only",
          "all neurons labelled spurious: remove", "single neuron: keep only")  # fmt: skip
@@ -56,6 +56,7 @@ class InterventionWidget(QWidget):
         super().__init__(parent)
         self.viewer = napari_viewer
         self.session = get_session(napari_viewer)
+        self._cam_pending: dict[str, Any] = {}  # CAM layers built, not yet in the viewer
         self.mode = QComboBox()
         self.mode.addItems(MODES)
         self.k = QSlider(Qt.Horizontal)
@@ -160,6 +161,10 @@ class InterventionWidget(QWidget):
         self._update_cam(cur, neurons, how)
         return result
 
+    def _cam_failed(self, exc: Exception) -> None:
+        self._cam_pending.clear()
+        notify_error(f"intervention: could not add the CAM layer: {exc}")
+
     def cam(self, a: Any, neurons: list[int], how: str) -> np.ndarray:
         """The intervened reconstruction's CAM, from the full CAM and only the set's columns."""
         v, bias = a._weights
@@ -181,6 +186,7 @@ class InterventionWidget(QWidget):
         tf = L.heatmap_transform(a.geometry, a.grid, cur.placement)
         lim = float(max(abs(cam.min()), abs(cam.max()), 1e-6))
         if name in self.viewer.layers:
+            self._cam_pending.pop(name, None)
             lay = self.viewer.layers[name]
             data = lay.data
             if isinstance(data, np.ndarray) and data.shape == cam.shape and data.dtype == cam.dtype:
@@ -193,9 +199,19 @@ class InterventionWidget(QWidget):
             else:
                 lay.data = cam
                 lay.contrast_limits = (-lim, lim)
-        else:
-            self.viewer.add_image(
+        elif name not in self._cam_pending:
+            from napari.layers import Image
+
+            layer = Image(
                 cam, name=name, colormap="bwr", blending="translucent", opacity=0.45,
                 contrast_limits=(-lim, lim), interpolation2d="linear", visible=False,
                 metadata={CAM_KEY: {"image": cur.layer_name}}, units=("mm", "mm"), **tf,
             )  # fmt: skip
+            # built now, added over the next event-loop turns (the viewer stays responsive);
+            # until it is in, later updates write into the same array
+            self._cam_pending[name] = layer
+            insert_in_turns(self.viewer, layer, self, on_error=self._cam_failed)
+        else:
+            layer = self._cam_pending[name]
+            layer.data = cam
+            layer.contrast_limits = (-lim, lim)
