@@ -56,7 +56,7 @@ benchmarks: venv
 # docs/evaluation/ and docs/EVALUATION.md from them.
 weights: venv
 	$(PY) scripts/make_weights.py --workers 1
-	$(PY) scripts/summarise_evaluation.py
+	$(PY) scripts/summarise_evaluation.py --append docs/evaluation_discussion.md
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .ruff_cache
