@@ -20,6 +20,18 @@ NEURON_COLOURS = (
 )  # fmt: skip
 
 
+SHORT_LABELS = {"suspicious calcification": "susp. calc.", "architectural distortion": "arch. dist.",
+                "focal asymmetry": "focal asym.", "global asymmetry": "global asym."}  # fmt: skip
+
+
+def box_label(category: str) -> str:
+    """The short text drawn at a box (the full category stays in the layer's features).
+
+    Findings often sit side by side; full VinDr category names ran into each other on screen.
+    """
+    return SHORT_LABELS.get(str(category).strip().lower(), str(category))
+
+
 def neuron_colormap(rank: int) -> Any:
     """A colormap transparent at zero rising to the rank's colour (napari Colormap)."""
     from napari.utils.colormaps import Colormap

@@ -15,6 +15,7 @@ import numpy as np
 from ..annotations import load_confounders, load_vindr
 from ..layout import hanging_layout
 from ..phantom.dataset import PhantomConfig, write_dataset
+from .layers import box_label
 from .reader import layer_data_tuples, read_records
 
 FINDING_COLOURS = {"Mass": "#ff5050", "Suspicious Calcification": "#ffd000"}
@@ -76,9 +77,9 @@ def phantom_exam_sample(seed: int = 16) -> list:
                     "edge_color": [FINDING_COLOURS.get(c, "#ff00ff") for c in cats],
                     "face_color": "transparent",
                     "edge_width": 1.0,
-                    "features": {"category": cats},
+                    "features": {"category": cats, "label": [box_label(c) for c in cats]},
                     "text": {
-                        "string": "{category}",
+                        "string": "{label}",
                         "color": "white",
                         "size": 9,
                         "anchor": "upper_left",

@@ -694,6 +694,7 @@ class NeuronExplorer(QWidget):
         self.viewer.add_shapes(
             shapes, shape_type="rectangle", name=f"annotations ({Path(path).name})",
             edge_color="#ff5050", face_color="transparent", edge_width=1.0,
-            features={"category": cats}, text={"string": "{category}", "color": "white", "size": 9},
+            features={"category": cats, "label": [L.box_label(c) for c in cats]},
+            text={"string": "{label}", "color": "white", "size": 9, "anchor": "upper_left"},
         )  # fmt: skip
         return len(shapes)
