@@ -177,7 +177,13 @@ def test_intervened_probability_equals_the_core_closed_form(viewer, exam, qtbot)
     assert list(iw.update().neurons) == [0, 2, 3]
     # the CAM layer follows each update (written in place), hidden or shown
     np.testing.assert_allclose(cam.data, a.reconstruction_cam([0, 2, 3], "keep"), atol=1e-5)
+    # hidden, it is not refreshed (no canvas or layer-list repaint per slider step); shown, it
+    # takes the skipped contrast limits at once
+    before = tuple(cam.contrast_limits)
+    lim = float(np.abs(cam.data).max())
+    assert before != pytest.approx((-lim, lim), rel=1e-5)
     cam.visible = True
+    assert tuple(cam.contrast_limits) == pytest.approx((-lim, lim), rel=1e-5)
     iw.custom.setText("1")
     iw.update()
     np.testing.assert_allclose(cam.data, a.reconstruction_cam([1], "keep"), atol=1e-5)

@@ -57,6 +57,8 @@ class InterventionWidget(QWidget):
         self.viewer = napari_viewer
         self.session = get_session(napari_viewer)
         self._cam_pending: dict[str, Any] = {}  # CAM layers built, not yet in the viewer
+        self._cam_stale: dict[str, tuple[float, float]] = {}  # hidden CAMs: limits to apply
+        self._cam_watched: set[int] = set()  # CAM layers whose visibility we follow
         self.mode = QComboBox()
         self.mode.addItems(MODES)
         self.k = QSlider(Qt.Horizontal)
@@ -161,6 +163,17 @@ class InterventionWidget(QWidget):
         self._update_cam(cur, neurons, how)
         return result
 
+    def _show_cam(self, layer: Any, limits: tuple[float, float]) -> None:
+        if tuple(layer.contrast_limits) != limits:
+            layer.contrast_limits = limits
+        layer.refresh(extent=False)
+
+    def _cam_visibility(self, event: Any) -> None:
+        """A hidden CAM layer was shown: apply the updates it skipped."""
+        layer = event.source
+        if layer.visible and layer.name in self._cam_stale:
+            self._show_cam(layer, self._cam_stale.pop(layer.name))
+
     def _cam_failed(self, exc: Exception) -> None:
         self._cam_pending.clear()
         notify_error(f"intervention: could not add the CAM layer: {exc}")
@@ -193,9 +206,15 @@ class InterventionWidget(QWidget):
                 # same grid: write in place and refresh - no extent/dims recomputation, and a
                 # hidden layer does no drawing work at all
                 data[...] = cam
-                if tuple(lay.contrast_limits) != (-lim, lim):
-                    lay.contrast_limits = (-lim, lim)
-                lay.refresh(extent=False)
+                if lay.visible:
+                    self._show_cam(lay, (-lim, lim))
+                else:
+                    # a hidden layer is not refreshed at all: napari would redraw the canvas and
+                    # repaint every layer-list row for it. It catches up when it is shown.
+                    if id(lay) not in self._cam_watched:
+                        self._cam_watched.add(id(lay))
+                        lay.events.visible.connect(self._cam_visibility)
+                    self._cam_stale[name] = (-lim, lim)
             else:
                 lay.data = cam
                 lay.contrast_limits = (-lim, lim)
