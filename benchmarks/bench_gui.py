@@ -64,6 +64,12 @@ def main() -> int:
     viewer.open(str(study), plugin="napari-mammo-sae")
     w = NeuronExplorer(viewer)
     iw = InterventionWidget(viewer)
+    # docked and shown, as a user has them: their repaints are part of what is measured
+    viewer.window.add_dock_widget(w, name="Neuron explorer", area="right")
+    viewer.window.add_dock_widget(iw, name="Interventions", area="right")
+    for _ in range(100):  # let the window lay out and paint the docks before anything is timed
+        QApplication.processEvents()
+        time.sleep(0.01)
     w.source.setCurrentIndex(1)
     w.classifier_path.setText(str(tmp / "clf"))
     w.sae_path.setText(str(tmp / "sae"))
@@ -187,13 +193,30 @@ def main() -> int:
                 print(f"    {1000 * (b - a):6.1f} ms  {what}")
 
     iw.mode.setCurrentText("top-k deactivated")
-    times = []
-    for k in [1, 2, 5, 10, 20, 50, 100] * 5:
-        t = time.perf_counter()
-        iw.k.setValue(k)  # valueChanged -> update(): closed form + CAM layer refresh
+    for _ in range(50):  # the CAM layer is added over a few event-loop turns
+        if any("mammo_sae_cam" in lay.metadata for lay in viewer.layers):
+            break
         QApplication.processEvents()
-        times.append(time.perf_counter() - t)
+        time.sleep(0.01)
+    cam_layer = next(lay for lay in viewer.layers if "mammo_sae_cam" in lay.metadata)
+    iw.parentWidget().raise_()  # the interventions dock in front: its texts repaint
+
+    def slider_steps() -> list[float]:
+        out = []
+        for k in [1, 2, 5, 10, 20, 50, 100] * 5:
+            t = time.perf_counter()
+            iw.k.setValue(k)  # valueChanged -> update(): closed form + CAM layer + texts
+            QApplication.processEvents()
+            out.append(time.perf_counter() - t)
+        return out
+
+    times = slider_steps()  # CAM layer hidden (as it starts)
     slider_ms = 1000 * statistics.median(times)
+    cam_layer.visible = True
+    QApplication.processEvents()
+    slider_shown_ms = 1000 * statistics.median(slider_steps())  # CAM drawn over the image
+    cam_layer.visible = False
+    QApplication.processEvents()
     own = []
     for k in [1, 2, 5, 10, 20, 50, 100] * 5:
         iw.k.blockSignals(True)
@@ -208,13 +231,16 @@ def main() -> int:
         import cProfile
         import pstats
 
+        cam_layer.visible = True  # the costlier case
+        QApplication.processEvents()
         prof = cProfile.Profile()
         prof.enable()
         for k in [1, 2, 5, 10, 20, 50, 100] * 2:
             iw.k.setValue(k)
             QApplication.processEvents()
         prof.disable()
-        pstats.Stats(prof).sort_stats("cumulative").print_stats(18)
+        cam_layer.visible = False
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
     m = w.session.current.analysis.n_neurons
 
     print(f"window {WINDOW[0]}x{WINDOW[1]}; image {base.data.shape} at 0.1 mm; feature grid {w.session.current.analysis.grid}; "
@@ -224,8 +250,9 @@ def main() -> int:
         f"| longest GUI event-loop stall, Run -> layers shown ({run_s:.1f} s run) | {stall_ms:.0f} ms | <= 100 ms |"
     )
     print(
-        f"| intervention slider update, {m} latents, incl. napari's repaint (median of {len(times)}) "
-        f"| {slider_ms:.1f} ms | <= 50 ms |\n| the same, the widget's own work (closed form + CAM + "
+        f"| intervention slider update, {m} latents, incl. napari's repaint (median of {len(times)}), "
+        f"CAM layer hidden | {slider_ms:.1f} ms | <= 50 ms |\n| the same, CAM layer shown | "
+        f"{slider_shown_ms:.1f} ms | <= 50 ms |\n| the widget's own work (closed form + CAM + "
         f"layer data) | {own_ms:.1f} ms | - |"
     )
     viewer.close()

@@ -177,17 +177,31 @@ def test_intervened_probability_equals_the_core_closed_form(viewer, exam, qtbot)
     assert list(iw.update().neurons) == [0, 2, 3]
     # the CAM layer follows each update (written in place), hidden or shown
     np.testing.assert_allclose(cam.data, a.reconstruction_cam([0, 2, 3], "keep"), atol=1e-5)
-    # hidden, it is not refreshed (no canvas or layer-list repaint per slider step); shown, it
-    # takes the skipped contrast limits at once
-    before = tuple(cam.contrast_limits)
-    lim = float(np.abs(cam.data).max())
-    assert before != pytest.approx((-lim, lim), rel=1e-5)
-    cam.visible = True
+    # one colour scale per image, that of the CAM with every neuron: an intervention fades the
+    # map instead of being rescaled away
+    lim = float(np.abs(a.cam).max())
     assert tuple(cam.contrast_limits) == pytest.approx((-lim, lim), rel=1e-5)
+    # hidden, it is not refreshed (no canvas or layer-list repaint per slider step); shown, it is
+    # refreshed once with the latest map; visible, each step refreshes it without a thumbnail
+    calls = []
+    refresh = cam.refresh
+
+    def counting_refresh(*args, **kw):
+        calls.append(kw)
+        return refresh(*args, **kw)
+
+    cam.refresh = counting_refresh
+    iw.custom.setText("0, 2-3")
+    iw.update()
+    assert calls == []
+    cam.visible = True
+    assert calls and calls[-1].get("thumbnail", True)
+    calls.clear()
     iw.custom.setText("1")
     iw.update()
+    assert calls == [{"extent": False, "thumbnail": False, "highlight": False}]
+    del cam.refresh
     np.testing.assert_allclose(cam.data, a.reconstruction_cam([1], "keep"), atol=1e-5)
-    lim = float(np.abs(cam.data).max())
     assert tuple(cam.contrast_limits) == pytest.approx((-lim, lim), rel=1e-5)
 
 

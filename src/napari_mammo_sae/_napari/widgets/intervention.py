@@ -59,6 +59,10 @@ class InterventionWidget(QWidget):
         self._cam_pending: dict[str, Any] = {}  # CAM layers built, not yet in the viewer
         self._cam_stale: dict[str, tuple[float, float]] = {}  # hidden CAMs: limits to apply
         self._cam_watched: set[int] = set()  # CAM layers whose visibility we follow
+        self._thumbnail_timer = QTimer(self)
+        self._thumbnail_timer.setSingleShot(True)
+        self._thumbnail_timer.setInterval(300)
+        self._thumbnail_timer.timeout.connect(self._refresh_thumbnails)
         self.mode = QComboBox()
         self.mode.addItems(MODES)
         self.k = QSlider(Qt.Horizontal)
@@ -163,10 +167,16 @@ class InterventionWidget(QWidget):
         self._update_cam(cur, neurons, how)
         return result
 
-    def _show_cam(self, layer: Any, limits: tuple[float, float]) -> None:
+    def _show_cam(self, layer: Any, limits: tuple[float, float], thumbnail: bool = True) -> None:
         if tuple(layer.contrast_limits) != limits:
             layer.contrast_limits = limits
-        layer.refresh(extent=False)
+        layer.refresh(extent=False, thumbnail=thumbnail, highlight=False)
+
+    def _refresh_thumbnails(self) -> None:
+        """After a burst of slider steps: bring the CAM layers' layer-list thumbnails up to date."""
+        for lay in self.viewer.layers:
+            if CAM_KEY in lay.metadata and lay.visible:
+                lay.refresh(extent=False, data_displayed=False, highlight=False)
 
     def _cam_visibility(self, event: Any) -> None:
         """A hidden CAM layer was shown: apply the updates it skipped."""
@@ -197,17 +207,19 @@ class InterventionWidget(QWidget):
         cam = self.cam(a, neurons, how)
         name = f"{cur.layer_name} · CAM (intervened)"
         tf = L.heatmap_transform(a.geometry, a.grid, cur.placement)
-        lim = float(max(abs(cam.min()), abs(cam.max()), 1e-6))
+        # one colour scale per image: that of the CAM with every neuron, so switching neurons off
+        # shows as fading rather than being rescaled away (and a slider step changes no limits)
+        full = np.asarray(a.cam, dtype=np.float64)
+        lim = float(max(np.abs(full).max() if full.size else 0.0, 1e-6))
         if name in self.viewer.layers:
             self._cam_pending.pop(name, None)
             lay = self.viewer.layers[name]
             data = lay.data
             if isinstance(data, np.ndarray) and data.shape == cam.shape and data.dtype == cam.dtype:
-                # same grid: write in place and refresh - no extent/dims recomputation, and a
-                # hidden layer does no drawing work at all
-                data[...] = cam
+                data[...] = cam  # same grid: written in place, no extent or dims recomputation
                 if lay.visible:
-                    self._show_cam(lay, (-lim, lim))
+                    self._show_cam(lay, (-lim, lim), thumbnail=False)
+                    self._thumbnail_timer.start()  # the layer-list thumbnail once the slider rests
                 else:
                     # a hidden layer is not refreshed at all: napari would redraw the canvas and
                     # repaint every layer-list row for it. It catches up when it is shown.
