@@ -43,6 +43,20 @@ def neuron_colormap(rank: int) -> Any:
     return Colormap(colors, controls=[0.0, 0.1, 0.5, 1.0], name=f"mammo-sae-neuron-{rank}")
 
 
+def cam_colormap() -> Any:
+    """Diverging blue-transparent-red for a class-activation map with symmetric limits.
+
+    Zero (the middle of the limits) and the faintest tenth either side are fully transparent, so
+    the map never washes the whole crop over in white as napari's 'bwr' does.
+    """
+    from napari.utils.colormaps import Colormap
+
+    blue, red = (0.16, 0.47, 1.0), (1.0, 0.23, 0.19)
+    colors = np.array([[*blue, 0.9], [*blue, 0.0], [*blue, 0.0], [*red, 0.0], [*red, 0.0],
+                       [*red, 0.9]])  # fmt: skip
+    return Colormap(colors, controls=[0.0, 0.45, 0.5, 0.5, 0.55, 1.0], name="mammo-sae-cam")
+
+
 def heatmap_transform(geometry: Any, grid: tuple[int, int], placement: Any | None) -> dict:
     """``scale``/``translate`` (world mm) of an h x w map over the image (hanging layout aware)."""
     scale, translate = geometry.feature_layer_transform(grid)

@@ -234,7 +234,7 @@ class InterventionWidget(QWidget):
             from napari.layers import Image
 
             layer = Image(
-                cam, name=name, colormap="bwr", blending="translucent", opacity=0.45,
+                cam, name=name, colormap=L.cam_colormap(), blending="translucent", opacity=0.8,
                 contrast_limits=(-lim, lim), interpolation2d="linear", visible=False,
                 metadata={CAM_KEY: {"image": cur.layer_name}}, units=("mm", "mm"), **tf,
             )  # fmt: skip
