@@ -152,6 +152,9 @@ def test_intervened_probability_equals_the_core_closed_form(viewer, exam, qtbot)
     sae, clf = w.session.models.analyzer.sae, w.session.models.analyzer.classifier
     logit = intervened_logits(a.pooled_latents[None, :], sae, clf.head, neurons, "remove")[0]
     assert result.mode == "remove"
+    for k in (1, 7, 50, 3):  # the widget sorts once per analysis; each k is the core's set
+        iw.k.setValue(k)
+        assert iw.neuron_set()[0] == [int(n) for n in topk_union(-contrib, contrib, k)]
     assert result.probability == pytest.approx(1 / (1 + np.exp(-logit)), abs=1e-6)
     assert f"{result.probability:.3f}" in iw.intervened.text()
     # the CAM layer is built at once and added over the next event-loop turns, holding the
@@ -182,7 +185,7 @@ def test_intervened_probability_equals_the_core_closed_form(viewer, exam, qtbot)
     lim = float(np.abs(a.cam).max())
     assert tuple(cam.contrast_limits) == pytest.approx((-lim, lim), rel=1e-5)
     # hidden, it is not refreshed (no canvas or layer-list repaint per slider step); shown, it is
-    # refreshed once with the latest map; visible, each step refreshes it without a thumbnail
+    # refreshed once with the latest map
     calls = []
     refresh = cam.refresh
 
@@ -197,9 +200,18 @@ def test_intervened_probability_equals_the_core_closed_form(viewer, exam, qtbot)
     cam.visible = True
     assert calls and calls[-1].get("thumbnail", True)
     calls.clear()
+    # visible, a step re-uploads the texture straight to the vispy visual (a napari refresh would
+    # also repaint the layer list) and the thumbnail follows once the slider rests
+    visual = viewer.window._qt_viewer.canvas.layer_to_visual[cam]
+    uploads = []
+    on_data_change = visual._on_data_change
+    visual._on_data_change = lambda: (uploads.append(1), on_data_change())
     iw.custom.setText("1")
     iw.update()
-    assert calls == [{"extent": False, "thumbnail": False, "highlight": False}]
+    assert uploads == [1] and calls == []
+    qtbot.waitUntil(lambda: len(calls) == 1, timeout=5_000)
+    assert calls[0].get("thumbnail", True) and calls[0]["data_displayed"] is False
+    del visual._on_data_change
     del cam.refresh
     np.testing.assert_allclose(cam.data, a.reconstruction_cam([1], "keep"), atol=1e-5)
     assert tuple(cam.contrast_limits) == pytest.approx((-lim, lim), rel=1e-5)
