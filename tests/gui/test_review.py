@@ -115,6 +115,25 @@ def test_explorer_layers_sit_on_the_crop_box_and_rerun_updates_them(viewer, exam
     assert len(viewer.layers) == n_images
 
 
+def test_model_paths_are_remembered_unless_gone(viewer, exam, qtbot, tmp_path):
+    import json
+
+    from napari_mammo_sae._napari.widgets.explorer import NeuronExplorer
+
+    w = _explorer(viewer, exam, qtbot, k=2)
+    _run(w, qtbot)
+    again = NeuronExplorer(viewer)  # a later session
+    assert again.classifier_path.text() == str(exam / "clf")
+    assert again.sae_path.text() == str(exam / "sae")
+    # a remembered folder that was moved or deleted is not offered again
+    settings = tmp_path / "settings.json"
+    data = json.loads(settings.read_text())
+    data["sae_path"] = str(tmp_path / "deleted-sae")
+    settings.write_text(json.dumps(data))
+    later = NeuronExplorer(viewer)
+    assert later.sae_path.text() == "" and later.classifier_path.text() == str(exam / "clf")
+
+
 def test_explorer_stack_option_and_all_views(viewer, exam, qtbot):
     w = _explorer(viewer, exam, qtbot, k=3)
     w.stack.setChecked(True)

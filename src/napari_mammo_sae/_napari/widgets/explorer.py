@@ -94,6 +94,12 @@ def rank_neurons(
     return top, scores[top], used
 
 
+def _existing(path: Any) -> str:
+    """A remembered path, or '' when it no longer exists (a moved or deleted model folder)."""
+    text = str(path or "").strip()
+    return text if text and Path(text).exists() else ""
+
+
 def image_layers(viewer: Any) -> list[Any]:
     """Image layers opened by this plugin's reader (they carry the record and placement)."""
     return [
@@ -174,9 +180,9 @@ class NeuronExplorer(QWidget):
         self.all_views = QCheckBox("every view of the exam")
         self.source = QComboBox()
         self.source.addItems(["bundled demo weights", "classifier + SAE files"])
-        self.classifier_path = QLineEdit(settings.get("classifier_path", ""))
-        self.sae_path = QLineEdit(settings.get("sae_path", ""))
-        self.probe_path = QLineEdit(settings.get("probe_path", ""))
+        self.classifier_path = QLineEdit(_existing(settings.get("classifier_path")))
+        self.sae_path = QLineEdit(_existing(settings.get("sae_path")))
+        self.probe_path = QLineEdit(_existing(settings.get("probe_path")))
         self.trust = QCheckBox("trust pickled Mammo-CLIP file (can run code)")
         self.concept = QComboBox()
         self.concept.addItems(list(CONCEPTS))
