@@ -370,13 +370,12 @@ class _Comm:
         self._held: list[Any] = []
 
     def _hold(self, tensor: Any) -> None:
-        self._held = [t for t in self._held if not self._released(t)]
+        self._prune()
         self._held.append(tensor)
 
-    @staticmethod
-    def _released(tensor: Any) -> bool:
-        count = getattr(tensor, "_use_count", None)
-        return count is not None and count() <= 1  # only our reference is left
+    def _prune(self) -> None:
+        """Forget the tensors gloo has let go of (only our reference is left)."""
+        self._held = [t for t in self._held if getattr(t, "_use_count", lambda: 2)() > 1]
 
     def all_reduce(self, tensor: Any, op: Any = None) -> None:
         self._hold(tensor)
@@ -393,7 +392,7 @@ class _Comm:
         """Wait until gloo holds none of our tensors; True when it let go of all of them."""
         deadline = time.monotonic() + timeout
         while True:
-            self._held = [t for t in self._held if not self._released(t)]
+            self._prune()
             if not self._held or time.monotonic() > deadline:
                 return not self._held
             time.sleep(0.001)  # releases the GIL: gloo's threads may need it to let go

@@ -37,11 +37,11 @@ from .. import layers as L
 from ..model_choice import ModelChoice, bundled_choice, load_models
 from ._common import (
     ImageResult,
+    QuietBatch,
     append_without_selecting,
     get_session,
     keep_alive,
     load_settings,
-    main_window,
     notify_error,
     save_settings,
 )
@@ -171,8 +171,8 @@ class NeuronExplorer(QWidget):
         self.worker = None
         self._pending: list = []
         self._used = "class_mean"  # the ranking the last run used
-        self._batching = False  # inside a layers begin_batch/end_batch of our layer steps
-        self._held_window: Any = None  # the window whose repaints the batch holds
+        # the layer steps of a run go in inside one layers batch with the window's repaints held
+        self._batch = QuietBatch(napari_viewer, self)
         self.last_error: str | None = None
         settings = load_settings()
 
@@ -495,37 +495,15 @@ class NeuronExplorer(QWidget):
                     lambda lname=lname, spec=spec: self._put_layer(lname, spec, vmax, stack)
                 )
         steps.append(self._boxes_on_top)
-        # napari re-arranges and redraws the whole scene graph on every insert; a batch defers
-        # that to one update when the last overlay is in (the layers added are hidden but one)
-        return [self._begin_batch, *steps, self._end_batch, self._release_window]
+        # napari re-arranges and redraws the whole scene graph on every insert, and each insert
+        # makes the window repaint: the batch defers both to one update each, in steps of their own
+        b = self._batch
+        return [b.begin, *steps, b.end, b.release]
 
-    def _begin_batch(self) -> None:
-        """Open one napari layers batch and hold window repaints until it closes.
-
-        Every insert dirties the layer list and the layer controls, and under a software OpenGL
-        compositor each repaint of a window holding the canvas costs about as much as the insert
-        itself (50 ms at 1600x1000); with repaints held, the window is repainted once at the end
-        (Qt's advice for bulk changes). Input is still handled between the steps.
-        """
-        if not self._batching:
-            self.viewer.layers.events.begin_batch()
-            self._batching = True
-            window = main_window(self.viewer, self)
-            if window is not None and window.updatesEnabled():
-                window.setUpdatesEnabled(False)
-                self._held_window = window
-
-    def _end_batch(self) -> None:
-        """Close the batch: napari rebuilds its scene graph once (a step of its own)."""
-        if self._batching:
-            self._batching = False
-            self.viewer.layers.events.end_batch()
-
-    def _release_window(self) -> None:
-        """Let the window repaint again (a step of its own: the repaint is the costly part)."""
-        window, self._held_window = self._held_window, None
-        if window is not None:
-            window.setUpdatesEnabled(True)
+    @property
+    def _batching(self) -> bool:
+        """True while the layers batch of a run's layer steps is open."""
+        return self._batch.open
 
     def _put_layer(self, lname: str, spec: tuple, vmax: float, stack: bool) -> None:
         """Update the overlay layer ``lname`` in place, or build it and queue its insertion.
@@ -578,11 +556,11 @@ class NeuronExplorer(QWidget):
         except Exception as exc:  # a layer step must never take the viewer down
             self._pending.clear()
             try:
-                self._end_batch()
+                self._batch.end()
             except Exception:  # noqa: BLE001 - already failing: report the first error
                 pass
             finally:
-                self._release_window()
+                self._batch.release()
             self._fail(f"could not show the overlays: {exc}")
             self._finished()
             return

@@ -267,7 +267,7 @@ class InterventionWidget(QWidget):
                 metadata={CAM_KEY: {"image": cur.layer_name}}, units=("mm", "mm"), **tf,
             )  # fmt: skip
             # built now, added over the next event-loop turns (the viewer stays responsive);
-            # until it is in, later updates write into the same array
+            # until it is in, later updates replace its data
             self._cam_pending[name] = layer
             insert_in_turns(self.viewer, layer, self, on_error=self._cam_failed)
         else:
