@@ -266,6 +266,72 @@ def test_window_functions():
     assert (low + high) / 2 == pytest.approx(c)
 
 
+# SIGMOID (PS3.3 C.11.2.1.3.1) at c = 2000, w = 400, worked by hand: y = 1 / (1 + exp(-4 (x - c) / w))
+#   x = 2000: exp(0) = 1                 -> 1 / 2            = 0.5
+#   x = 2050: exp(-0.5) = 0.6065306597   -> 1 / 1.6065306597 = 0.6224593312
+#   x = 2100: exp(-1)   = 0.3678794412   -> 1 / 1.3678794412 = 0.7310585786
+#   x = 2200: exp(-2)   = 0.1353352832   -> 1 / 1.1353352832 = 0.8807970780  (the tangent ramp says 1.0)
+#   x = 1800: exp(2)    = 7.3890560989   -> 1 / 8.3890560989 = 0.1192029220  (the tangent ramp says 0.0)
+#   x = 0:    exp(20)   = 4.8516519541e8 -> 2.0611536e-9
+SIGMOID_HAND = {2000: 0.5, 2050: 0.6224593312, 2100: 0.7310585786, 2200: 0.8807970780,
+                1800: 0.1192029220, 0: 2.0611536e-9}  # fmt: skip
+
+
+def test_sigmoid_function_matches_hand_computed_values():
+    win = Window(2000.0, 400.0, "SIGMOID")
+    xs = np.array(list(SIGMOID_HAND), dtype=np.float32)
+    np.testing.assert_allclose(win.sigmoid(xs), list(SIGMOID_HAND.values()), rtol=1e-6, atol=1e-9)
+    # the standard's output range: y = (ymax - ymin) / (1 + exp(...)) + ymin, here 0..255
+    np.testing.assert_allclose(
+        win.sigmoid(np.array([2100.0, 1800.0]), 0.0, 255.0), [186.4199375, 30.3967451], rtol=1e-6
+    )
+
+
+def _sigmoid_pixels() -> tuple[np.ndarray, dict[tuple[int, int], int]]:
+    """A synthetic image whose row 40 holds the hand-worked inputs (stored = modality here)."""
+    pixels = breast_image(96, 64, "left", bits=12)
+    where = {}
+    for j, x in enumerate(SIGMOID_HAND):
+        pixels[40, 10 + j] = x
+        where[(40, 10 + j)] = x
+    return pixels, where
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_sigmoid_window_is_displayed_with_the_standard_curve(tmp_path, photometric):
+    from napari_mammo_sae._napari.reader import layer_data_tuples
+
+    pixels, where = _sigmoid_pixels()
+    path = write_mammogram(
+        tmp_path / "s.dcm", pixels=pixels, photometric=photometric, window=(2000.0, 400.0),
+        voi_function="SIGMOID",
+    )  # fmt: skip
+    rec = read_mammogram(path)
+    assert rec.window == Window(2000.0, 400.0, "SIGMOID")
+    # what the reader hands napari: data and linear contrast limits; the grey level on screen is
+    # (data - low) / (high - low), which must be the sigmoid's output (inverted for MONOCHROME1)
+    data, kwargs, kind = layer_data_tuples([rec])[0]
+    low, high = kwargs["contrast_limits"]
+    assert (low, high) == rec.display_limits() == (0.0, 1.0)
+    for (r, c), x in where.items():
+        want = SIGMOID_HAND[x] if photometric == "MONOCHROME2" else 1.0 - SIGMOID_HAND[x]
+        assert (data[r, c] - low) / (high - low) == pytest.approx(want, rel=1e-6, abs=1e-7)
+    # the analysis still sees modality values, not the display curve
+    np.testing.assert_array_equal(rec.pixels, pixels.astype(np.float32))
+
+
+def test_sigmoid_window_applies_in_modality_units(tmp_path):
+    # stored 1100 with slope 2, intercept -100 is x = 2100 in modality units
+    pixels = breast_image(96, 64, "left", bits=12)
+    pixels[40, 10] = 1100
+    path = write_mammogram(
+        tmp_path / "r.dcm", pixels=pixels, window=(2000.0, 400.0), voi_function="SIGMOID",
+        rescale=(2.0, -100.0),
+    )  # fmt: skip
+    rec = read_mammogram(path)
+    assert rec.display_pixels()[40, 10] == pytest.approx(0.7310585786, rel=1e-6)
+
+
 @pytest.mark.parametrize("function", ["LINEAR", "LINEAR_EXACT", "SIGMOID"])
 def test_voi_lut_function_recorded(tmp_path, function):
     rec = read_mammogram(write_mammogram(tmp_path / "w.dcm", voi_function=function))

@@ -12,14 +12,18 @@ What the reader does, in the order a workstation does it:
 
   - LINEAR: DICOM PS3.3 C.11.2.1.2.1, i.e. ``c - 0.5 -/+ (w - 1) / 2``;
   - LINEAR_EXACT: ``c -/+ w / 2``;
-  - SIGMOID: the linear ramp tangent to the sigmoid at its centre (same centre, same mid-grey slope),
-    i.e. ``c -/+ w / 2``: mid-greys match the workstation exactly and the tails are clipped a bit earlier;
+  - SIGMOID: DICOM PS3.3 C.11.2.1.3.1, ``y = 1 / (1 + exp(-4 (x - c) / w))`` (output range 0..1).
+    napari's contrast limits are linear, so ``display_pixels()`` returns the sigmoid's output itself
+    and ``display_limits()`` is ``(0, 1)``: the screen shows exactly the standard's curve.
+    ``Window.limits()`` still gives the linear ramp tangent to the sigmoid at its centre
+    (``c -/+ w / 2``) for reports;
   - VOI LUT Sequence: the input range over which the LUT output rises from its minimum to its
     maximum (the workstation shows everything below as black and above as white); the LUT's shape
     inside that range is approximated linearly. The window then has ``source="VOILUTSequence"``.
 
 * **MONOCHROME1** (bright = low values): ``display_pixels()`` inverts about the middle of the
-  representable range, and ``display_limits()`` maps the window the same way, so dense tissue is bright.
+  representable range, and ``display_limits()`` maps the window the same way, so dense tissue is bright
+  (with SIGMOID the sigmoid's output is inverted: ``1 - y``, as the standard inverts after the VOI LUT).
 * **Spacing**: Pixel Spacing, else Imager Pixel Spacing, else 1 mm with a logged warning
   (``spacing_source`` says which).
 * **Laterality**: Image Laterality, else Laterality, else text such as ``LEFT_CC`` / ``R MLO`` in
@@ -152,6 +156,23 @@ class Window:
             high = low + max(abs(low) * 1e-6, 1e-3)
         return (low, high)
 
+    @property
+    def is_sigmoid(self) -> bool:
+        """True when display needs the sigmoid curve (linear contrast limits cannot reproduce it)."""
+        return self.function == "SIGMOID"
+
+    def sigmoid(self, values: np.ndarray, y_min: float = 0.0, y_max: float = 1.0) -> np.ndarray:
+        """The SIGMOID VOI LUT function of PS3.3 C.11.2.1.3.1 (float32), whatever ``function`` is.
+
+        ``y = (y_max - y_min) / (1 + exp(-4 (x - c) / w)) + y_min``.
+        """
+        c, w = float(self.center), float(self.width)
+        x = np.asarray(values, dtype=np.float32)
+        with np.errstate(over="ignore"):  # exp overflows to inf far below the centre: y -> y_min
+            t = np.exp(np.float32(-4.0 / w) * (x - np.float32(c)))
+        y = np.float32(y_max - y_min) / (np.float32(1.0) + t) + np.float32(y_min)
+        return y.astype(np.float32, copy=False)
+
 
 @dataclass(frozen=True)
 class MammogramRecord:
@@ -188,7 +209,16 @@ class MammogramRecord:
         return float(np.nanmin(self.pixels)) + float(np.nanmax(self.pixels))
 
     def display_pixels(self) -> np.ndarray:
-        """Pixels for display: MONOCHROME1 inverted so that dense tissue is bright."""
+        """Pixels for display: MONOCHROME1 inverted so that dense tissue is bright.
+
+        With a SIGMOID window these are the sigmoid's output (0..1; ``1 - y`` for MONOCHROME1), shown
+        with ``display_limits() == (0, 1)``.
+        """
+        if self.window is not None and self.window.is_sigmoid:
+            y = self.window.sigmoid(self.pixels)
+            if self.photometric == "MONOCHROME1":
+                y = np.float32(1.0) - y
+            return y
         if self.photometric == "MONOCHROME1":
             return (np.float32(self._inversion_pivot()) - self.pixels).astype(
                 np.float32, copy=False
@@ -197,6 +227,8 @@ class MammogramRecord:
 
     def display_limits(self) -> tuple[float, float]:
         """Contrast limits for ``display_pixels()``: the file's window, else the data min/max."""
+        if self.window is not None and self.window.is_sigmoid:
+            return (0.0, 1.0)
         if self.window is not None:
             low, high = self.window.limits()
             if self.photometric == "MONOCHROME1":
