@@ -66,7 +66,83 @@ class StoreError(MammoSAEError):
     exit_code = 6
 
 
+# --- verdicts and reading studies (labels/) ------------------------------------------------------
+class LabelDatabaseError(StoreError):
+    """The verdict database cannot be opened, read or written (the message says why and what to do)."""
+
+
+class DatabaseAuthError(LabelDatabaseError):
+    """The database server refused the login: wrong or missing password (never in the message)."""
+
+
+class DatabaseUnavailableError(LabelDatabaseError):
+    """The database server cannot be reached or dropped the connection (try again later)."""
+
+
+class PermissionRefusedError(LabelDatabaseError):
+    """The database refused an action the user's role may not do (another's name, update, delete)."""
+
+
+class StudyError(MammoSAEError):
+    """A reading study is unknown, badly specified, or the reader is not one of its readers."""
+
+    exit_code = 7
+
+
 class ConfigError(MammoSAEError):
     """A configuration value is invalid (unknown split, concept, dimension mismatch, ...)."""
 
     exit_code = 2
+
+
+# --- PACS (DICOMweb) and DICOM export ----------------------------------------------------------
+class PacsError(MammoSAEError):
+    """A PACS could not be searched, read from or written to (messages carry no query values)."""
+
+    exit_code = 7
+
+
+class PacsConnectionError(PacsError):
+    """The server could not be reached (refused, unknown host, TLS failure, timeout)."""
+
+
+class PacsAuthError(PacsError):
+    """The server wants credentials (HTTP 401), or refused the ones given."""
+
+
+class PacsForbiddenError(PacsError):
+    """The server refused the request for these credentials (HTTP 403)."""
+
+
+class PacsNotFoundError(PacsError):
+    """The study or instance is not on the server (HTTP 404, or an empty answer)."""
+
+
+class PacsServerError(PacsError):
+    """The server failed (HTTP 5xx)."""
+
+
+class PacsResponseError(PacsError):
+    """The server's answer is not valid DICOMweb (bad JSON, bad multipart, not DICOM)."""
+
+
+class PacsTransferError(PacsError):
+    """A retrieve was cut off mid-transfer; what arrived whole is cached, run it again to resume."""
+
+
+class NoMammogramsError(PacsError):
+    """The study holds no MG images."""
+
+
+class StowRejectedError(PacsError):
+    """The server did not store the exported objects; they stay on disk (``folder``)."""
+
+    def __init__(self, message: str, folder: object = None) -> None:
+        super().__init__(message)
+        self.folder = folder
+
+
+class ExportError(MammoSAEError):
+    """An analysis could not be exported as DICOM (source header missing, nothing to export)."""
+
+    exit_code = 8
