@@ -99,7 +99,7 @@ class ConfigError(MammoSAEError):
 class PacsError(MammoSAEError):
     """A PACS could not be searched, read from or written to (messages carry no query values)."""
 
-    exit_code = 7
+    exit_code = 9
 
 
 class PacsConnectionError(PacsError):
@@ -145,4 +145,4 @@ class StowRejectedError(PacsError):
 class ExportError(MammoSAEError):
     """An analysis could not be exported as DICOM (source header missing, nothing to export)."""
 
-    exit_code = 8
+    exit_code = 10
