@@ -59,6 +59,12 @@ class WeightsIntegrityError(CheckpointError):
     """A weights file does not match the sha256 recorded in its manifest."""
 
 
+class BackboneRuntimeError(MammoSAEError):
+    """A backbone runtime (ONNX Runtime) could not export, load or run the model; torch still can."""
+
+    exit_code = 5
+
+
 # --- pipeline ----------------------------------------------------------------------------------
 class StoreError(MammoSAEError):
     """A feature store is missing, incomplete, corrupt, or does not match the model."""
