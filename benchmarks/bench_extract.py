@@ -37,8 +37,9 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     from napari_mammo_sae.cli import main as cli
-    from napari_mammo_sae.pipeline.extract import extract_features, parse_size
-    from napari_mammo_sae.pipeline.train_head import build_classifier
+    from napari_mammo_sae.pipeline.dataset import parse_size
+    from napari_mammo_sae.pipeline.extract import extract_features
+    from napari_mammo_sae.pipeline.head_training import build_classifier
 
     size = parse_size(args.size)
     model = build_classifier(args.backbone).eval()

@@ -34,8 +34,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from napari_mammo_sae.pipeline.extract import geometry_from_json
-    from napari_mammo_sae.pipeline.probe import load_probe, load_sae, open_view
+    from napari_mammo_sae.models.folders import load_sae
+    from napari_mammo_sae.pipeline.dataset import geometry_from_json
+    from napari_mammo_sae.pipeline.probe import load_probe, open_view
 
     view = open_view(args.store)
     sae = load_sae(args.sae).float()

@@ -77,13 +77,14 @@ import pytest  # noqa: E402
 
 from napari_mammo_sae.cli import main  # noqa: E402
 from napari_mammo_sae.errors import ConfigError, StoreError  # noqa: E402
+from napari_mammo_sae.models import folders  # noqa: E402
 from napari_mammo_sae.pipeline import probe  # noqa: E402
 from test_extract import write_vindr_dataset  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from napari_mammo_sae.pipeline.train_head import build_classifier, save_model
+    from napari_mammo_sae.pipeline.head_training import build_classifier, save_model
 
     root = tmp_path_factory.mktemp("eval")
     write_vindr_dataset(root / "data", studies=4)
@@ -103,13 +104,13 @@ def fake_sae(monkeypatch):
     sae = _SAE(256, 64, seed=1)
     with torch.no_grad():
         sae.W_enc.mul_(0.05)
-    monkeypatch.setattr(probe, "load_sae", lambda folder: sae.eval())
+    monkeypatch.setattr(folders, "load_sae", lambda folder: sae.eval())
     return sae
 
 
 def test_closed_form_interventions_equal_explicit_decode(setup, fake_sae):
     from napari_mammo_sae.pipeline.probe import head_parts, open_view
-    from napari_mammo_sae.pipeline.train_head import load_model_folder
+    from napari_mammo_sae.models.folders import load_model_folder
 
     view = open_view(setup / "store.h5")
     model, _ = load_model_folder(setup / "head")
@@ -165,7 +166,7 @@ def test_probe_cli_writes_a_findable_file(setup, fake_sae, tmp_path):
                "--images", "3"])  # fmt: skip
     assert rc == 0
     result = probe.load_probe(out)
-    assert result.sae_sha256 == probe.sae_sha256(setup / "sae")
+    assert result.sae_sha256 == folders.sae_sha256(setup / "sae")
     assert probe.find_probe(tmp_path, result.sae_sha256, "calcification") == out
     for neuron, tops in result.top_images.items():
         assert len(tops) <= 3
@@ -182,7 +183,7 @@ def test_evaluate_errors(setup, fake_sae, tmp_path):
     assert main([*args, *store, *heads, "--protocol", "breast"]) == ConfigError.exit_code
     assert main([*args, "--store", str(tmp_path / "none.h5"), *heads]) == StoreError.exit_code
     # a head trained on another backbone matches no store
-    from napari_mammo_sae.pipeline.train_head import build_classifier, save_model
+    from napari_mammo_sae.pipeline.head_training import build_classifier, save_model
 
     torch.manual_seed(5)
     other = tmp_path / "other"
@@ -198,8 +199,6 @@ def test_evaluate_errors(setup, fake_sae, tmp_path):
                  "validation", "--out", str(tmp_path / "p.npz")]) == ConfigError.exit_code  # fmt: skip
     # an SAE whose input dimension differs from the store's features
     probe_sae = _SAE(128, 16)
-    import napari_mammo_sae.pipeline.probe as p
-
-    p.load_sae = lambda folder: probe_sae  # undone by the fake_sae fixture's monkeypatch
+    folders.load_sae = lambda folder: probe_sae  # undone by the fake_sae fixture's monkeypatch
     assert main([*args, *store, *heads]) == ConfigError.exit_code
     assert Path(setup / "store.h5").exists()

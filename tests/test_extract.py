@@ -145,7 +145,7 @@ def dataset(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    from napari_mammo_sae.pipeline.train_head import build_classifier, save_model
+    from napari_mammo_sae.pipeline.head_training import build_classifier, save_model
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("w") / "clf"
@@ -162,7 +162,7 @@ def _extract(dataset, weights, out, *extra):
 
 
 def test_extract_stores_every_image_with_its_index(dataset, weights, tmp_path):
-    from napari_mammo_sae.pipeline.extract import load_model
+    from napari_mammo_sae.models.folders import load_classifier as load_model
     from napari_mammo_sae.pipeline.probe import open_view
 
     root, truth = dataset
@@ -175,7 +175,7 @@ def test_extract_stores_every_image_with_its_index(dataset, weights, tmp_path):
     model, _ = load_model(weights)
     row = int(np.nonzero(view.index.image_id == truth["images"][0])[0][0])
     from napari_mammo_sae.dicom import read_mammogram
-    from napari_mammo_sae.pipeline.extract import image_path, preprocess_record
+    from napari_mammo_sae.pipeline.dataset import image_path, preprocess_record
 
     image_id = truth["images"][0]
     rec = read_mammogram(image_path(root, "study000", image_id))
@@ -212,7 +212,8 @@ def test_resume_skips_stored_images(dataset, weights, tmp_path, capsys):
 KILL = """
 import os, signal, sys
 from pathlib import Path
-from napari_mammo_sae.pipeline.extract import extract_features, load_model
+from napari_mammo_sae.models.folders import load_classifier as load_model
+from napari_mammo_sae.pipeline.extract import extract_features
 model, config = load_model(sys.argv[2])
 def boom(n):
     if n >= 4:
@@ -261,7 +262,7 @@ def test_errors_have_documented_exit_codes(dataset, weights, tmp_path):
     # a store extracted by one backbone refuses to be extended by another
     out = tmp_path / "c.h5"
     assert _extract(dataset, weights, out, "--limit", "2") == 0
-    from napari_mammo_sae.pipeline.train_head import build_classifier, save_model
+    from napari_mammo_sae.pipeline.head_training import build_classifier, save_model
 
     torch.manual_seed(1)
     other = tmp_path / "other"
@@ -271,7 +272,8 @@ def test_errors_have_documented_exit_codes(dataset, weights, tmp_path):
 
 
 def test_torchrun_shards_are_joined_by_an_index(dataset, weights, tmp_path):
-    from napari_mammo_sae.pipeline.extract import extract_features, load_model, shard_path
+    from napari_mammo_sae.models.folders import load_classifier as load_model
+    from napari_mammo_sae.pipeline.extract import extract_features, shard_path
     from napari_mammo_sae.pipeline.probe import open_view
 
     model, config = load_model(weights)

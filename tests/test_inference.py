@@ -21,7 +21,7 @@ torch.set_num_threads(2)
 
 
 def _classifier():
-    from napari_mammo_sae.pipeline.train_head import build_classifier
+    from napari_mammo_sae.pipeline.head_training import build_classifier
 
     torch.manual_seed(0)
     clf = build_classifier("test_efficientnet").eval()

@@ -10,7 +10,8 @@ import torch
 
 from napari_mammo_sae.cli import main
 from napari_mammo_sae.errors import ConfigError
-from napari_mammo_sae.pipeline.train_head import HeadConfig, load_model_folder, train_head
+from napari_mammo_sae.models.folders import load_model_folder
+from napari_mammo_sae.pipeline.train_head import HeadConfig, train_head
 from test_extract import write_vindr_dataset
 
 
@@ -57,7 +58,7 @@ def test_finetune_writes_weights_with_provenance(data, tmp_path):
 
 
 def test_linear_probe_keeps_the_backbone_frozen(data, tmp_path):
-    from napari_mammo_sae.pipeline.extract import backbone_signature
+    from napari_mammo_sae.models.folders import backbone_signature
 
     init = tmp_path / "init"
     train_head(_cfg(data, epochs=1), init)

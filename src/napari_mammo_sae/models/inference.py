@@ -33,8 +33,9 @@ from ..analysis.interventions import (
 from ..errors import ConfigError
 from ..geometry import Geometry
 from ..progress import Progress, check_cancelled
+from .runtime import OnnxRuntime, create_runtime, default_runtime, resolve_runtime
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: per-position latents are stored as CSR when at most this fraction is non-zero, else dense float16
 SPARSE_MAX_DENSITY = 0.25
 STAGES = ("decode", "preprocess", "backbone", "sae", "heatmaps")
@@ -61,11 +62,11 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """float32 everywhere; bfloat16 (autocast) only on a GPU."""
+    """float32 everywhere; bfloat16 / float16 (autocast) only on a GPU."""
     if dtype not in DTYPES:
-        raise ConfigError(f"unknown dtype {dtype!r}: use float32 or bfloat16")
-    if dtype == "bfloat16" and device.type == "cpu":
-        raise ConfigError("bfloat16 is for GPUs (it is very slow on CPUs): use dtype='float32'")
+        raise ConfigError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
+    if dtype != "float32" and device.type == "cpu":
+        raise ConfigError(f"{dtype} is for GPUs (it is very slow on CPUs): use dtype='float32'")
     return DTYPES[dtype]
 
 
@@ -234,6 +235,7 @@ class Analysis:
     sop_instance_uid: str = ""
     preprocess: str = "mammoclip"
     cached: bool = False  # True when the backbone and SAE were not rerun for this call
+    runtime: str = ""  # the backbone runtime that made the features: "onnx" or "torch"
     features: np.ndarray | None = field(default=None, repr=False)  # (C, h, w) float32 if kept
     _weights: tuple[np.ndarray, float] | None = field(default=None, repr=False)
 
@@ -301,6 +303,7 @@ class _ImageEntry:
     pooled_features: np.ndarray  # (C,) float64
     geometry: Geometry
     timings: dict[str, float]  # preprocess, backbone of the run that made it
+    runtime: str = ""  # the backbone runtime that made ``features``
     latents: dict[str, _SaeResult] = field(default_factory=dict)
 
 
@@ -352,7 +355,11 @@ class Analyzer:
     ``device`` and put in eval mode. ``preprocess``/``size`` default to ``config`` (a weights
     folder's config.json dict: ``preprocess``, ``input_size``), else Mammo-CLIP's 1520 x 912.
     Pass ``cache=`` (an :class:`AnalysisCache`, e.g. another Analyzer's ``.cache``) to share
-    backbone results between analyzers that differ only in head or SAE.
+    backbone results between analyzers that differ only in head or SAE. ``runtime`` (``auto``,
+    ``torch``, ``onnx``; default ``$NAPARI_MAMMO_SAE_RUNTIME`` or ``auto``) chooses what runs the
+    backbone (:mod:`.runtime`): ``auto`` is ONNX Runtime on the CPU and PyTorch on a GPU; the
+    ONNX export is made at the first analysis (or :meth:`prepare_runtime`) and cached on disk.
+    ``runtime_name`` says which one runs (each :class:`Analysis` records it too).
     """
 
     def __init__(
@@ -367,6 +374,7 @@ class Analyzer:
         cache_size: int = 8,
         cache: AnalysisCache | None = None,
         config: dict | None = None,
+        runtime: str | None = None,
     ) -> None:
         from ..preprocess import MAMMOCLIP_SIZE, PREPROCESSORS, preprocessing_signature
 
@@ -390,21 +398,26 @@ class Analyzer:
         self.cache = cache if cache is not None else AnalysisCache(cache_size)
         self._weights_key: tuple | None = None
         self._weights: tuple[np.ndarray, float, np.ndarray, float] | None = None
+        self.runtime_requested = default_runtime() if runtime is None else str(runtime).lower()
+        #: the runtime that runs (or will run) the backbone: "onnx" or "torch"
+        self.runtime_name = resolve_runtime(self.runtime_requested, self.device, dtype)
+        self._runtime: Any = None
+        self._runtime_digest = ""
+        self._runtime_lock = threading.Lock()
 
     @classmethod
     def from_weights(
         cls, classifier_folder: str | Path, sae_folder: str | Path, **kw: Any
     ) -> Analyzer:
         """An Analyzer from a classifier weights folder ('train-head') and an SAE folder ('train')."""
-        from ..pipeline.probe import load_sae
-        from ..pipeline.train_head import load_model_folder
+        from .folders import load_model_folder, load_sae
 
         classifier, config = load_model_folder(classifier_folder)
         return cls(classifier, load_sae(sae_folder), config=config, **kw)
 
     def with_models(self, classifier: Any = None, sae: Any = None) -> Analyzer:
         """A sibling Analyzer with another classifier/head or SAE, sharing this one's cache."""
-        return Analyzer(
+        sibling = Analyzer(
             classifier if classifier is not None else self.classifier,
             sae if sae is not None else self.sae,
             preprocess=self.preprocess,
@@ -412,7 +425,11 @@ class Analyzer:
             device=self.device,
             dtype=self.dtype_name,
             cache=self.cache,
+            runtime=self.runtime_requested,
         )
+        if isinstance(self._runtime, OnnxRuntime) and sibling._backbone() is self._backbone():
+            sibling._runtime, sibling._runtime_digest = self._runtime, self._runtime_digest
+        return sibling
 
     # --- model access ------------------------------------------------------------------------------
     @staticmethod
@@ -465,6 +482,29 @@ class Analyzer:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=self.dtype)
 
+    def prepare_runtime(self, progress: Progress | None = None) -> Any:
+        """Build the backbone runtime now (an ONNX export on first use shows on ``progress``).
+
+        Rebuilt when the backbone's weights change; ``runtime_name`` then says which one runs.
+        """
+        with self._runtime_lock:
+            backbone = self._backbone()
+            digest = self._digests(backbone)
+            if self._runtime is None or self._runtime_digest != digest:
+                runtime = create_runtime(
+                    backbone,
+                    self.runtime_requested,
+                    size=self.size,
+                    device=self.device,
+                    dtype=self.dtype_name,
+                    forward=self._forward_features,
+                    progress=progress,
+                    weights=digest,
+                )
+                self._runtime, self._runtime_digest = runtime, digest
+                self.runtime_name = runtime.name
+            return self._runtime
+
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -489,11 +529,12 @@ class Analyzer:
         check_cancelled(progress)
         if progress is not None:
             progress.set_total(4)
-        key = (record_key(record), self._feature_signature())
+        runtime = self.prepare_runtime(progress)
+        key = (record_key(record), self._feature_signature(), runtime.name)
         entry = self.cache.get(key)
         ran_backbone = entry is None
         if entry is None:
-            entry = self._run_backbone(record, progress)
+            entry = self._run_backbone(record, progress, runtime)
             timings.update(entry.timings)
         elif progress is not None:
             progress.update(2)
@@ -519,26 +560,27 @@ class Analyzer:
         timings["total"] = time.perf_counter() - t_start
         result.timings = timings
         result.cached = not ran_backbone
+        result.runtime = entry.runtime
         if progress is not None:
             progress.update(1)
         return result
 
-    def _run_backbone(self, record: Any, progress: Progress | None) -> _ImageEntry:
+    def _run_backbone(self, record: Any, progress: Progress | None, runtime: Any) -> _ImageEntry:
         """Preprocess and run the backbone: the expensive, SAE- and head-independent part."""
         if progress is not None:
             progress.set_description("preprocessing")
         t0 = time.perf_counter()
         pre = self._preprocess_fn(record, self.size)
-        x = pre.tensor().to(self.device)
+        x = pre.tensor()
+        if self.device.type == "cuda":  # the runtime copies it without blocking
+            x = x.pin_memory()
         t_pre = time.perf_counter() - t0
         if progress is not None:
             progress.update(1)
             progress.set_description("backbone")
         check_cancelled(progress)
         t0 = time.perf_counter()
-        with torch.inference_mode(), self._autocast():
-            fmap = self._forward_features(x)
-        fmap = fmap[0].float()  # (C, h, w)
+        fmap = runtime(x)[0].to(self.device)  # (C, h, w) float32
         pooled = fmap.mean(dim=(1, 2)).double().cpu().numpy()
         self._sync()
         t_bb = time.perf_counter() - t0
@@ -547,7 +589,8 @@ class Analyzer:
             progress.set_description("sparse autoencoder")
         check_cancelled(progress)
         # features stay on the device until the SAE has run (no round trip)
-        return _ImageEntry(fmap, pooled, pre.geometry, {"preprocess": t_pre, "backbone": t_bb})
+        timings = {"preprocess": t_pre, "backbone": t_bb}
+        return _ImageEntry(fmap, pooled, pre.geometry, timings, runtime.name)
 
     def _run_sae(self, fmap: torch.Tensor, progress: Progress | None) -> _SaeResult:
         """SAE latents of every position (compact), their mean, and this head's CAM from float32 z."""

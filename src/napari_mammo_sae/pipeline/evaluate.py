@@ -143,7 +143,7 @@ class LabelSource:
 
 def load_label_source(data_dir: str | Path) -> LabelSource:
     """Row labels, concept boxes and (phantom) cue boxes from a VinDr-layout folder."""
-    from .extract import load_dataset
+    from .dataset import load_dataset
 
     root = Path(data_dir)
     images = load_dataset(root)
@@ -273,7 +273,7 @@ def localisation_panels(
 
     from ..analysis.localisation import upsample_heatmap
     from ..dicom import read_mammogram
-    from .extract import image_path
+    from .dataset import image_path
     from .probe import encode_latents
 
     view = summary.view
@@ -380,7 +380,7 @@ def confounder_check(
 
 # --- pairing heads with stores -------------------------------------------------------------------
 def _head_info(folder: str | Path) -> tuple[Any, dict]:
-    from .train_head import load_model_folder
+    from ..models.folders import load_model_folder
 
     path = Path(folder)
     if not path.exists():
@@ -399,7 +399,7 @@ def pair_heads(
 ) -> list[tuple[Any, str, Any, dict]]:
     """Match each head to the store extracted with its backbone (StoreError if none matches)."""
     pairs = []
-    from .extract import backbone_signature
+    from ..models.folders import backbone_signature
 
     for folder, model, config in heads:
         # the signature of the weights as loaded (a float16 copy differs from its float32 source)
@@ -440,7 +440,8 @@ def evaluate(
 ) -> Path:
     """Run analyses (a)-(e) and write the report folder; returns the path of its index.html."""
     from ..analysis.metrics import PROTOCOLS
-    from .probe import RANKINGS, ClassMeans, load_sae, open_view, rank_scores, sae_sha256
+    from ..models.folders import load_sae, sae_sha256
+    from .probe import RANKINGS, ClassMeans, open_view, rank_scores
     from .report import write_report
 
     if ranking not in RANKINGS:
@@ -450,7 +451,7 @@ def evaluate(
     if not head_folders:
         raise ConfigError("pass at least one concept head folder with --heads")
     views = [open_view(s) for s in stores]
-    from .extract import resolve_device
+    from .dataset import resolve_device
 
     device = resolve_device(device)  # "auto" -> cuda when available, else cpu
     sae = load_sae(sae_folder).to(device)

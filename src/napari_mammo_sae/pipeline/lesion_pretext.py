@@ -31,6 +31,16 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
+from ..models.folders import backbone_signature
+from . import head_training as th
+from .dataset import (
+    PreprocessedImages,
+    geometry_from_json,
+    load_dataset,
+    make_loader,
+    resolve_device,
+)
+from .signals import SignalStop
 
 POSITIVES_PER_FINDING = 2
 NEGATIVES_PER_IMAGE = 3
@@ -105,8 +115,6 @@ def _load(items: list[Any], cfg: Any, boxes: dict, progress: Any) -> tuple[list,
     """(images (H, W) float16 tensors, finding centres (N, 2) in input pixels) of readable items."""
     import torch
 
-    from .extract import PreprocessedImages, geometry_from_json, make_loader
-
     data = PreprocessedImages(items, cfg.preprocess, cfg.input_size)
     images: list[Any] = [None] * len(items)
     centres: list[np.ndarray] = [np.zeros((0, 2))] * len(items)
@@ -154,9 +162,6 @@ def train_lesion_pretext(
     """``train-head --task lesion``: the patch classifier (see the module docstring)."""
     import torch
 
-    from . import train_head as th
-    from .extract import backbone_signature, load_dataset, resolve_device
-
     patch = int(cfg.patch_size)
     h, w = cfg.input_size
     if not 16 <= patch <= min(h, w):
@@ -165,8 +170,8 @@ def train_lesion_pretext(
         )
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    train_items, _ = th._items(cfg, "training")
-    test_items, _ = th._items(cfg, "test")
+    train_items, _ = th.task_items(cfg, "training")
+    test_items, _ = th.task_items(cfg, "test")
     boxes = {d.image_id: d.boxes for d in load_dataset(cfg.data)}
     model = th.build_classifier(cfg.backbone, cfg.init_weights).to(device)
     optimizer = torch.optim.Adam(
@@ -190,7 +195,7 @@ def train_lesion_pretext(
         th.save_state(out, cfg, model, optimizer, epoch, step, history)
 
     stopped, steps_done, shown = False, 0, len(train_items)
-    with th._stop_on_signals() as flag:
+    with SignalStop() as stop:
         for epoch in range(start_epoch, cfg.epochs):
             crops = epoch_patches(arrays, centres, patch, cfg.seed, epoch)
             n_batches = math.ceil(len(crops) / cfg.batch_size)
@@ -209,7 +214,7 @@ def train_lesion_pretext(
                 loss = loss_fn(model(x.to(device)).reshape(-1), y.to(device))
                 th.optimise(loss, optimizer, losses, progress)
                 steps_done += 1
-                if th.stop_now(flag, steps_done, stop_after_steps):
+                if th.stop_now(stop, steps_done, stop_after_steps):
                     checkpoint(epoch, step + 1)
                     stopped = True
                     break
@@ -219,7 +224,7 @@ def train_lesion_pretext(
                             "patches": len(crops)})  # fmt: skip
             checkpoint(epoch + 1, 0)
     if stopped:
-        if flag["signal"] is not None:
+        if stop.signum is not None:
             raise KeyboardInterrupt
         return th.TrainHeadResult(out, len(history), math.nan, math.nan, stopped=True)
 
@@ -236,5 +241,5 @@ def train_lesion_pretext(
         "n_train": len(train_items), "n_test": len(test_items), "history": history,
         "bn_stats": "updated",
     }  # fmt: skip
-    th.save_model(out, model, th._weights_config(cfg, provenance))
+    th.save_model(out, model, th.weights_config(cfg, provenance))
     return th.TrainHeadResult(out, len(history), train_auc, test_auc)

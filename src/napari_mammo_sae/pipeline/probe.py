@@ -80,32 +80,6 @@ def head_parts(model: Any) -> tuple[np.ndarray, float]:
     return w, c
 
 
-def load_sae(folder: str | Path) -> Any:
-    """The SAE module of a weights folder written by 'train', in eval mode."""
-    path = Path(folder)
-    if not (path / "model.safetensors").exists():
-        raise ConfigError(f"no SAE weights in {path}: pass the folder written by 'train'")
-    from ..models.weights import load_weights
-
-    sae, _ = load_weights(path)
-    return sae.eval()
-
-
-def sae_sha256(folder: str | Path) -> str:
-    """sha256 of an SAE folder's model.safetensors (the key the GUI looks probes up by)."""
-    import hashlib
-
-    path = Path(folder)
-    path = path / "model.safetensors" if path.is_dir() else path
-    if not path.exists():
-        raise ConfigError(f"no SAE weights at {path}: pass the folder written by 'train'")
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # --- store access --------------------------------------------------------------------------------
 def open_view(path: str | Path) -> Any:
     """Open a complete feature store for reading (pipeline/store.py; StoreError otherwise)."""
@@ -417,18 +391,17 @@ def run_probe(
     """Compute class means, rankings and the top neurons' galleries for one concept."""
     check_concept(concept)
     view = open_view(store_path)
-    from .extract import resolve_device
+    from ..models.folders import load_sae, sae_sha256
+    from .dataset import resolve_device
 
     device = resolve_device(device)  # "auto" -> cuda when available, else cpu
     sae = load_sae(sae_folder).to(device)
     check_dims(view.store, sae)
     head = None
     if head_folder is not None:
-        from .train_head import load_model_folder
+        from ..models.folders import backbone_signature, load_model_folder
 
         model, config = load_model_folder(head_folder)
-        from .extract import backbone_signature
-
         # the signature of the weights as loaded (a float16 copy differs from its float32 source)
         sig = backbone_signature(model)
         if sig and view.backbone_signature and sig != view.backbone_signature:

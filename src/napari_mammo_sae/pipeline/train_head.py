@@ -25,110 +25,34 @@ backbone, its signature and the train/test AUROC.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
-import signal
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import CheckpointError, ConfigError
+from ..models.folders import backbone_signature
+from .dataset import PreprocessedImages, make_loader, parse_size, resolve_device
+from .head_training import (
+    TASKS,
+    HeadConfig,
+    TrainHeadResult,
+    build_classifier,
+    finite_auroc,
+    optimise,
+    pos_weight,
+    restore,
+    save_model,
+    save_state,
+    stop_now,
+    task_items,
+    weights_config,
+)
+from .signals import SignalStop
 
 log = logging.getLogger(__name__)
-
-TASKS = ("concept", "view", "density", "lesion")
-VARIANTS = ("pretrained", "finetuned")
-CHECKPOINT = "checkpoint.pt"
-
-
-@dataclass
-class HeadConfig:
-    """Everything that defines a train-head run (saved in the checkpoint and the weights config)."""
-
-    data: str
-    task: str = "concept"
-    concept: str | None = None
-    variant: str = "pretrained"
-    backbone: str = "tf_efficientnet_b5"
-    init_weights: str | None = None
-    input_size: tuple[int, int] = (1520, 912)
-    preprocess: str = "mammoclip"
-    epochs: int = 10
-    lr: float | None = None
-    batch_size: int = 8
-    weight_decay: float = 0.0
-    augment: bool = False
-    update_bn_stats: bool = False
-    seed: int = 10
-    workers: int = 0
-    limit: int | None = None
-    device: str = "cpu"
-    patch_size: int = 128  # the lesion task's crops, model-input pixels
-
-    def learning_rate(self) -> float:
-        """The given lr, else 1e-3 for a linear probe and 5e-5 for fine-tuning."""
-        if self.lr is not None:
-            return float(self.lr)
-        return 1e-3 if self.variant == "pretrained" else 5e-5
-
-    def validate(self) -> None:
-        """ConfigError for unknown task/variant/concept or bad numbers."""
-        if self.task not in TASKS:
-            raise ConfigError(f"unknown task {self.task!r}: use one of {', '.join(TASKS)}")
-        if self.variant not in VARIANTS:
-            raise ConfigError(f"unknown variant {self.variant!r}: use one of {', '.join(VARIANTS)}")
-        if self.task == "concept" and self.concept not in ("mass", "calcification"):
-            raise ConfigError(
-                f"unknown concept {self.concept!r}: use --concept mass or --concept calcification"
-            )
-        if self.task == "lesion" and self.variant != "finetuned":
-            raise ConfigError("the lesion task trains the backbone: use --variant finetuned")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ConfigError("--epochs and --batch-size must be at least 1")
-
-    def identity(self) -> dict:
-        """The fields a resumed run must share with the checkpoint."""
-        keys = ("task", "concept", "variant", "backbone", "input_size", "preprocess", "seed")
-        if self.task == "lesion":
-            keys += ("patch_size",)
-        return {k: _jsonable(getattr(self, k)) for k in keys}
-
-
-def _jsonable(v: Any) -> Any:
-    return list(v) if isinstance(v, tuple) else v
-
-
-# --- labels ----------------------------------------------------------------------------------
-def task_label(item: Any, task: str, concept: str | None) -> int | None:
-    """The binary label of an image for a task; None when the image does not take part."""
-    if task == "concept":
-        return int(item.labels[concept])
-    if task == "view":
-        view = (item.view or "").upper()
-        return 1 if view == "MLO" else 0 if view == "CC" else None
-    if task == "density":
-        d = (item.density or "").upper().replace("DENSITY", "").strip()
-        return 1 if d in ("C", "D") else 0 if d in ("A", "B") else None
-    if task == "lesion":  # whole-image score of the patch classifier: any finding
-        return int(any(item.labels.values()))
-    raise ConfigError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
-
-
-def pos_weight(labels: np.ndarray) -> float:
-    """negatives / positives (Mammo-CLIP's BCE weight); ConfigError without positives."""
-    pos = int(np.sum(labels == 1))
-    neg = int(np.sum(labels == 0))
-    if pos == 0 or neg == 0:
-        raise ConfigError(
-            f"the training split has {pos} positive and {neg} negative images for this task: "
-            "both are needed"
-        )
-    return neg / pos
 
 
 # --- augmentation (SPEC 2) -------------------------------------------------------------------
@@ -209,172 +133,9 @@ def _collate(batch):
     return list(idx), torch.stack(images), torch.tensor(labels, dtype=torch.float32)
 
 
-# --- model -------------------------------------------------------------------------------------
-def build_classifier(backbone: str, init_weights: str | None = None) -> Any:
-    """A ConceptClassifier (backbone + Linear(C, 1) head), backbone optionally from a weights folder."""
-    from ..models.backbone import create_backbone
-    from ..models.classifier import ConceptClassifier
-
-    model = ConceptClassifier(create_backbone(backbone))
-    if init_weights:
-        if not Path(init_weights).exists():
-            raise ConfigError(
-                f"no weights folder at {init_weights}: pass a 'train-head' output folder"
-            )
-        source, _ = load_model_folder(init_weights)
-        src = getattr(source, "backbone", source)
-        try:
-            model.backbone.load_state_dict(src.state_dict())
-        except RuntimeError as exc:
-            raise CheckpointError(
-                f"the weights in {Path(init_weights).name} do not fit backbone {backbone!r}: "
-                "pass the --backbone they were trained with"
-            ) from exc
-    return model
-
-
-def save_model(folder: str | Path, model: Any, config: dict) -> Path:
-    """Write a classifier in our weights format (models/weights.py save_weights)."""
-    from ..models.weights import save_weights
-
-    return save_weights(folder, model, config)
-
-
-def load_model_folder(folder: str | Path) -> tuple[Any, dict]:
-    """(module, config) from a weights folder (models/weights.py load_weights)."""
-    from ..models.weights import load_weights
-
-    return load_weights(folder)
-
-
-# --- checkpoints and signals -------------------------------------------------------------------
-def _save_checkpoint(folder: Path, state: dict) -> None:
-    import torch
-
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (CHECKPOINT + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(folder / CHECKPOINT)
-
-
-def _load_checkpoint(folder: Path) -> dict | None:
-    import torch
-
-    path = folder / CHECKPOINT
-    if not path.exists():
-        return None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint means the same to the user
-        raise CheckpointError(
-            f"{path} is not a readable train-head checkpoint ({exc}): delete it to start over"
-        ) from exc
-
-
-@contextmanager
-def _stop_on_signals() -> Iterator[dict]:
-    """Turn SIGINT/SIGTERM into a flag the loop checks (it then checkpoints and stops)."""
-    flag = {"stop": False, "signal": None}
-
-    def handler(signum, _frame):
-        flag["stop"], flag["signal"] = True, signum
-
-    old = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            old[sig] = signal.signal(sig, handler)
-        except ValueError:  # not the main thread
-            pass
-    try:
-        yield flag
-    finally:
-        for sig, h in old.items():
-            signal.signal(sig, h)
-
-
 # --- training ----------------------------------------------------------------------------------
-@dataclass
-class TrainHeadResult:
-    """Where the weights went and how well the head does."""
-
-    folder: Path
-    epochs_run: int
-    train_auroc: float
-    test_auroc: float
-    stopped: bool = False
-
-
-def restore(cfg: HeadConfig, out: Path, resume: bool, model: Any, optimizer: Any) -> tuple:
-    """(start epoch, start step, history): from the checkpoint in ``out`` when resuming.
-
-    ConfigError when the checkpoint was made with other settings, or when one exists and
-    ``resume`` was not asked for (nothing is overwritten silently).
-    """
-    if not resume:
-        if (out / CHECKPOINT).exists():
-            raise ConfigError(
-                f"{out} holds a checkpoint: pass --resume to continue it, or another --out"
-            )
-        return 0, 0, []
-    state = _load_checkpoint(out)
-    if state is None:
-        log.warning("no checkpoint in %s: starting from scratch", out)
-        return 0, 0, []
-    saved = json.loads(state["identity"])
-    if saved != cfg.identity():
-        raise ConfigError(
-            f"the checkpoint in {out} was made with {saved}, not {cfg.identity()}: "
-            "use the same settings to resume, or another --out"
-        )
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    return int(state["epoch"]), int(state["step"]), json.loads(state["history"])
-
-
-def save_state(out: Path, cfg: HeadConfig, model: Any, optimizer: Any, epoch: int, step: int,
-               history: list) -> None:  # fmt: skip
-    """Checkpoint everything a resumed run needs (weights, optimiser, position, identity)."""
-    _save_checkpoint(out, {
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-        "step": step, "identity": json.dumps(cfg.identity()), "history": json.dumps(history),
-    })  # fmt: skip
-
-
-def optimise(loss: Any, optimizer: Any, losses: list, progress: Any) -> None:
-    """One optimiser step on ``loss``; records it and moves the progress bar."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    losses.append(float(loss.detach()))
-    if progress is not None:
-        progress.update(1)
-        progress.set_postfix(loss=f"{losses[-1]:.4f}")
-
-
-def stop_now(flag: dict, steps_done: int, stop_after_steps: int | None) -> bool:
-    """True after a SIGINT/SIGTERM or once ``stop_after_steps`` steps are done (tests)."""
-    return bool(flag["stop"]) or (stop_after_steps is not None and steps_done >= stop_after_steps)
-
-
-def _items(cfg: HeadConfig, split: str):
-    from .extract import list_images
-
-    try:
-        items = list_images(cfg.data, split=split, limit=cfg.limit)
-    except Exception as exc:  # a missing split is fine for test
-        if split == "test":
-            log.warning("no test images: %s", exc)
-            return [], np.zeros(0)
-        raise
-    pairs = [(it, task_label(it, cfg.task, cfg.concept)) for it in items]
-    pairs = [(it, y) for it, y in pairs if y is not None]
-    return [p[0] for p in pairs], np.asarray([p[1] for p in pairs], dtype=np.float32)
-
-
 def _scores(model: Any, dataset: Any, device: str, batch_size: int, workers: int) -> np.ndarray:
     import torch
-
-    from .extract import make_loader
 
     out = np.full(len(dataset), np.nan, dtype=np.float64)
     model.eval()
@@ -390,8 +151,6 @@ def _scores(model: Any, dataset: Any, device: str, batch_size: int, workers: int
 def _pooled(model: Any, dataset: Any, device: str, batch_size: int, workers: int, progress) -> Any:
     """Pooled backbone features (N, C) of a dataset, frozen backbone in eval mode."""
     import torch
-
-    from .extract import make_loader
 
     feats = None
     model.eval()
@@ -409,13 +168,6 @@ def _pooled(model: Any, dataset: Any, device: str, batch_size: int, workers: int
     return feats
 
 
-def _auroc(y: np.ndarray, s: np.ndarray) -> float:
-    from ..analysis.metrics import auroc
-
-    ok = np.isfinite(s)
-    return auroc(y[ok], s[ok]) if ok.any() else math.nan
-
-
 def train_head(
     cfg: HeadConfig,
     out: str | Path,
@@ -427,8 +179,6 @@ def train_head(
     """Train a head (or a fine-tune) per ``cfg`` and write our weights format to ``out``."""
     import torch
 
-    from .extract import PreprocessedImages, backbone_signature, resolve_device
-
     cfg.validate()
     out = Path(out)
     if cfg.task == "lesion":
@@ -439,8 +189,8 @@ def train_head(
         )
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    train_items, y_train = _items(cfg, "training")
-    test_items, y_test = _items(cfg, "test")
+    train_items, y_train = task_items(cfg, "training")
+    test_items, y_test = task_items(cfg, "test")
     pw = pos_weight(y_train)
     model = build_classifier(cfg.backbone, cfg.init_weights).to(device)
     head = model.head
@@ -474,7 +224,7 @@ def train_head(
 
     stopped = False
     steps_done = 0
-    with _stop_on_signals() as flag:
+    with SignalStop() as stop:
         for epoch in range(start_epoch, cfg.epochs):
             if progress is not None:
                 progress.set_description(f"epoch {epoch + 1}/{cfg.epochs}")
@@ -503,7 +253,7 @@ def train_head(
                 loss = loss_fn(logits.reshape(-1), target.reshape(-1))
                 optimise(loss, optimizer, losses, progress)
                 steps_done += 1
-                if stop_now(flag, steps_done, stop_after_steps):
+                if stop_now(stop, steps_done, stop_after_steps):
                     checkpoint(epoch, step + 1)
                     stopped = True
                     break
@@ -512,7 +262,7 @@ def train_head(
             history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else None})
             checkpoint(epoch + 1, 0)
     if stopped:
-        if flag["signal"] is not None:
+        if stop.signum is not None:
             raise KeyboardInterrupt
         return TrainHeadResult(out, len(history), math.nan, math.nan, stopped=True)
 
@@ -529,8 +279,8 @@ def train_head(
         if test_items
         else np.zeros(0)
     )
-    train_auc = _auroc(y_train, s_train)
-    test_auc = _auroc(y_test, s_test) if test_items else math.nan
+    train_auc = finite_auroc(y_train, s_train)
+    test_auc = finite_auroc(y_test, s_test) if test_items else math.nan
     model = model.cpu()
     provenance = {
         **asdict(cfg),
@@ -546,22 +296,8 @@ def train_head(
         "history": history,
         "bn_stats": "updated" if (not frozen or cfg.update_bn_stats) else "frozen",
     }
-    save_model(out, model, _weights_config(cfg, provenance))
+    save_model(out, model, weights_config(cfg, provenance))
     return TrainHeadResult(out, len(history), train_auc, test_auc)
-
-
-def _weights_config(cfg: HeadConfig, provenance: dict) -> dict:
-    """Config for save_weights: what load_weights needs to rebuild the classifier, plus provenance."""
-    return {
-        "kind": "classifier",
-        "backbone": cfg.backbone,
-        "input_size": list(cfg.input_size),
-        "preprocess": cfg.preprocess,
-        "task": cfg.task,
-        "concept": cfg.concept,
-        "variant": cfg.variant,
-        "provenance": provenance,
-    }
 
 
 # --- command line ------------------------------------------------------------------------------
@@ -604,7 +340,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``train-head`` from parsed arguments; returns the exit status."""
     from ..progress import TqdmProgress
-    from .extract import parse_size
 
     cfg = HeadConfig(
         data=args.data,

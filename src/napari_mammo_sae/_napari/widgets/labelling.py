@@ -413,7 +413,7 @@ class LabellingWidget(QWidget):
         """Hash an SAE weights file in a worker thread; the field is filled when done."""
         from napari.qt.threading import create_worker
 
-        from ...pipeline.probe import sae_sha256
+        from ...models.folders import sae_sha256
 
         self.saved.setText(f"hashing {Path(path).name}...")
         self.worker = create_worker(sae_sha256, path, _progress={"desc": "SAE hash"})
