@@ -109,8 +109,8 @@ def fake_sae(monkeypatch):
 
 
 def test_closed_form_interventions_equal_explicit_decode(setup, fake_sae):
-    from napari_mammo_sae.pipeline.probe import head_parts, open_view
     from napari_mammo_sae.models.folders import load_model_folder
+    from napari_mammo_sae.pipeline.probe import head_parts, open_view
 
     view = open_view(setup / "store.h5")
     model, _ = load_model_folder(setup / "head")
