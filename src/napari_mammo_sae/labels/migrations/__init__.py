@@ -1,0 +1,1 @@
+"""Alembic schema versions of the verdict database (shipped inside the package)."""
