@@ -17,6 +17,7 @@ from napari_mammo_sae.errors import ConfigError
 from napari_mammo_sae.models.sae import SparseAutoencoder
 from napari_mammo_sae.pipeline import store as fs
 from napari_mammo_sae.pipeline.train_sae import (
+    Comm,
     TrainConfig,
     autograd_grads,
     make_optimizer,
@@ -119,7 +120,10 @@ def test_sigterm_then_resume_is_bit_for_bit(tiny_store, tmp_path, kind):
     res = train_sae(tiny_store, small_config(**extra), part, on_step=kill_at_5)
     assert res.interrupted and res.steps == 5
     assert not (part / "model.safetensors").exists()
-    assert json.loads((part / "checkpoint" / "state.json").read_text())["step"] == 5
+    assert (part / "checkpoint" / "LATEST").read_text().strip() == "step-000000005"
+    assert (
+        json.loads((part / "checkpoint" / "step-000000005" / "state.json").read_text())["step"] == 5
+    )
     res2 = train_sae(tiny_store, small_config(**extra), part, resume=True)
     assert res2.steps == 12 and not res2.interrupted
     a, b = _weights(full), _weights(part)
@@ -195,10 +199,8 @@ class _LateDist:
 
 
 def test_collectives_close_only_after_the_backend_let_go_of_every_tensor():
-    from napari_mammo_sae.pipeline.train_sae import _Comm
-
     fake = _LateDist()
-    comm = _Comm(fake, owned=True)
+    comm = Comm(fake, owned=True)
     for _ in range(3):
         comm.all_reduce(torch.ones(4))  # the caller drops its reference at once
     comm.all_reduce(torch.ones(1), op=comm.ReduceOp.MAX)
@@ -206,11 +208,11 @@ def test_collectives_close_only_after_the_backend_let_go_of_every_tensor():
     assert fake.calls[-2:] == [("barrier", None), ("destroy", 0)]  # nothing held at destroy
     # a failed run skips the barrier (a dead peer never arrives) but still closes
     fake2 = _LateDist()
-    _Comm(fake2, owned=True).close(clean=False)
+    Comm(fake2, owned=True).close(clean=False)
     assert fake2.calls == [("destroy", 0)]
     # a process group the caller made is left open
     fake3 = _LateDist()
-    _Comm(fake3, owned=False).close(clean=True)
+    Comm(fake3, owned=False).close(clean=True)
     assert fake3.calls == []
 
 

@@ -10,6 +10,24 @@ over the batch. TopK keeps the k largest pre-activations per token (Gao et al. 2
 ``k * B`` largest over the batch; both add the AuxK loss (top ``k_aux`` dead latents reconstructing
 the residual, normalised by the residual's variance, times ``auxk_coefficient``).
 
+BatchTopK at inference (Bussmann et al. 2024): the batch-wide selection makes a token's latents
+depend on its batch-mates, so training also estimates one global activation threshold ``theta``
+(an exponential moving average, decay :data:`THRESHOLD_DECAY`, of the smallest activation the
+batch selection kept) and outside training a latent is kept when ``relu(pre) > theta`` - the same
+latents for an image whether it is encoded alone or with others. Which rule runs: ``encode(x,
+batch_select=...)`` when given, otherwise batch selection in ``train()`` mode and the threshold in
+``eval()`` mode (``load_weights`` returns modules in eval mode). ``theta`` is a buffer saved with
+the weights (``model.safetensors`` key ``threshold``, and ``"threshold"`` in ``config.json``). A
+BatchTopK SAE saved before thresholds were recorded has ``theta`` unknown (NaN): encoding it in
+eval mode raises :class:`~napari_mammo_sae.errors.CheckpointError` (never a silent switch to the
+batch-dependent rule); :meth:`SparseAutoencoder.calibrate_threshold` estimates ``theta`` from
+training features, or ``batch_select=True`` asks for the batch rule knowingly.
+
+Under DDP the trainer passes ``comm`` to :meth:`SparseAutoencoder.loss`: BatchTopK then selects
+over the GLOBAL batch (each process all-gathers the others' top ``k * B`` activations, so the
+``k * B`` kept are exactly those one process would keep) and the AuxK residual variance is the
+global one, so W processes compute the same loss as one process on the whole batch.
+
 The unit-norm decoder is kept as the paper's library does: :meth:`project_decoder_grad_` removes the
 gradient component parallel to each column before the step and :meth:`normalise_decoder_` rescales
 the columns after it.
@@ -27,6 +45,7 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError
 
 KINDS = ("relu", "topk", "batchtopk")
+THRESHOLD_DECAY = 0.99  # EMA decay of the BatchTopK inference threshold (per training step)
 MAMMOSAE_KEYS = {
     "tied_bias": 2,
     "pre_encoder_bias._bias_reference": 2,
@@ -52,6 +71,7 @@ class SparseAutoencoder(nn.Module):
         auxk_coefficient: float = 1 / 32,
         init: str = "default",
         generator: torch.Generator | None = None,
+        threshold: float | None = None,
     ) -> None:
         super().__init__()
         if kind not in KINDS:
@@ -69,6 +89,9 @@ class SparseAutoencoder(nn.Module):
         self.W_dec = nn.Parameter(torch.empty(d_in, d_latent))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         self.reset_parameters(init, generator=generator)
+        if kind == "batchtopk":  # only BatchTopK: other kinds' state dicts stay as they were
+            theta = float("nan") if threshold is None else float(threshold)
+            self.register_buffer("threshold", torch.tensor(theta, dtype=torch.float32))
 
     # --- set-up ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -124,35 +147,109 @@ class SparseAutoencoder(nn.Module):
             "l1_coefficient": self.l1_coefficient,
             "k_aux": self.k_aux,
             "auxk_coefficient": self.auxk_coefficient,
+            **({"threshold": self.inference_threshold} if self.kind == "batchtopk" else {}),
         }
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> SparseAutoencoder:
         """Build an (untrained) SAE from :meth:`config`'s dict."""
         keys = ("d_in", "d_latent", "kind", "k", "l1_coefficient", "k_aux", "auxk_coefficient")
-        return cls(**{k: config[k] for k in keys if k in config})
+        kw = {k: config[k] for k in keys if k in config}
+        if config.get("kind") == "batchtopk" and config.get("threshold") is not None:
+            kw["threshold"] = float(config["threshold"])
+        return cls(**kw)
+
+    @property
+    def inference_threshold(self) -> float | None:
+        """BatchTopK's inference threshold theta (None: not estimated; other kinds: None)."""
+        theta = getattr(self, "threshold", None)
+        if theta is None or not math.isfinite(float(theta)):
+            return None
+        return float(theta)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, *rest):  # type: ignore[no-untyped-def]
+        """A BatchTopK file saved before thresholds were recorded loads with theta unknown (NaN).
+
+        theta then stays as the config gave it (NaN without one); encoding in eval mode says so.
+        """
+        key = prefix + "threshold"
+        had = key in state_dict
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, *rest)
+        if self.kind == "batchtopk" and not had and key in missing:
+            missing.remove(key)
+
+    @torch.no_grad()
+    def calibrate_threshold(self, batches: Any) -> float:
+        """Set theta to the mean over ``batches`` (each (B, d) tokens) of BatchTopK's smallest kept
+        activation - the paper's estimate, for an SAE saved without one. Returns theta."""
+        if self.kind != "batchtopk":
+            raise ConfigError(
+                f"only a BatchTopK SAE has an inference threshold (this is {self.kind})"
+            )
+        mins = []
+        for x in batches:
+            mins.append(float(self._batch_threshold(torch.relu(self.pre_activation(x)))))
+        if not mins:
+            raise ConfigError("calibrate_threshold needs at least one batch of tokens")
+        self.threshold.fill_(sum(mins) / len(mins))
+        return float(self.threshold)
 
     # --- forward --------------------------------------------------------------------------------
     def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
         """W_enc (x - b_dec) + b_enc, shape (..., m)."""
         return torch.nn.functional.linear(x - self.b_dec, self.W_enc, self.b_enc)
 
-    def activate(self, pre: torch.Tensor) -> torch.Tensor:
-        """The latent code from pre-activations (ReLU, TopK or BatchTopK)."""
+    def activate(
+        self, pre: torch.Tensor, *, batch_select: bool | None = None, comm: Any = None
+    ) -> torch.Tensor:
+        """The latent code from pre-activations (ReLU, TopK or BatchTopK).
+
+        BatchTopK: ``batch_select`` True = keep the ``k * B`` largest of the batch (over all
+        processes when ``comm`` is given), False = keep those above the saved threshold; None =
+        batch selection in train mode, the threshold in eval mode (see the module docstring).
+        """
+        return self._activate(pre, batch_select=batch_select, comm=comm)[0]
+
+    def _activate(
+        self, pre: torch.Tensor, *, batch_select: bool | None = None, comm: Any = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(z, the batch's smallest kept activation or None)."""
         z = torch.relu(pre)
         if self.kind == "relu":
-            return z
+            return z, None
         if self.kind == "topk":
             vals, idx = z.topk(self.k, dim=-1)
-            return torch.zeros_like(z).scatter(-1, idx, vals)
-        flat = z.reshape(-1)
-        n = min(flat.numel(), self.k * max(1, flat.numel() // self.d_latent))
-        vals, idx = flat.topk(n)
-        return torch.zeros_like(flat).scatter(0, idx, vals).reshape(z.shape)
+            return torch.zeros_like(z).scatter(-1, idx, vals), None
+        if batch_select is None:
+            batch_select = self.training
+        if not batch_select:
+            theta = self.inference_threshold
+            if theta is None:
+                raise CheckpointError(
+                    "this BatchTopK SAE has no inference threshold (it was saved before thresholds "
+                    "were recorded), so its latents would depend on which tokens are encoded "
+                    "together: retrain it, or estimate one with "
+                    "SparseAutoencoder.calibrate_threshold(batches) and save it again"
+                )
+            return z * (z > theta), None
+        theta = self._batch_threshold(z, comm)
+        return z * ((z >= theta) & (z > 0)), theta
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Latents z (..., m) of inputs x (..., d)."""
-        return self.activate(self.pre_activation(x))
+    def _batch_threshold(self, z: torch.Tensor, comm: Any = None) -> torch.Tensor:
+        """The ``k * B``-th largest activation of the batch (global under ``comm``), >= 0."""
+        with torch.no_grad():
+            flat = z.detach().reshape(-1)
+            tokens = max(1, flat.numel() // self.d_latent)
+            world = 1 if comm is None else int(comm.world)
+            n = self.k * tokens * world
+            local = flat.topk(min(n, flat.numel())).values
+            if comm is not None:
+                local = comm.all_gather_cat(local)
+            return local.topk(min(n, local.numel())).values[-1].clamp_min(0.0)
+
+    def encode(self, x: torch.Tensor, *, batch_select: bool | None = None) -> torch.Tensor:
+        """Latents z (..., m) of inputs x (..., d) (BatchTopK: see :meth:`activate`)."""
+        return self.activate(self.pre_activation(x), batch_select=batch_select)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Reconstruction W_dec z + b_dec of latents z (..., m)."""
@@ -164,11 +261,26 @@ class SparseAutoencoder(nn.Module):
         return self.decode(z), z
 
     def loss(
-        self, x: torch.Tensor, dead_mask: torch.Tensor | None = None
+        self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, *, comm: Any = None
     ) -> dict[str, torch.Tensor]:
-        """Training loss and its parts for a (B, d) batch: loss, mse, l1 / auxk, l0, fvu, z, x_hat."""
+        """Training loss and its parts for a (B, d) batch: loss, mse, l1 / auxk, l0, fvu, z, x_hat.
+
+        BatchTopK selects over the batch (the global one under ``comm``: an object with ``world``,
+        ``all_gather_cat(t)`` and ``all_reduce_sum(t)``) and, in train mode, moves the inference
+        threshold towards this batch's smallest kept activation.
+        """
         pre = self.pre_activation(x)
-        z = self.activate(pre)
+        batch_select = True if self.kind == "batchtopk" else None
+        z, theta = self._activate(pre, batch_select=batch_select, comm=comm)
+        if theta is not None and self.training:
+            with torch.no_grad():
+                old = self.threshold
+                new = theta.to(old.dtype)
+                self.threshold.copy_(
+                    torch.where(
+                        torch.isnan(old), new, THRESHOLD_DECAY * old + (1 - THRESHOLD_DECAY) * new
+                    )
+                )
         x_hat = self.decode(z)
         err = x_hat - x
         mse = err.pow(2).mean()
@@ -187,7 +299,7 @@ class SparseAutoencoder(nn.Module):
                 z_aux = torch.zeros_like(pre).scatter(-1, idx, vals)
                 resid = (x - x_hat).detach()
                 resid_hat = torch.nn.functional.linear(z_aux, self.W_dec)
-                denom = (resid - resid.mean(0)).pow(2).mean().clamp_min(1e-12)
+                denom = _residual_variance(resid, comm).clamp_min(1e-12)
                 auxk = (resid_hat - resid).pow(2).mean() / denom
             out["auxk"] = auxk
             out["loss"] = mse + self.auxk_coefficient * auxk
@@ -196,6 +308,19 @@ class SparseAutoencoder(nn.Module):
             out["fvu"] = err.pow(2).sum() / var
             out["l0"] = (z > 0).sum(-1).float().mean()
         return out
+
+
+def _residual_variance(resid: torch.Tensor, comm: Any = None) -> torch.Tensor:
+    """Mean over tokens and dims of (resid - its per-dim mean)^2, over all processes under comm."""
+    r = resid.double()
+    parts = torch.cat([r.sum(0), r.pow(2).sum().reshape(1), r.new_tensor([float(r.shape[0])])])
+    if comm is not None:
+        parts = comm.all_reduce_sum(parts)
+    d = r.shape[1]
+    n = parts[-1]
+    mean = parts[:d] / n
+    var = (parts[d] - n * mean.pow(2).sum()) / (n * d)
+    return var.to(resid.dtype)
 
 
 # --- the released Mammo-SAE checkpoint -------------------------------------------------------------
