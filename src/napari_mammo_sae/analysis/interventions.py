@@ -61,16 +61,30 @@ def sae_decoder(sae: Any) -> tuple[np.ndarray, np.ndarray]:
     return W_dec, b_dec
 
 
-_MEMO: list[tuple[Any, np.ndarray, float]] = []  # (key, v, bias), most recent last
+def tensor_state_key(t: Any) -> tuple:
+    """Cheap key that changes when a tensor is replaced, moved or modified in place.
+
+    (id, version counter, storage pointer, dtype, shape, device). In-place changes through
+    ``tensor.data`` bypass torch's version counter and are not seen: change weights with
+    ``load_state_dict`` or under ``torch.no_grad()``. The one definition used by the memo below and by
+    ``models.inference`` (cache keys of an Analyzer's classifier and SAE).
+    """
+    return (id(t), t._version, t.data_ptr(), str(t.dtype), tuple(t.shape), str(t.device))
 
 
-def _tensor_key(t: Any) -> tuple:
-    # a weak reference makes a reused id() harmless; _version counts in-place changes
-    return (weakref.ref(t), t._version, t.data_ptr(), str(t.dtype), tuple(t.shape))
+def module_state_key(module: Any) -> tuple:
+    """:func:`tensor_state_key` of every named parameter and buffer of a module, in order."""
+    tensors = list(module.named_parameters()) + list(module.named_buffers())
+    return tuple((name, *tensor_state_key(t)) for name, t in tensors)
 
 
-def _same(a: tuple, b: tuple) -> bool:
-    return a[0]() is not None and a[0]() is b[0]() and a[1:] == b[1:]
+# (weak references to the decoder tensors, their state keys, w, c) -> (v, bias), most recent last;
+# the weak references make a reused id() harmless (a freed tensor's key can never match again)
+_MEMO: list[tuple[tuple, tuple, np.ndarray, float, np.ndarray, float]] = []
+
+
+def _alive(refs: tuple, tensors: tuple) -> bool:
+    return all(r() is t for r, t in zip(refs, tensors, strict=True))
 
 
 def logit_weights(sae: Any, head: Any) -> tuple[np.ndarray, float]:
@@ -80,9 +94,10 @@ def logit_weights(sae: Any, head: Any) -> tuple[np.ndarray, float]:
     cheap; an in-place change of the decoder (``_version``) recomputes it.
     """
     w, c = head_parts(head)
-    keys = (_tensor_key(sae.W_dec), _tensor_key(sae.b_dec))
-    for (k_dec, k_bias, k_w, k_c), v, bias in reversed(_MEMO):
-        if _same(k_dec, keys[0]) and _same(k_bias, keys[1]) and k_c == c and np.array_equal(k_w, w):
+    tensors = (sae.W_dec, sae.b_dec)
+    keys = tuple(tensor_state_key(t) for t in tensors)
+    for refs, k, k_w, k_c, v, bias in reversed(_MEMO):
+        if k == keys and _alive(refs, tensors) and k_c == c and np.array_equal(k_w, w):
             return v, bias
     W_dec, b_dec = sae_decoder(sae)
     if W_dec.shape[0] != w.shape[0]:
@@ -92,7 +107,7 @@ def logit_weights(sae: Any, head: Any) -> tuple[np.ndarray, float]:
         )
     v, bias = W_dec.T @ w, float(w @ b_dec) + c
     v.setflags(write=False)
-    _MEMO.append(((*keys, w, c), v, bias))
+    _MEMO.append((tuple(weakref.ref(t) for t in tensors), keys, w, c, v, bias))
     del _MEMO[:-4]
     return v, bias
 

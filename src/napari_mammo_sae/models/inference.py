@@ -27,6 +27,7 @@ from ..analysis.interventions import (
     InterventionEngine,
     head_parts,
     logit_weights,
+    module_state_key,
     neuron_mask,
     sigmoid,
 )
@@ -73,18 +74,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 # --- signatures ------------------------------------------------------------------------------------
 def _tensors(module: Any) -> list[tuple[str, torch.Tensor]]:
     return list(module.named_parameters()) + list(module.named_buffers())
-
-
-def module_state_key(module: Any) -> tuple:
-    """Cheap key that changes when a tensor is replaced, moved or modified in place.
-
-    In-place changes through ``tensor.data`` bypass torch's version counter and are not seen: change
-    weights with ``load_state_dict`` or under ``torch.no_grad()`` (or call ``clear_cache``).
-    """
-    return tuple(
-        (name, id(t), t._version, t.data_ptr(), str(t.dtype), tuple(t.shape), str(t.device))
-        for name, t in _tensors(module)
-    )
 
 
 def module_digest(module: Any) -> str:
