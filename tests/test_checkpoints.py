@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import pickle
+import shlex
+import struct
+import zipfile
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +17,7 @@ from napari_mammo_sae.errors import CheckpointError, UnsafePickleError
 from napari_mammo_sae.models.backbone import create_backbone
 from napari_mammo_sae.models.checkpoints import (
     identify_efficientnet,
+    load_checkpoint_file,
     load_mammoclip_classifier,
     load_mammoclip_clip,
     lukemelas_to_timm,
@@ -109,9 +116,7 @@ def test_conformance_with_efficientnet_pytorch(tmp_path, name, arch):
     ref = reference(name)
     path = tmp_path / "upmc_breast_clip_det_b5_period_n_ft_seed_10_fold0_best_aucroc_ver084.pth"
     state = save_downstream(path, ref)
-    with pytest.raises(UnsafePickleError):  # numpy predictions: needs the trust switch
-        load_mammoclip_classifier(path)
-    model = load_mammoclip_classifier(path, trust_pickle=True)
+    model = load_mammoclip_classifier(path)  # numpy predictions load without the trust switch
     assert isinstance(model, ConceptClassifier) and model.backbone_name == arch
     assert model.variant == "finetuned" and model.checkpoint_info["epoch"] == 4
     x = image(1, 1520, 912, seed=5)
@@ -166,7 +171,7 @@ def test_b0_conformance_any_size_and_weights_round_trip(tmp_path, b0):
 
     path = tmp_path / "upmc_breast_clip_det_b0_period_n_lp_seed_10_fold0.pth"
     save_downstream(path, b0)
-    model = load_mammoclip_classifier(path, trust_pickle=True)
+    model = load_mammoclip_classifier(path)
     assert model.variant == "pretrained"
     x = image(2, 224, 160, seed=6)
     with torch.inference_mode():
@@ -200,6 +205,103 @@ def test_refuses_code_running_pickle_without_the_switch(tmp_path):
     with pytest.raises(CheckpointError, match="does not hold a state dict"):
         load_mammoclip_classifier(path, trust_pickle=True)
     assert marker.read_text() == "ran"
+
+
+class SystemPayload:
+    """Unpickles into os.system(touch marker): what a malicious checkpoint would hide."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {shlex.quote(self.marker)}",))
+
+
+def rewrite_pickle(path, old: bytes, new: bytes) -> None:
+    """Rewrite a torch zip with ``old`` replaced by ``new`` inside data.pkl (other members kept)."""
+    with zipfile.ZipFile(path) as src:
+        members = [(info, src.read(info)) for info in src.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as dst:
+        for info, data in members:
+            if info.filename.endswith("/data.pkl"):
+                assert old in data
+                data = data.replace(old, new)
+            dst.writestr(info, data)
+
+
+def test_released_layout_loads_without_trust(tmp_path, b0):
+    """{'model', 'predictions' (ndarray), 'epoch', 'auroc'} as Mammo-CLIP releases it: no switch."""
+    path = tmp_path / "upmc_breast_clip_det_b0_period_n_ft_seed_10_fold0_best_aucroc_ver084.pth"
+    predictions = np.array([[0.1, 0.9], [0.7, 0.2]], dtype=np.float32)
+    state = save_downstream(path, b0, predictions=predictions, auroc=np.float64(0.8125),
+                            labels=np.array([0, 1], dtype=np.int64))  # fmt: skip
+    obj = load_checkpoint_file(path)
+    np.testing.assert_array_equal(obj["predictions"], predictions)
+    assert obj["predictions"].dtype == np.float32 and obj["labels"].dtype == np.int64
+    assert obj["auroc"] == 0.8125 and obj["epoch"] == 4
+    model = load_mammoclip_classifier(path)
+    assert model.checkpoint_info["epoch"] == 4 and model.checkpoint_info["auroc"] == 0.8125
+    key = "classifier.classification_head.weight"
+    torch.testing.assert_close(model.head.weight, state[key])
+    # files written under numpy 1 name the reconstruction numpy.core.multiarray: they load too
+    rewrite_pickle(path, b"numpy._core.multiarray", b"numpy.core.multiarray")
+    with zipfile.ZipFile(path) as archive:
+        pkl = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
+        assert b"numpy._core" not in archive.read(pkl)
+    np.testing.assert_array_equal(load_checkpoint_file(path)["predictions"], predictions)
+
+
+def test_released_layout_with_code_is_refused(tmp_path, b0):
+    """The numpy allow-list opens nothing else: code beside the arrays is still refused."""
+    marker = tmp_path / "payload-ran"
+    cases = {
+        "scheduler": {"scheduler": SystemPayload(marker)},
+        "object-array": {"predictions": np.array([SystemPayload(marker)], dtype=object)},
+    }
+    for name, extra in cases.items():
+        path = tmp_path / f"{name}.pth"
+        save_downstream(path, b0, **extra)
+        with pytest.raises(UnsafePickleError, match=r"posix\.system"):
+            load_mammoclip_classifier(path)
+        assert not marker.exists(), name
+
+
+def test_corrupt_file_is_never_unpickled_even_when_trusted(tmp_path, b0):
+    """A damaged file with code in it: typed error with --trust-pickle, and the code never runs."""
+    marker = tmp_path / "payload-ran"
+    good = tmp_path / "good.pth"
+    save_downstream(good, b0, scheduler=SystemPayload(marker))
+    raw = good.read_bytes()
+    with zipfile.ZipFile(good) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith("/data/0"))
+    name_len, extra_len = struct.unpack(
+        "<HH", raw[info.header_offset + 26 : info.header_offset + 30]
+    )
+    data_at = info.header_offset + 30 + name_len + extra_len + 8  # local header, then the data
+    flipped = bytearray(raw)
+    flipped[data_at] ^= 0xFF  # one byte of a tensor's storage: the member's CRC no longer matches
+    payload_pickle = pickle.dumps({"model": SystemPayload(marker)}, protocol=2)
+    files = {
+        "bit-flip.pth": bytes(flipped),
+        "truncated-zip.pth": raw[: len(raw) * 2 // 3],
+        "truncated-pickle.pth": payload_pickle[:-1],  # legacy (non-zip) stream cut before STOP
+        "bare-pickle.pth": payload_pickle,  # one pickle is not a torch file either
+    }
+    for name, content in files.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        for trust in (False, True):
+            with pytest.raises(CheckpointError) as err:
+                load_mammoclip_classifier(path, trust_pickle=trust)
+            assert not isinstance(err.value, UnsafePickleError), name
+            assert "corrupt" in str(err.value) and name in str(err.value)
+            assert not marker.exists(), (name, trust)
+    # the intact file with the same content is refused without the switch, runs with it
+    with pytest.raises(UnsafePickleError):
+        load_mammoclip_classifier(good)
+    assert not marker.exists()
+    load_mammoclip_classifier(good, trust_pickle=True)
+    assert marker.exists()
 
 
 def test_clip_file_passed_as_classifier(tmp_path, b0):

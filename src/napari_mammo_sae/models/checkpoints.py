@@ -13,17 +13,22 @@ Files:
 - pretrained CLIP ``.tar`` (:func:`load_mammoclip_clip`): ``{"model": ..., "config": ...}`` with
   ``image_encoder.*``, ``text_encoder.*``, projections and ``logit_scale``.
 
-``torch.load`` runs with ``weights_only=True``. Files that need full unpickling (the released
-Mammo-CLIP files hold numpy arrays and optimizer/scheduler objects) are refused with
-:class:`UnsafePickleError` unless ``trust_pickle=True`` (``--trust-pickle``): unpickling can run
-arbitrary code hidden in the file.
+``torch.load`` runs with ``weights_only=True`` and exactly the numpy array/scalar reconstruction
+allow-listed, so released downstream files (``{"model": state_dict, "predictions": ndarray, "epoch":
+int, "auroc": float}``) load as they are. Files that need more (optimizer/scheduler or config objects)
+are refused with :class:`UnsafePickleError` unless ``trust_pickle=True`` (``--trust-pickle``):
+unpickling can run arbitrary code hidden in the file. A corrupt or truncated file is never unpickled.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import pickle
+import pickletools
 import re
+import zipfile
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -95,11 +100,127 @@ _CLIP_PREFIXES = ("text_encoder.", "image_projection.", "text_projection.", "log
 
 
 # --- safe file loading ---------------------------------------------------------------------------
-def _unsafe_globals(path: Path) -> list[str]:
+#: numpy dtype codes whose dtype objects a released checkpoint's arrays may carry (no object/void)
+_NUMPY_DTYPE_CODES = "?bhilqBHILQefdgFDGSU" + "Mm"
+
+
+def _numpy_safe_globals() -> list[Any]:
+    """What unpickling a plain numpy array or scalar needs, and nothing more.
+
+    ``_reconstruct`` and ``scalar`` under both module paths numpy has pickled them with (numpy 1:
+    ``numpy.core.multiarray``, numpy 2: ``numpy._core.multiarray``), ``ndarray``, ``dtype`` and the
+    dtype classes of numeric, bool, bytes, str and datetime dtypes (their BUILD step needs them).
+    Object and structured (void) dtypes are left out: their state can hold arbitrary objects.
+    """
+    import numpy as np
+
     try:
-        return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
-    except Exception:  # noqa: BLE001 - only used to word the message
-        return []
+        from numpy._core import multiarray
+    except ImportError:  # numpy < 2
+        from numpy.core import multiarray  # type: ignore[no-redef]
+    out: list[Any] = [np.ndarray, np.dtype]
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        out.append((multiarray._reconstruct, f"{module}._reconstruct"))
+        out.append((multiarray.scalar, f"{module}.scalar"))
+    dtype_classes = {type(np.dtype(code)) for code in _NUMPY_DTYPE_CODES}
+    out.extend(cls for cls in dtype_classes if cls is not np.dtype)
+    return out
+
+
+def _safe_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` with numpy arrays/scalars allow-listed (nothing else)."""
+    with torch.serialization.safe_globals(_numpy_safe_globals()):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _allowed_global_names() -> set[str]:
+    """Names torch's weights-only loader accepts here (its defaults + the numpy allow-list)."""
+    ours = {
+        f[1] if isinstance(f, tuple) else f"{f.__module__}.{f.__qualname__}"
+        for f in _numpy_safe_globals()
+    }
+    try:  # torch's own default list is private; without it every other global counts as unsafe
+        from torch import _weights_only_unpickler as wou
+
+        return ours | set(wou._get_allowed_globals())
+    except (ImportError, AttributeError):
+        return ours
+
+
+def _python3_name(module: str, name: str) -> str:
+    """module.name as unpickling resolves it (protocol 2 writes Python 2 names, e.g. __builtin__)."""
+    import _compat_pickle
+
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+    elif module in _compat_pickle.IMPORT_MAPPING:
+        module = _compat_pickle.IMPORT_MAPPING[module]
+    return f"{module}.{name}"
+
+
+def _pickle_globals(data: bytes, *, count: int = 1) -> tuple[list[str], int]:
+    """(module.name of every GLOBAL, end offset) of ``count`` complete pickles at the start of ``data``.
+
+    Reads the opcodes only (``pickletools``): nothing is unpickled. Raises ValueError when a pickle is
+    truncated or malformed.
+    """
+    names: list[str] = []
+    pos = 0
+    for _ in range(count):
+        stream = io.BytesIO(data[pos:])
+        strings: list[str] = []
+        stopped = False
+        for op, arg, _offset in pickletools.genops(stream):
+            if op.name == "GLOBAL":
+                module, _, name = str(arg).partition(" ")
+                names.append(_python3_name(module, name))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(arg, str):
+                strings.append(arg)
+            elif op.name == "STOP":
+                stopped = True
+        if not stopped:
+            raise ValueError("pickle without STOP")
+        pos += stream.tell()
+    return names, pos
+
+
+#: the pickles at the start of a legacy (pre-zip) torch file: magic, protocol, sys info, object, keys
+_LEGACY_PICKLES = 5
+
+
+def _intact_globals(path: Path) -> list[str]:
+    """Globals the checkpoint's pickle names, after checking the file is whole; raises on corruption.
+
+    A torch zip must pass every member's CRC and hold one complete ``data.pkl`` with nothing after
+    its STOP; a legacy file must start with complete pickles. Nothing is unpickled.
+    """
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+                if bad is not None:
+                    raise ValueError(f"member {bad} fails its CRC")
+                pickles = [n for n in archive.namelist() if n.rsplit("/", 1)[-1] == "data.pkl"]
+                if len(pickles) != 1:
+                    raise ValueError("no single data.pkl: not a torch.save file")
+                data = archive.read(pickles[0])
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
+            raise ValueError(str(exc)) from exc
+        names, end = _pickle_globals(data)
+        if end != len(data):
+            raise ValueError("bytes after the end of data.pkl")
+        return names
+    names, _ = _pickle_globals(path.read_bytes(), count=_LEGACY_PICKLES)
+    return names
+
+
+def _corrupt(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path.name} is not a readable torch checkpoint ({why[:200]}): the file is corrupt, "
+        "truncated or another format; download it again"
+    )
 
 
 def _refusal(path: Path, needs: list[str]) -> UnsafePickleError:
@@ -114,35 +235,36 @@ def _refusal(path: Path, needs: list[str]) -> UnsafePickleError:
 
 
 def load_checkpoint_file(path: str | Path, *, trust_pickle: bool = False) -> Any:
-    """``torch.load`` with ``weights_only=True``; full unpickling only with ``trust_pickle=True``."""
+    """Load a torch checkpoint safely; full unpickling only with ``trust_pickle=True``.
+
+    First ``torch.load(weights_only=True)`` with exactly the numpy array/scalar reconstruction
+    allow-listed (released Mammo-CLIP files hold their predictions as a numpy array). When that
+    refuses the file, the file is checked without unpickling (zip CRCs, complete pickle): a corrupt
+    file raises :class:`CheckpointError` and never reaches the full unpickler, whatever
+    ``trust_pickle`` says; an intact file whose pickle needs other globals raises
+    :class:`UnsafePickleError` unless ``trust_pickle=True``.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint file at {path}: check the path")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        msg = str(exc)
-        needs = _unsafe_globals(path)
-        with path.open("rb") as fh:
-            head = fh.read(2)
-        is_pickle = (
-            bool(needs)
-            or "GLOBAL" in msg
-            or "Unsupported global" in msg
-            or head[:1] == b"\x80"  # a pickle stream (protocol >= 2) torch's loader cannot parse
-            or head == b"PK"  # a torch zip whose pickle needs more than tensors
-        )
-        if not is_pickle:
-            raise CheckpointError(
-                f"{path.name} is not a readable torch checkpoint (corrupt or another format)"
-            ) from exc
-        if not trust_pickle:
-            raise _refusal(path, needs) from None
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt files
-        raise CheckpointError(
-            f"{path.name} is not a readable torch checkpoint ({str(exc).splitlines()[0][:200]}): "
-            "the file is corrupt or truncated; download it again"
-        ) from exc
+        return _safe_load(path)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types; sorted out below
+        safe_error = exc
+    try:
+        names = _intact_globals(path)
+    except (ValueError, OSError) as exc:
+        raise _corrupt(path, str(exc) or exc.__class__.__name__) from safe_error
+    allowed = _allowed_global_names()
+    needs = sorted({n for n in names if n not in allowed})
+    msg = str(safe_error)
+    if not needs and not any(
+        s in msg for s in ("Unsupported global", "allowlisted", "unrecognized function")
+    ):
+        first = msg.splitlines()[0] if msg else safe_error.__class__.__name__
+        raise _corrupt(path, first) from safe_error
+    if not trust_pickle:
+        raise _refusal(path, needs) from None
     log.warning("unpickling %s with trust_pickle=True (can run code from the file)", path.name)
     stubbed: list[str] = []
     try:
