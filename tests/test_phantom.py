@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import json
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 from napari_mammo_sae.annotations import load_confounders, load_vindr
 from napari_mammo_sae.cli import main
 from napari_mammo_sae.dicom import chest_wall_side, chest_wall_side_from_pixels, read_mammogram
+from napari_mammo_sae.phantom.cues import CueSpec, load_cue_boxes
 from napari_mammo_sae.phantom.dataset import PhantomConfig, plan_dataset, render_image
 
 # VinDr-Mammo's columns, in file order (SPEC section 3), written out so a change must fail here
@@ -321,3 +323,189 @@ def test_the_marker_survives_the_mammoclip_crop():
         x0, y0, x1, y1 = out.cue_box
         assert c0 <= x0 and x1 <= c1 and r0 <= y0 and y1 <= r1, (plan.image_id, out.cue_box)
     assert placed >= 20  # nearly every image that asks for a marker gets one
+
+
+# --- realistic shortcuts: lead marker, biopsy clip, site effect (phantom.cues) -------------------
+SMALL_CFG = dict(height=448, width=368, spacing_mm=0.6)
+ALWAYS = dict(pos_rate=1.0, neg_rate=1.0, test_rate=1.0)
+
+
+def _cue_rate(plans, cue, concept, split, positive):
+    sub = [p for p in plans if p.split == split and p.has(concept) == positive]
+    return sum(cue in p.cues for p in sub) / len(sub), len(sub)
+
+
+def test_cue_rates_follow_the_label_in_training_only():
+    base = PhantomConfig(studies=600, seed=8, mass_rate=0.3, calc_rate=0.3)
+    cfg = replace(base, cues=(CueSpec("lead"), CueSpec("clip", pos_rate=0.8, neg_rate=0.1),
+                              CueSpec("site")))  # fmt: skip
+    plans = plan_dataset(cfg)
+    for cue, concept, pos, neg, test in (("lead", "mass", 0.6, 0.05, 0.3),
+                                         ("clip", "calcification", 0.8, 0.1, 0.3)):  # fmt: skip
+        r_pos, n_pos = _cue_rate(plans, cue, concept, "training", True)
+        r_neg, n_neg = _cue_rate(plans, cue, concept, "training", False)
+        assert n_pos > 400 and n_neg > 900
+        assert abs(r_pos - pos) < 0.06 and abs(r_neg - neg) < 0.03, (cue, r_pos, r_neg)
+        t_pos, _ = _cue_rate(plans, cue, concept, "test", True)
+        t_neg, _ = _cue_rate(plans, cue, concept, "test", False)
+        assert abs(t_pos - test) < 0.1 and abs(t_neg - test) < 0.06, (cue, t_pos, t_neg)
+    # the site is decided per study: all four views agree; a positive study is one with a mass
+    studies: dict[int, list] = {}
+    for p in plans:
+        studies.setdefault(p.study_index, []).append(p)
+    assert all(len({"site" in p.cues for p in views}) == 1 for views in studies.values())
+
+    def site_rate(split, positive):
+        sub = [v for v in studies.values() if v[0].split == split
+               and any(p.has("mass") for p in v) == positive]  # fmt: skip
+        return np.mean(["site" in v[0].cues for v in sub])
+
+    assert abs(site_rate("training", True) - 0.6) < 0.07
+    assert abs(site_rate("training", False) - 0.15) < 0.07
+    assert abs(site_rate("test", True) - 0.3) < 0.15 and abs(site_rate("test", False) - 0.3) < 0.15
+    # the cues are drawn apart from the rest of the plan: everything else is as without them
+    plain = plan_dataset(base)
+    assert [replace(p, cues=()) for p in plans] == plain and all(p.cues == () for p in plain)
+
+
+@pytest.mark.parametrize("name", ["lead", "clip"])
+def test_metal_cues_change_only_the_pixels_in_their_box(name):
+    cfg = PhantomConfig(studies=3, seed=12, mass_rate=0.6, calc_rate=0.6, **SMALL_CFG)
+    with_cue = replace(cfg, cues=(CueSpec(name, **ALWAYS),))
+    maxval = 2**cfg.bits_stored - 1
+    drawn = 0
+    for plan, plan_cue in zip(plan_dataset(cfg), plan_dataset(with_cue), strict=True):
+        a = render_image(plan, cfg).pixels.astype(float)
+        out = render_image(plan_cue, with_cue, keep_truth=True)
+        b = out.pixels.astype(float)
+        if name not in out.cue_boxes:
+            continue
+        drawn += 1
+        x0, y0, x1, y1 = (int(v) for v in out.cue_boxes[name])
+        inside = np.zeros(a.shape, bool)
+        inside[y0:y1, x0:x1] = True
+        assert np.array_equal(a[~inside], b[~inside])  # nothing changes outside the box
+        assert out.breast_mask[y0:y1, x0:x1].all()  # on the breast
+        # metal: the object saturates the detector, far above the tissue around it
+        ring = np.zeros_like(inside)
+        ring[max(0, y0 - 10) : y1 + 10, max(0, x0 - 10) : x1 + 10] = True
+        ring &= ~inside & out.breast_mask
+        assert b[inside].max() >= 0.97 * maxval > np.percentile(b[ring], 99) + 0.2 * maxval
+        assert (b[inside] - a[inside]).max() > 0.2 * maxval
+        side_mm = max(x1 - x0, y1 - y0) * cfg.spacing_mm
+        if name == "clip":
+            assert 2.0 <= side_mm <= 6.0 + cfg.spacing_mm, side_mm  # 2-6 mm, a pixel of blur
+            for f in out.findings:  # inside the breast, clear of every finding
+                assert x1 <= f.box[0] or f.box[2] <= x0 or y1 <= f.box[1] or f.box[3] <= y0
+        else:
+            assert 5.0 <= side_mm <= 12.0, side_mm
+    assert drawn >= 10
+
+
+def test_lead_marker_sits_on_the_skin_at_the_level_of_the_mass():
+    cfg = PhantomConfig(studies=12, seed=31, mass_rate=0.9, calc_rate=0.0,
+                        cues=(CueSpec("lead", **ALWAYS),), **SMALL_CFG)  # fmt: skip
+    gaps, to_skin = [], []
+    for plan in plan_dataset(cfg):
+        out = render_image(plan, cfg, keep_truth=True)
+        masses = [f.box for f in out.findings if "Mass" in f.categories]
+        if "lead" not in out.cue_boxes or not masses:
+            continue
+        x0, y0, x1, y1 = out.cue_boxes["lead"]
+        centre = 0.5 * (y0 + y1)
+        gaps.append(min(abs(centre - 0.5 * (b[1] + b[3])) for b in masses) * cfg.spacing_mm)
+        row = out.breast_mask[int(centre)]
+        skin = np.nonzero(row)[0]
+        # distance from the marker's outer side to the skin line, in mm
+        outer = skin.max() + 1 - x1 if plan.laterality == "L" else x0 - skin.min()
+        to_skin.append(outer * cfg.spacing_mm)
+    assert len(gaps) >= 15
+    assert np.median(gaps) < 12.0  # at the level of the mass (the breast is about 120 mm tall)
+    assert 0.0 <= min(to_skin) and np.median(to_skin) < 8.0  # on the skin, not deep in the breast
+
+
+def test_site_images_carry_their_text_and_their_own_processing():
+    cfg = PhantomConfig(studies=2, seed=6, mass_rate=0.3, calc_rate=0.3, **SMALL_CFG)
+    site = replace(cfg, cues=(CueSpec("site", **ALWAYS),))
+    maxval = 2**cfg.bits_stored - 1
+    for plan, plan_site in zip(plan_dataset(cfg), plan_dataset(site), strict=True):
+        a = render_image(plan, cfg, keep_truth=True)
+        b = render_image(plan_site, site)
+        x0, y0, x1, y1 = (int(v) for v in b.cue_boxes["site"])
+        assert not a.breast_mask[y0:y1, x0:x1].any()  # burned in over the air
+        text = b.pixels[y0:y1, x0:x1].astype(float)
+        assert 0.15 < np.mean(text > 0.7 * maxval) < 0.7  # letters, not a filled block
+        air = a.pixels[y0:y1, x0:x1].astype(float)
+        assert air.max() < 0.25 * maxval  # nothing bright there without the site
+        # the site's processing: every breast pixel is processed, and edges are enhanced
+        pa, pb = a.pixels.astype(float), b.pixels.astype(float)
+        breast = a.breast_mask
+        assert np.mean(pa[breast] != pb[breast]) > 0.95
+        lap_a = np.abs(np.diff(pa, 2, axis=1))[breast[:, 1:-1]].mean()
+        lap_b = np.abs(np.diff(pb, 2, axis=1))[breast[:, 1:-1]].mean()
+        assert lap_b > 1.1 * lap_a
+
+
+def test_cue_files_and_metadata(tmp_path):
+    out = _phantom(tmp_path / "d", "--studies", "3", "--seed", "4", "--workers", "1",
+                   "--balanced", "--cue", "lead:1,1,1", "--cue", "clip@mass:0.5,0,1",
+                   "--cue", "site", *SMALL)  # fmt: skip
+    meta = json.loads((out / "phantom.json").read_text())
+    assert set(meta["cues"]) == {"marker", "lead", "clip", "site"}
+    assert meta["cues"]["clip"]["concept"] == "mass" and meta["cues"]["site"]["unit"] == "study"
+    assert meta["cues"]["clip"]["rates"] == {"training": {"positive": 0.5, "negative": 0.0},
+                                             "test": {"any": 1.0}}  # fmt: skip
+    assert meta["cues"]["lead"]["rates"]["training"] == {"positive": 1.0, "negative": 1.0}
+    boxes = load_cue_boxes(out)
+    breast = {r["image_id"]: r for r in _rows(out / "breast-level_annotations.csv")}
+    for name in ("lead", "clip", "site"):
+        path = out / f"{name}_annotations.csv"
+        assert path.read_text().splitlines()[0] == "image_id,study_id,xmin,ymin,xmax,ymax,kind"
+        rows = _rows(path)
+        assert all(r["kind"] == name and re.fullmatch(r"\d+\.\d\d", r["xmin"]) for r in rows)
+        per_split = {}
+        for r in rows:
+            per_split[breast[r["image_id"]]["split"]] = per_split.get(
+                breast[r["image_id"]]["split"], 0) + 1  # fmt: skip
+        assert meta["cues"][name]["images"] == per_split
+        assert sum(len(v) for v in boxes[name].values()) == len(rows)
+    assert len(_rows(out / "lead_annotations.csv")) >= 10  # rate 1: nearly every image
+    # no cue asked: no cue file, the marker alone in the metadata
+    plain = _phantom(tmp_path / "p", "--studies", "1", "--seed", "4", "--workers", "1", *SMALL)
+    assert set(json.loads((plain / "phantom.json").read_text())["cues"]) == {"marker"}
+    assert not list(plain.glob("lead_annotations.csv"))
+
+
+@pytest.mark.parametrize(
+    "cue, message",
+    [
+        ("needle", "unknown cue 'needle'"),
+        ("lead:0.5,0.1", "three numbers"),
+        ("clip:0.5,2,0.1", "between 0 and 1"),
+        ("site@density", "mass or calcification"),
+    ],
+)
+def test_bad_cue_options_exit_2(tmp_path, capsys, cue, message):
+    assert main(["phantom", "--out", str(tmp_path / "x"), "--cue", cue, *SMALL]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_every_cue_survives_the_mammoclip_crop():
+    from types import SimpleNamespace
+
+    from napari_mammo_sae.preprocess import preprocess_mammoclip
+
+    cfg = PhantomConfig(studies=5, seed=9, mass_rate=0.4, calc_rate=0.4,
+                        cues=tuple(CueSpec(n, **ALWAYS) for n in ("lead", "clip", "site")),
+                        **SMALL_CFG)  # fmt: skip
+    placed = dict.fromkeys(("lead", "clip", "site"), 0)
+    for plan in plan_dataset(cfg):
+        out = render_image(plan, cfg)
+        rec = SimpleNamespace(pixels=out.pixels.astype(np.float32), photometric=cfg.photometric,
+                              spacing_mm=(cfg.spacing_mm, cfg.spacing_mm))  # fmt: skip
+        r0, c0, r1, c1 = preprocess_mammoclip(rec, size=(256, 160)).geometry.crop_box
+        for name, (x0, y0, x1, y1) in out.cue_boxes.items():
+            placed[name] += 1
+            assert c0 <= x0 and x1 <= c1 and r0 <= y0 and y1 <= r1, (name, plan.image_id)
+    assert min(placed.values()) >= 18, placed  # of 20 images

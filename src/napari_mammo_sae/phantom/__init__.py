@@ -5,7 +5,8 @@ the Python entry points are :func:`napari_mammo_sae.phantom.dataset.write_datase
 :func:`~napari_mammo_sae.phantom.dataset.plan_dataset` and
 :func:`~napari_mammo_sae.phantom.dataset.render_image` (one image and its truth, in memory).
 Modules: ``anatomy`` (breast outline, tissue), ``lesions`` (masses, calcifications, distractors,
-marker), ``writer`` (MG DICOM), ``dataset`` (plan, render, CSVs), ``cli``. Importing this package is
+marker), ``cues`` (optional shortcuts: lead marker, biopsy clip, site effect), ``writer`` (MG DICOM),
+``dataset`` (plan, render, CSVs, ``phantom.json``), ``cli``. Importing this package is
 cheap: numpy and pydicom load with the modules.
 """
 

@@ -58,6 +58,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cue-test-rate", type=float, default=0.3, help="marker rate, every test image"
     )
     parser.add_argument(
+        "--cue", action="append", default=[], metavar="NAME[@CONCEPT][:POS,NEG,TEST]",
+        help="add a realistic shortcut (repeatable): lead (lead triangle on the skin near a mass; "
+        "default mass:0.6,0.05,0.3), clip (biopsy clip in the breast; calcification:0.6,0.05,0.3), "
+        "site (one site's processing and burned-in text, decided per study; mass:0.6,0.15,0.3). "
+        "POS/NEG: rates in positive/negative training images, TEST: rate in every test image",
+    )  # fmt: skip
+    parser.add_argument(
         "--test-fraction", type=float, default=0.2, help="share of studies in the test split"
     )
     parser.add_argument(
@@ -68,6 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace):
     """PhantomConfig from parsed options."""
+    from .cues import parse_cue
     from .dataset import PhantomConfig
 
     h, w, sp = SIZES[args.size]
@@ -82,6 +90,7 @@ def config_from_args(args: argparse.Namespace):
         confounder=not args.no_confounder, cue_concept=args.cue_concept,
         cue_pos_rate=args.cue_pos_rate, cue_neg_rate=args.cue_neg_rate,
         cue_test_rate=args.cue_test_rate, test_fraction=args.test_fraction,
+        cues=tuple(parse_cue(text) for text in args.cue),
     )  # fmt: skip
 
 

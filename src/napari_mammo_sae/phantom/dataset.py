@@ -17,6 +17,11 @@ independent of the label. The marker is a radiopaque skin tag on the breast, 2-1
 line and clear of every lesion, so it survives the breast crop of Mammo-CLIP preprocessing (a tag in
 the air beyond the skin is cut away with the background). Its boxes go to
 ``confounder_annotations.csv``.
+
+Realistic shortcuts (``PhantomConfig.cues``, CLI ``--cue``): a lead marker near masses, a biopsy
+clip, a site effect - each optional, with its own rates per class and split, its own boxes
+(``<cue>_annotations.csv``) and generators of its own; see :mod:`.cues`. ``phantom.json`` records the
+options and every cue's rates and counts.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
-from . import SIZES, anatomy, lesions  # noqa: F401 - SIZES re-exported
+from . import SIZES, anatomy, cues, lesions  # noqa: F401 - SIZES re-exported
+from .cues import CueSpec
 from .writer import DicomInfo, phantom_uid, write_dicom
 
 VIEWS = (("R", "CC"), ("L", "CC"), ("R", "MLO"), ("L", "MLO"))
@@ -75,6 +81,8 @@ class PhantomConfig:
     test_fraction: float = 0.2
     beta: float = 3.0
     density_weights: dict[str, float] = field(default_factory=lambda: dict(DENSITY_WEIGHTS))
+    #: realistic shortcuts besides the marker (lead marker, biopsy clip, site): ``phantom.cues``
+    cues: tuple[CueSpec, ...] = ()
 
     def validate(self) -> None:
         """Raise ConfigError for values that cannot make a dataset."""
@@ -95,6 +103,11 @@ class PhantomConfig:
             raise ConfigError(f"--cue-concept must be one of {', '.join(CATEGORIES)}")
         if not 0.0 <= self.test_fraction < 1.0:
             raise ConfigError("--test-fraction must be in [0, 1)")
+        names = [spec.name for spec in self.cues]
+        if len(set(names)) != len(names):
+            raise ConfigError("each --cue may be given once")
+        for spec in self.cues:
+            spec.validate()
 
 
 @dataclass(frozen=True)
@@ -148,6 +161,7 @@ class ImagePlan:
     study_uid: str
     series_uid: str
     sop_uid: str
+    cues: tuple[str, ...] = ()  # the optional cues drawn on this image (CUE_ORDER)
 
     def has(self, concept: str) -> bool:
         """Whether a lesion of the concept is planned in this view."""
@@ -173,6 +187,7 @@ class Rendered:
     window: tuple[float, float]
     breast_mask: np.ndarray | None = None  # bool, final frame (only when asked)
     footprints: list[np.ndarray] = field(default_factory=list)  # per finding, bool, final frame
+    cue_boxes: dict[str, tuple[float, float, float, float]] = field(default_factory=dict)
 
 
 def _hex_id(seed: int, *parts: object) -> str:
@@ -286,8 +301,30 @@ def plan_dataset(cfg: PhantomConfig) -> list[ImagePlan]:
                     sop_uid=phantom_uid(cfg.seed, "image", s, v),
                 )
             )  # fmt: skip
-    # the breast BI-RADS is per breast: equalise over both views
-    return plans
+    return _plan_cues(cfg, plans)
+
+
+def _plan_cues(cfg: PhantomConfig, plans: list[ImagePlan]) -> list[ImagePlan]:
+    """Decide the optional cues with a generator of their own (the rest of the plan is unchanged)."""
+    if not cfg.cues:
+        return plans
+    drawn: dict[int, list[str]] = {p.index: [] for p in plans}
+    for spec in sorted(cfg.cues, key=lambda c: cues.CUE_ORDER.index(c.name)):
+        rng = np.random.default_rng(
+            np.random.SeedSequence([cfg.seed, 0xC0E, cues.CUE_ORDER.index(spec.name)])
+        )
+        if cues.CUE_UNIT[spec.name] == "study":
+            for s in range(cfg.studies):
+                study = [p for p in plans if p.study_index == s]
+                positive = any(p.has(spec.concept) for p in study)
+                if rng.random() < spec.rate(study[0].split, positive):
+                    for p in study:
+                        drawn[p.index].append(spec.name)
+        else:
+            for p in plans:
+                if rng.random() < spec.rate(p.split, p.has(spec.concept)):
+                    drawn[p.index].append(spec.name)
+    return [replace(p, cues=tuple(drawn[p.index])) if drawn[p.index] else p for p in plans]
 
 
 def _stratified_test_studies(breasts, n: int, n_test: int, rng: np.random.Generator) -> set[int]:
@@ -454,6 +491,7 @@ def render_image(plan: ImagePlan, cfg: PhantomConfig, *, keep_truth: bool = Fals
     findings: list[Finding] = []
     footprints: list[tuple[np.ndarray, int, int]] = []
     placed_boxes: list[tuple[float, float, float, float]] = []  # canonical frame
+    mass_boxes: list[tuple[float, float, float, float]] = []  # canonical frame
     for les in plan.lesions:
         placed = None
         for scale in (1.0, 0.75, 0.55, 0.4):
@@ -473,6 +511,8 @@ def render_image(plan: ImagePlan, cfg: PhantomConfig, *, keep_truth: bool = Fals
         _add(img, values, r0, c0, gamma, mirror)
         box = patch.box_at(r0, c0)
         placed_boxes.append(box)
+        if "mass" in les.concepts:
+            mass_boxes.append(box)
         findings.append(Finding(les.categories, les.birads, _mirror_box(box, w) if mirror else box))
         if keep_truth:
             footprints.append((patch.footprint, r0, c0))
@@ -503,8 +543,14 @@ def render_image(plan: ImagePlan, cfg: PhantomConfig, *, keep_truth: bool = Fals
             _add(img, marker.values, r0, c0, gamma, mirror)
             box = (float(c0), float(r0), float(c0 + side), float(r0 + side))
             cue_box = _mirror_box(box, w) if mirror else box
+            placed_boxes.append(box)
+    cue_boxes = {}
+    if plan.cues:
+        img, cue_boxes = _draw_cues(
+            plan, cfg, img, outline, gamma, mirror, placed_boxes, mass_boxes
+        )
     pixels, window = _acquire(img, cfg, rng)
-    out = Rendered(pixels, findings, cue_box, window)
+    out = Rendered(pixels, findings, cue_box, window, cue_boxes=cue_boxes)
     if keep_truth:
         mask = outline.mask((h, w))
         out.breast_mask = mask[:, ::-1] if mirror else mask
@@ -516,6 +562,57 @@ def render_image(plan: ImagePlan, cfg: PhantomConfig, *, keep_truth: bool = Fals
                                                  cs - c0 : min(w, c0 + fw) - c0]  # fmt: skip
             out.footprints.append(full[:, ::-1] if mirror else full)
     return out
+
+
+def _draw_cues(plan, cfg, img, outline, gamma, mirror, avoid, mass_boxes):
+    """Draw the plan's optional cues (own generator per image and cue); their boxes, final frame."""
+    w, sp = cfg.width, cfg.spacing_mm
+    avoid = list(avoid)
+    boxes: dict[str, tuple[float, float, float, float]] = {}
+    for name in cues.CUE_ORDER:
+        if name not in plan.cues:
+            continue
+        rng = np.random.default_rng(
+            np.random.SeedSequence(
+                [cfg.seed, plan.study_index, plan.view_index, 0xC0E, cues.CUE_ORDER.index(name)]
+            )
+        )
+        if name == "site":
+            img = cues.site_processing(img, sp)
+            bitmap = cues.text_bitmap(cues.SITE_TEXT, sp)
+            at = cues.place_text(outline, bitmap.shape, sp, rng, avoid)
+            if at is None:
+                continue
+            r0, c0 = at
+            th, tw = bitmap.shape
+            box = (float(c0), float(r0), float(c0 + tw), float(r0 + th))
+            final = _mirror_box(box, w) if mirror else box
+            fx0, fy0 = int(final[0]), int(final[1])
+            region = img[fy0 : fy0 + th, fx0 : fx0 + tw]  # text reads left to right on every image
+            region[bitmap] = np.maximum(region[bitmap], np.float32(cues.TEXT_VALUE))
+        else:
+            if name == "lead":
+                patch = cues.render_lead_marker(rng.uniform(6.0, 10.0), sp, rng)
+            else:
+                patch = cues.render_clip(rng.uniform(2.0, 4.5), sp, rng)
+            size = patch.values.shape
+            if name == "lead":
+                near = None
+                if mass_boxes:
+                    b = mass_boxes[int(rng.integers(len(mass_boxes)))]
+                    near = 0.5 * (b[1] + b[3])
+                at = cues.place_on_skin(outline, size, sp, rng, avoid, near)
+            else:
+                at = cues.place_inside(outline, size, sp, rng, avoid)
+            if at is None:
+                continue
+            r0, c0 = at
+            _add(img, patch.values, r0, c0, gamma, mirror)
+            box = patch.box_at(r0, c0)
+            final = _mirror_box(box, w) if mirror else box
+        avoid.append(box)
+        boxes[name] = final
+    return img, boxes
 
 
 def _noise(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
@@ -565,7 +662,7 @@ def image_relpath(plan: ImagePlan) -> str:
     return f"images/{plan.study_id}/{plan.image_id}.dicom"
 
 
-def _write_one(args: tuple[ImagePlan, PhantomConfig, str]) -> tuple[int, list, tuple | None]:
+def _write_one(args: tuple[ImagePlan, PhantomConfig, str]) -> tuple[int, list, tuple | None, dict]:
     plan, cfg, out = args
     rendered = render_image(plan, cfg)
     info = DicomInfo(
@@ -580,7 +677,7 @@ def _write_one(args: tuple[ImagePlan, PhantomConfig, str]) -> tuple[int, list, t
     write_dicom(tmp, rendered.pixels, info, cfg.compression)
     os.replace(tmp, path)
     findings = [(f.categories, f.birads, f.box) for f in rendered.findings]
-    return plan.index, findings, rendered.cue_box
+    return plan.index, findings, rendered.cue_box, rendered.cue_boxes
 
 
 def _fmt(v: float) -> str:
@@ -597,21 +694,21 @@ def write_dataset(cfg: PhantomConfig, out: str | Path, *, workers: int = 1, prog
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"cannot create the output folder {out}: {exc.strerror or exc}") from exc
-    results: dict[int, tuple[list, tuple | None]] = {}
+    results: dict[int, tuple[list, tuple | None, dict]] = {}
     jobs = [(p, cfg, str(out)) for p in plans]
     if progress is not None:
         progress.set_total(len(jobs))
     if workers <= 1:
         for job in jobs:
             check_cancelled(progress)
-            idx, f, cue = _write_one(job)
-            results[idx] = (f, cue)
+            idx, f, cue, more = _write_one(job)
+            results[idx] = (f, cue, more)
             if progress is not None:
                 progress.update(1)
     else:
         with cf.ProcessPoolExecutor(max_workers=workers) as pool:
-            for idx, f, cue in pool.map(_write_one, jobs, chunksize=1):
-                results[idx] = (f, cue)
+            for idx, f, cue, more in pool.map(_write_one, jobs, chunksize=1):
+                results[idx] = (f, cue, more)
                 if progress is not None:
                     progress.update(1)
                 check_cancelled(progress)
@@ -619,7 +716,8 @@ def write_dataset(cfg: PhantomConfig, out: str | Path, *, workers: int = 1, prog
 
 
 def write_csvs(out: Path, plans: list[ImagePlan], results: dict, cfg: PhantomConfig) -> dict:
-    """breast-level, finding and confounder CSVs (VinDr-Mammo columns and value formats)."""
+    """breast-level, finding, confounder and ``<cue>_annotations.csv`` CSVs (VinDr-Mammo columns and
+    value formats) and the dataset metadata ``phantom.json`` (options, cue rates, cue counts)."""
     h, w = cfg.height, cfg.width
     # breast BI-RADS from what was drawn: per breast (study, laterality)
     drawn: dict[tuple[int, str], list[str]] = {}
@@ -627,9 +725,11 @@ def write_csvs(out: Path, plans: list[ImagePlan], results: dict, cfg: PhantomCon
         for _cats, birads, _box in results[p.index][0]:
             drawn.setdefault((p.study_index, p.laterality), []).append(birads)
     rows_b, rows_f, rows_c = [], [], []
+    rows_cue: dict[str, list[dict]] = {spec.name: [] for spec in cfg.cues}
+    counts: dict[str, dict[str, int]] = {}
     summary = {"images": len(plans), "studies": cfg.studies, "splits": {}}
     for p in plans:
-        findings, cue = results[p.index]
+        findings, cue, more = results[p.index]
         got = drawn.get((p.study_index, p.laterality))
         birads = max(got, key=lambda b: int(b[-1])) if got else (
             p.breast_birads if p.breast_birads in ("BI-RADS 1", "BI-RADS 2") else "BI-RADS 1"
@@ -652,6 +752,14 @@ def write_csvs(out: Path, plans: list[ImagePlan], results: dict, cfg: PhantomCon
             rows_c.append({"image_id": p.image_id, "study_id": p.study_id, "xmin": _fmt(cue[0]),
                            "ymin": _fmt(cue[1]), "xmax": _fmt(cue[2]), "ymax": _fmt(cue[3]),
                            "kind": "marker"})  # fmt: skip
+            counts.setdefault("marker", {}).setdefault(p.split, 0)
+            counts["marker"][p.split] += 1
+        for name, box in sorted(more.items()):
+            rows_cue[name].append({"image_id": p.image_id, "study_id": p.study_id,
+                                   "xmin": _fmt(box[0]), "ymin": _fmt(box[1]), "xmax": _fmt(box[2]),
+                                   "ymax": _fmt(box[3]), "kind": name})  # fmt: skip
+            counts.setdefault(name, {}).setdefault(p.split, 0)
+            counts[name][p.split] += 1
         s = summary["splits"].setdefault(
             p.split, {"images": 0, "mass": 0, "calcification": 0, "cue": 0}
         )
@@ -663,6 +771,7 @@ def write_csvs(out: Path, plans: list[ImagePlan], results: dict, cfg: PhantomCon
         ("breast-level_annotations.csv", BREAST_COLUMNS, rows_b),
         ("finding_annotations.csv", FINDING_COLUMNS, rows_f),
         ("confounder_annotations.csv", CONFOUNDER_COLUMNS, rows_c),
+        *((cues.annotation_file(n), CONFOUNDER_COLUMNS, r) for n, r in rows_cue.items()),
     ):
         tmp = out / (name + ".part")
         with tmp.open("w", newline="") as fh:
@@ -670,4 +779,6 @@ def write_csvs(out: Path, plans: list[ImagePlan], results: dict, cfg: PhantomCon
             writer.writeheader()
             writer.writerows(rows)
         os.replace(tmp, out / name)
+    cues.write_metadata(out, cfg, counts)
+    summary["cues"] = counts
     return summary
