@@ -39,9 +39,17 @@ def sha256_file(path: str | Path) -> str:
 
 
 def bundled_weights_dir() -> Path | None:
-    """The repository's ``weights/`` folder (bundled demo weights), or None when absent."""
-    cand = Path(__file__).resolve().parents[3] / "weights"  # repo/src/napari_mammo_sae/models
-    return cand if cand.is_dir() else None
+    """The bundled demo weights, or None when absent.
+
+    In a source checkout (editable install) the repository's ``weights/`` folder; in an installed
+    wheel the copy the build put in the package (``napari_mammo_sae/_bundled_weights``, setup.py).
+    """
+    here = Path(__file__).resolve()  # repo/src/napari_mammo_sae/models/weights.py
+    repo = here.parents[3]
+    if (repo / "pyproject.toml").is_file() and (repo / "weights").is_dir():
+        return repo / "weights"
+    packaged = here.parents[1] / "_bundled_weights"
+    return packaged if packaged.is_dir() else None
 
 
 # --- saving ------------------------------------------------------------------------------------
