@@ -42,6 +42,14 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "napari_mammo_sae.pipeline.evaluate",
         "the paper's analyses on the test split, as a report",
     ),
+    "pacs": (
+        "napari_mammo_sae.pacs.cli",
+        "search and retrieve mammography studies on a DICOMweb PACS",
+    ),
+    "export": (
+        "napari_mammo_sae.export_cli",
+        "export analyses as DICOM (Segmentation, SR, Secondary Capture), optionally to a PACS",
+    ),
 }
 
 #: exit statuses, documented in the README
