@@ -15,6 +15,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 _HOME = tempfile.mkdtemp(prefix="napari-mammo-sae-tests-")
 os.environ["XDG_CONFIG_HOME"] = os.path.join(_HOME, "config")
 os.environ["XDG_DATA_HOME"] = os.path.join(_HOME, "data")
+# ... and a throw-away cache (ONNX exports of the backbone: models/runtime.py)
+os.environ["XDG_CACHE_HOME"] = os.path.join(_HOME, "cache")
 
 # GUI tests load Mesa's libLLVM; torch's lazy triton import after that segfaults. The napari side
 # of the plugin guards against it on import: do it before any test creates a canvas.

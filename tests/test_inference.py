@@ -149,7 +149,7 @@ def test_repeat_analysis_uses_cache_and_never_stale(setup, records):
     clf, sae = setup
     counting = CountingClassifier(clf)
     counting.backbone = clf.backbone  # what the cache keys features by
-    an = Analyzer(counting, sae, size=SIZE, device="cpu", cache_size=4)
+    an = Analyzer(counting, sae, size=SIZE, device="cpu", cache_size=4, runtime="torch")
     first = an.analyse(records[0])
     assert counting.calls == 1
     again = an.analyse(records[0], neurons=[5])
@@ -194,7 +194,7 @@ def test_repeat_analysis_uses_cache_and_never_stale(setup, records):
 def test_sibling_analyzer_shares_backbone_results(setup, records):
     clf, sae = setup
     counting = CountingClassifier(clf)
-    an = Analyzer(counting, sae, size=SIZE, device="cpu")
+    an = Analyzer(counting, sae, size=SIZE, device="cpu", runtime="torch")
     a = an.analyse(records[0])
     other_sae = _sae(_feature_dim(clf), seed=7)
     sib = an.with_models(sae=other_sae)
@@ -208,12 +208,12 @@ def test_sibling_analyzer_shares_backbone_results(setup, records):
 def test_cache_is_bounded_and_keyed_by_preprocessing(setup, records):
     clf, sae = setup
     counting = CountingClassifier(clf)
-    an = Analyzer(counting, sae, size=SIZE, device="cpu", cache_size=1)
+    an = Analyzer(counting, sae, size=SIZE, device="cpu", cache_size=1, runtime="torch")
     an.analyse(records[0])
     an.analyse(records[1])
     an.analyse(records[0])  # evicted by records[1]
     assert counting.calls == 3 and an.cache_len == 1
-    robust = Analyzer(counting, sae, preprocess="robust", size=SIZE, device="cpu")
+    robust = Analyzer(counting, sae, preprocess="robust", size=SIZE, device="cpu", runtime="torch")
     res = robust.analyse(records[0])
     assert res.preprocess == "robust" and "robust" in res.signature
     assert res.geometry == preprocess_robust(records[0], SIZE).geometry
@@ -246,7 +246,7 @@ def test_cancel_between_stages_caches_nothing(setup, records):
             self.cancelled = self.n <= 0
 
     counting = CountingClassifier(clf)
-    an = Analyzer(counting, sae, size=SIZE, device="cpu")
+    an = Analyzer(counting, sae, size=SIZE, device="cpu", runtime="torch")
     with pytest.raises(Cancelled):
         an.analyse(records[0], progress=CancelAfter(1))  # after preprocessing
     assert counting.calls == 0 and an.cache_len == 0
