@@ -265,6 +265,8 @@ def connect_checked(
                 password = prompt(f"password for {target.user} on {target.display}")
                 if password:
                     continue
+            if not target.is_server:
+                err = type(err)(f"cannot open the label database: {err}")
             if isinstance(err, DatabaseAuthError):
                 raise err from None  # the driver's exception holds the login attempt's details
             raise err from exc

@@ -9,6 +9,7 @@ transactional there too). A file written before Alembic (a ``schema_version`` ta
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -21,6 +22,9 @@ from ..errors import LabelDatabaseError
 from .db import MIGRATION_LOCK, Target, describe
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+# Alembic's ``context`` is process-global: one migration at a time per process (the database lock
+# below keeps other processes out)
+_IN_PROCESS = threading.Lock()
 
 
 def _config(conn: sa.Connection | None = None) -> Config:
@@ -62,7 +66,7 @@ def upgrade(engine: sa.Engine, target: Target) -> str:
                 f"{target.display} was written by a newer napari-mammo-sae (schema {rev}): update "
                 "the plugin to use it"
             )
-        with engine.connect().execution_options(mammo_immediate=True) as conn:
+        with _IN_PROCESS, engine.connect().execution_options(mammo_immediate=True) as conn:
             with conn.begin():
                 if engine.dialect.name == "postgresql":
                     conn.execute(sa.select(sa.func.pg_advisory_xact_lock(MIGRATION_LOCK)))

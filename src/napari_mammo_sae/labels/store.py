@@ -81,7 +81,10 @@ def check_timestamp(text: str) -> str:
     text = (text or "").strip()
     if not _TIMESTAMP.match(text):
         raise ValueError(f"timestamp {text!r} is not UTC ISO 8601 like 2026-12-01T09:30:00.000000Z")
-    datetime.strptime(text.rstrip("Z").split(".")[0], "%Y-%m-%dT%H:%M:%S")  # a real date
+    try:
+        datetime.strptime(text.rstrip("Z").split(".")[0], "%Y-%m-%dT%H:%M:%S")  # a real date
+    except ValueError:
+        raise ValueError(f"timestamp {text!r} is not a real date and time") from None
     return text
 
 
