@@ -107,9 +107,6 @@ def test_topk_and_batchtopk_sparsity_and_auxk():
     topk = SparseAutoencoder(D, M, kind="topk", k=4)
     z = topk.encode(x)
     assert ((z > 0).sum(1) <= 4).all() and (z > 0).sum() > 20
-    btk = SparseAutoencoder(D, M, kind="batchtopk", k=4)
-    zb = btk.encode(x)
-    assert int((zb > 0).sum()) <= 40
     dead = torch.zeros(M, dtype=torch.bool)
     dead[:64] = True
     out = topk.loss(x, dead_mask=dead)
@@ -120,3 +117,96 @@ def test_topk_and_batchtopk_sparsity_and_auxk():
         SparseAutoencoder(D, M, kind="topk")
     with pytest.raises(ConfigError, match="unknown SAE kind"):
         SparseAutoencoder(D, M, kind="gated")
+
+
+def _batchtopk(k=4, seed=0):
+    torch.manual_seed(seed)
+    return SparseAutoencoder(D, M, kind="batchtopk", k=k)
+
+
+def test_batchtopk_keeps_the_k_times_b_largest_of_the_batch_not_k_per_row():
+    sae = _batchtopk(k=4)
+    torch.manual_seed(1)
+    x = torch.randn(6, D)
+    x[0] *= 6.0  # one token with much larger activations: it takes more than k of the k * B slots
+    pre = torch.relu(sae.pre_activation(x)).detach()
+    z = sae.encode(x, batch_select=True).detach()
+    kept = z > 0
+    assert int(kept.sum()) == 4 * 6  # exactly k * B kept (an all-zero output fails here)
+    counts = kept.sum(1)
+    assert int(counts[0]) > 4 and int(counts.min()) < 4  # not k per row
+    # the kept values are the k * B largest of the whole batch, unchanged
+    top = pre.reshape(-1).topk(24).values
+    torch.testing.assert_close(z[kept].sort(descending=True).values, top)
+    torch.testing.assert_close(z[kept], pre[kept])
+
+
+def test_batchtopk_inference_threshold_makes_latents_independent_of_batch_mates():
+    sae = _batchtopk(k=4)
+    torch.manual_seed(2)
+    x = torch.randn(64, D) * torch.linspace(0.5, 3.0, 64)[:, None]
+    assert sae.inference_threshold is None
+    first = sae.loss(x[:32])  # train mode: the loss moves theta towards the smallest kept value
+    theta0 = float(first["z"][first["z"] > 0].min())
+    assert sae.inference_threshold == pytest.approx(theta0)
+    sae.loss(x[32:])
+    z2 = sae.encode(x[32:], batch_select=True).detach()
+    expected = 0.99 * theta0 + 0.01 * float(z2[z2 > 0].min())
+    assert sae.inference_threshold == pytest.approx(expected, rel=1e-6)
+    sae.eval()
+    with torch.no_grad():
+        together = sae.encode(x)
+        alone = torch.cat([sae.encode(x[i : i + 1]) for i in range(len(x))])
+        halves = torch.cat([sae.encode(x[:7]), sae.encode(x[7:])])
+        batch_rule = torch.cat(
+            [sae.encode(x[:7], batch_select=True), sae.encode(x[7:], batch_select=True)]
+        )
+    for other in (alone, halves):  # same latents (values up to the matmul's rounding per batch)
+        assert torch.equal(together > 0, other > 0)
+        torch.testing.assert_close(together, other, rtol=1e-5, atol=1e-6)
+    assert int((together > 0).sum()) > 0
+    pre = torch.relu(sae.pre_activation(x)).detach()
+    torch.testing.assert_close(together, pre * (pre > sae.inference_threshold))
+    # the batch rule would have given a different code for the same tokens
+    assert not torch.equal(sae.encode(x, batch_select=True), batch_rule)
+
+
+def test_batchtopk_threshold_is_saved_and_an_old_file_without_one_is_refused_in_eval(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from napari_mammo_sae.models.weights import load_weights, save_weights
+
+    sae = _batchtopk(k=4)
+    x = torch.randn(32, D)
+    sae.loss(x)
+    theta = sae.inference_threshold
+    save_weights(tmp_path / "new", sae, sae.config())
+    cfg = json.loads((tmp_path / "new" / "config.json").read_text())
+    assert cfg["threshold"] == pytest.approx(theta)
+    loaded, _ = load_weights(tmp_path / "new", manifest=False)
+    assert not loaded.training and loaded.inference_threshold == pytest.approx(theta)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode(x), sae.eval().encode(x))
+    # an SAE written before thresholds were recorded: no buffer, no config key
+    old = tmp_path / "old"
+    old.mkdir()
+    tensors = load_file(str(tmp_path / "new" / "model.safetensors"))
+    del tensors["threshold"]
+    save_file(tensors, str(old / "model.safetensors"))
+    del cfg["threshold"]
+    (old / "config.json").write_text(json.dumps(cfg))
+    legacy, _ = load_weights(old, manifest=False)
+    assert legacy.inference_threshold is None
+    with pytest.raises(CheckpointError, match="no inference threshold"):
+        legacy.encode(x)
+    assert int((legacy.encode(x, batch_select=True) > 0).sum()) == 4 * 32  # asked for knowingly
+    got = legacy.calibrate_threshold([x[:16], x[16:]])
+    assert got > 0 and legacy.inference_threshold == pytest.approx(got)
+    assert int((legacy.encode(x) > 0).sum()) > 0
+    with pytest.raises(ConfigError, match="only a BatchTopK"):
+        SparseAutoencoder(D, M).calibrate_threshold([x])
+    # ReLU and TopK state dicts carry no threshold (bundled weights unchanged)
+    assert "threshold" not in SparseAutoencoder(D, M).state_dict()
+    assert "threshold" not in SparseAutoencoder(D, M, kind="topk", k=4).config()

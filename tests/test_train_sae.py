@@ -1,4 +1,5 @@
-"""SAE training: the fast step equals autograd, exact resume, DDP equivalence, the CLI."""
+"""SAE training: every ReLU step path equals autograd, exact and crash-safe resume, DDP equivalence
+(ReLU, TopK, BatchTopK), BatchTopK's saved inference threshold, the CLI."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -16,10 +20,12 @@ from napari_mammo_sae.cli import main
 from napari_mammo_sae.errors import ConfigError
 from napari_mammo_sae.models.sae import SparseAutoencoder
 from napari_mammo_sae.pipeline import store as fs
+from napari_mammo_sae.pipeline.sae_train import checkpoint as ckpt
 from napari_mammo_sae.pipeline.train_sae import (
     Comm,
     TrainConfig,
     autograd_grads,
+    choose_path,
     make_optimizer,
     relu_grads,
     train_sae,
@@ -60,30 +66,52 @@ def _weights(folder):
     return load_file(str(folder / "model.safetensors"))
 
 
-@pytest.mark.parametrize("threshold", [0.0, 1.0])  # dense path, sparse (gathered) path
-def test_fast_relu_step_equals_autograd(threshold):
+@pytest.mark.parametrize("path", ["dense", "gathered", "sparse"])
+def test_every_relu_step_path_equals_autograd(path):
     torch.manual_seed(0)
     ref = SparseAutoencoder(D, M, init="default", l1_coefficient=1e-2)
     with torch.no_grad():
-        ref.b_enc[: M // 2] = -50.0  # half the latents never fire: the sparse path gathers
+        ref.b_enc[: M // 2] = -50.0  # half the latents never fire: the gathered path gathers
+        ref.b_enc[M // 2 :] = -0.3  # the others fire on some tokens only: per-token sparsity
         ref.b_dec.normal_()
     fast = SparseAutoencoder(D, M, l1_coefficient=1e-2)
     fast.load_state_dict(ref.state_dict())
     x = torch.randn(24, D) + 1.0
-    stats = relu_grads(fast, x, n_total=24, sparse_threshold=threshold)
+    stats = relu_grads(fast, x, n_total=24, path=path)
     ref_stats = autograd_grads(ref, x, n_total=24)
-    assert stats["active_fraction"] <= 0.5 and stats["l0_sum"] > 0
+    assert stats["path"] == path
+    assert stats["active_fraction"] <= 0.5 and 0 < stats["l0_sum"] < 24 * M / 4
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         torch.testing.assert_close(
             getattr(fast, name).grad, getattr(ref, name).grad, rtol=1e-5, atol=1e-7
         )
     assert stats["sq_sum"] == pytest.approx(ref_stats["sq_sum"], rel=1e-5)
+    assert stats["l1_sum"] == pytest.approx(ref_stats["l1_sum"], rel=1e-5)
+    assert stats["l0_sum"] == ref_stats["l0_sum"]
     # one full optimizer step keeps them together, decoder columns stay unit norm
     for model in (fast, ref):
         make_optimizer(model, small_config()).step()
         model.normalise_decoder_()
     torch.testing.assert_close(fast.W_dec, ref.W_dec, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast.W_enc, ref.W_enc, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fast.W_dec.norm(dim=0), torch.ones(M))
+
+
+def test_step_path_follows_measured_density():
+    kw = dict(sparse_threshold=0.4, pair_threshold=0.01)
+    assert choose_path(0.95, 0.005, **kw) == "sparse"  # trained: most latents fire, few per token
+    assert choose_path(0.95, 0.3, **kw) == "dense"  # early, dense phase
+    assert choose_path(0.05, 0.02, **kw) == "gathered"  # many dead latents
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(D, M, init="default")
+    x = torch.randn(16, D)
+    assert relu_grads(sae, x, n_total=16, pair_threshold=0.01)["path"] == "dense"
+    with torch.no_grad():
+        sae.b_enc.fill_(-0.6)  # a few latents per token
+    stats = relu_grads(sae, x, n_total=16, pair_threshold=0.05)
+    assert stats["l0_sum"] / (16 * M) <= 0.05 and stats["path"] == "sparse"
+    with pytest.raises(ValueError, match="unknown ReLU step path"):
+        relu_grads(sae, x, n_total=16, path="fast")
 
 
 def test_training_lowers_loss_and_writes_outputs(tiny_store, tmp_path):
@@ -134,35 +162,162 @@ def test_sigterm_then_resume_is_bit_for_bit(tiny_store, tmp_path, kind):
     assert [json.loads(r)["mse"] for r in ma] == [json.loads(r)["mse"] for r in mb]
 
 
+@pytest.fixture(scope="module")
+def full_run(tiny_store, tmp_path_factory):
+    """An uninterrupted 12-step ReLU run (checkpoints every 4 steps), the reference for resumes."""
+    out = tmp_path_factory.mktemp("full") / "run"
+    train_sae(tiny_store, small_config(checkpoint_every=4), out)
+    return out
+
+
+def _assert_same_run(a, b):
+    wa, wb = _weights(a), _weights(b)
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+    ma = [json.loads(r)["mse"] for r in (a / "metrics.jsonl").read_text().splitlines()]
+    mb = [json.loads(r)["mse"] for r in (b / "metrics.jsonl").read_text().splitlines()]
+    assert ma == mb and len(ma) == 12
+
+
+_KILL_BETWEEN_FILES = textwrap.dedent(
+    """
+    import os, signal, sys
+    from napari_mammo_sae.pipeline.sae_train import checkpoint
+    from napari_mammo_sae.pipeline.train_sae import TrainConfig, train_sae
+
+    write_meta = checkpoint._write_meta
+
+    def killed_after_the_tensors(path, meta):
+        if meta["step"] == 8:  # the second checkpoint: its tensors are on disk, its JSON is not
+            os.kill(os.getpid(), signal.SIGKILL)
+        write_meta(path, meta)
+
+    checkpoint._write_meta = killed_after_the_tensors
+    train_sae(sys.argv[1], TrainConfig(**eval(sys.argv[3])), sys.argv[2])
+    """
+)
+
+
+def test_kill_between_the_checkpoint_files_leaves_a_resumable_run(tiny_store, tmp_path, full_run):
+    out = tmp_path / "killed"
+    cfg = dict(small_config(checkpoint_every=4).__dict__)
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILL_BETWEEN_FILES, str(tiny_store), str(out), repr(cfg)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    folder = out / "checkpoint"
+    assert (folder / "step-000000008" / "state.safetensors").exists()  # the torn new checkpoint
+    assert not (folder / "step-000000008" / "state.json").exists()
+    assert ckpt.current_name(folder) == "step-000000004"  # the pointer still names the old one
+    res = train_sae(tiny_store, small_config(checkpoint_every=4), out, resume=True)
+    assert res.steps == 12 and not res.interrupted
+    _assert_same_run(full_run, out)
+    assert sorted(p.name for p in folder.iterdir()) == ["LATEST", "step-000000012"]
+
+
+@pytest.mark.parametrize("stage", ["_write_tensors", "_switch_pointer", "_remove_stale"])
+def test_crash_at_any_stage_of_a_save_resumes_exactly(
+    tiny_store, tmp_path, full_run, monkeypatch, stage
+):
+    out = tmp_path / stage
+    real = getattr(ckpt, stage)
+    calls = []
+
+    def crash_on_second(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:  # the step-8 save dies here (before, between or after the switch)
+            raise KeyboardInterrupt("simulated crash")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(ckpt, stage, crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        train_sae(tiny_store, small_config(checkpoint_every=4), out)
+    monkeypatch.setattr(ckpt, stage, real)
+    expect = "step-000000008" if stage == "_remove_stale" else "step-000000004"
+    assert ckpt.current_name(out / "checkpoint") == expect
+    train_sae(tiny_store, small_config(checkpoint_every=4), out, resume=True)
+    _assert_same_run(full_run, out)
+
+
+def test_a_checkpoint_in_the_old_single_folder_layout_still_resumes(tiny_store, tmp_path, full_run):
+    out = tmp_path / "old"
+    train_sae(tiny_store, small_config(checkpoint_every=4), out, stop_after_steps=4)
+    folder = out / "checkpoint"
+    for f in (folder / "step-000000004").iterdir():
+        f.rename(folder / f.name)
+    (folder / "step-000000004").rmdir()
+    (folder / "LATEST").unlink()
+    train_sae(tiny_store, small_config(checkpoint_every=4), out, resume=True)
+    _assert_same_run(full_run, out)
+    assert not (folder / "state.json").exists()  # the old layout's files are gone after a save
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world, store_path, out, port):
+_KINDS = {
+    "relu": {},
+    "topk": {"kind": "topk", "k": 4, "dead_tokens": 80},  # AuxK from step 2 (dead = 2 steps)
+    "batchtopk": {"kind": "batchtopk", "k": 4, "dead_tokens": 80},
+}
+
+
+def _ddp_worker(rank, world, store_path, out, port, kind="relu"):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     import torch.distributed as dist
 
     try:
-        train_sae(store_path, small_config(), out, rank=rank, world=world)
+        train_sae(store_path, small_config(**_KINDS[kind]), out, rank=rank, world=world)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def test_two_process_gloo_matches_single_process(tiny_store, tmp_path):
+@pytest.mark.parametrize("kind", ["relu", "topk", "batchtopk"])
+def test_two_process_gloo_matches_single_process(tiny_store, tmp_path, kind):
     single = tmp_path / "single"
-    train_sae(tiny_store, small_config(), single)
+    train_sae(tiny_store, small_config(**_KINDS[kind]), single)
     ddp = tmp_path / "ddp"
     torch.multiprocessing.spawn(
-        _ddp_worker, args=(2, str(tiny_store), str(ddp), _free_port()), nprocs=2, join=True
+        _ddp_worker, args=(2, str(tiny_store), str(ddp), _free_port(), kind), nprocs=2, join=True
     )
     a, b = _weights(single), _weights(ddp)
+    assert set(a) == set(b)
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
     assert not torch.equal(a["W_enc"], SparseAutoencoder(D, M, init="paper").W_enc)
+    rows = [json.loads(r) for r in (ddp / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(r) for r in (single / "metrics.jsonl").read_text().splitlines()]
+    for key in ("mse", "l0", "auxk"):  # the logged losses are the global batch's, as one process
+        np.testing.assert_allclose([r[key] for r in rows], [r[key] for r in ref], rtol=1e-4)
+    if kind != "relu":
+        assert max(r["auxk"] for r in rows) > 0  # AuxK (global residual variance) was exercised
+    if kind == "batchtopk":
+        assert float(a["threshold"]) > 0  # the inference threshold agrees too (compared above)
+
+
+def test_batchtopk_run_saves_a_threshold_that_makes_encoding_batch_independent(
+    tiny_store, tmp_path
+):
+    from napari_mammo_sae.models.weights import load_weights
+
+    out = tmp_path / "btk"
+    train_sae(tiny_store, small_config(**_KINDS["batchtopk"]), out)
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    sae, cfg = load_weights(out, manifest=False)
+    assert cfg["threshold"] == pytest.approx(rows[-1]["threshold"]) and cfg["threshold"] > 0
+    x = torch.from_numpy(fs.open(tiny_store).token_stream(40, split="training").next_global())
+    with torch.no_grad():
+        together = sae.encode(x)
+        alone = torch.cat([sae.encode(x[i : i + 1]) for i in range(len(x))])
+    assert int((together > 0).sum()) > 0
+    assert torch.equal(together > 0, alone > 0)
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
 
 
 class _LateDist:
