@@ -414,6 +414,7 @@ def overlay_rgb(record: Any, frac0: np.ndarray | None, caption: str) -> np.ndarr
 def build_capture(header: Any, rgb: np.ndarray, orientation, laterality):
     """RGB Secondary Capture of the overlay, burned-in caption included."""
     import highdicom as hd
+    from pydicom.dataset import Dataset
 
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=header,
@@ -430,6 +431,11 @@ def build_capture(header: Any, rgb: np.ndarray, orientation, laterality):
         laterality=laterality,
     )
     sc.BurnedInAnnotation = "YES"
+    ref = Dataset()  # General Image module: the image this overlay was derived from
+    ref.ReferencedSOPClassUID = header.SOPClassUID
+    ref.ReferencedSOPInstanceUID = header.SOPInstanceUID
+    sc.SourceImageSequence = [ref]
+    sc.DerivationDescription = "SAE neuron activation overlay on the windowed source image"
     sc.SeriesDescription = "Mammo-SAE overlay (NOT FOR DIAGNOSIS)"
     sc.ImageComments = CAPTION
     return sc
