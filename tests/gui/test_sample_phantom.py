@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -25,9 +23,7 @@ def test_phantom_sample_opens_with_boxes_on_their_images(make_napari_viewer):
 
     from napari_mammo_sae._napari.sample_phantom import phantom_exam_sample
 
-    t0 = time.perf_counter()
     tuples = phantom_exam_sample()
-    elapsed = time.perf_counter() - t0
     viewer = make_napari_viewer()
     for data, kwargs, kind in tuples:
         viewer.add_layer(Layer.create(data, kwargs, kind))
@@ -50,7 +46,6 @@ def test_phantom_sample_opens_with_boxes_on_their_images(make_napari_viewer):
         for rect in layer.data:
             assert any(_within(np.asarray(rect), e) for e in extents)
     assert len(findings.data) >= 2 and len(marker.data) >= 1
-    assert elapsed < 6.0  # generated, written, read and laid out in a few seconds
 
 
 def test_phantom_sample_through_the_plugin_manifest(make_napari_viewer):
