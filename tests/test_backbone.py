@@ -127,3 +127,82 @@ def test_build_from_config_restores_padding_and_names():
     assert model.describe()["static_padding"] == [224, 224]
     with pytest.raises(ConfigError, match="backbone"):
         build_classifier_from_config({"kind": "classifier"})
+
+
+# --- hook points (SAEs beyond the last layer) -----------------------------------------------------
+def test_hook_points_name_stages_blocks_and_head(tiny):
+    from napari_mammo_sae.models.backbone import hook_points
+
+    points = hook_points(tiny)
+    # test_efficientnet: five stages of one block each, strides 2..32, then conv_head + BN
+    assert [points[f"stage{i}"].stride for i in range(5)] == [2, 4, 8, 16, 32]
+    assert points["stage3"].module == "blocks.3" and points["stage3"].channels == 48
+    assert points["blocks.3.0"].index == points["blocks.3"].index == points["stage3"].index
+    assert points["head"].channels == 256 and points["head"].stride == 32
+    assert list(points)[-1] == "head"
+
+
+def test_head_of_rest_of_hook_is_the_full_forward(tiny):
+    from napari_mammo_sae.models.backbone import features_at, hook_points, rest_of_backbone
+
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 65, 41)
+    with torch.no_grad():
+        full = tiny(x)
+        for name in hook_points(tiny):
+            acts = features_at(tiny, x, name)
+            feats = rest_of_backbone(tiny, acts, name)
+            torch.testing.assert_close(feats, tiny.forward_features(x), msg=name)
+            torch.testing.assert_close(tiny.forward_head(feats).reshape(2), full, msg=name)
+
+
+def test_grid_per_hook_point_matches_the_activations(tiny):
+    from napari_mammo_sae.models.backbone import features_at, hook_grid, hook_points
+
+    x = torch.randn(1, 3, 97, 61)
+    with torch.no_grad():
+        for name, point in hook_points(tiny).items():
+            acts = features_at(tiny, x, name)
+            assert acts.shape == (1, point.channels, *hook_grid(tiny, name, (97, 61))), name
+    assert hook_grid(tiny, "stage3", (768, 480)) == (48, 30)
+    assert hook_grid(tiny, "head", (768, 480)) == feature_grid((768, 480)) == (24, 15)
+
+
+def test_edits_at_an_intermediate_hook_reach_the_prediction(tiny):
+    """The rest of the backbone is re-run from the edited activations: switching channels off at
+    stage3 changes the head features (no closed form there), leaving them on changes nothing."""
+    from napari_mammo_sae.models.backbone import features_at, rest_of_backbone
+
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        acts = features_at(tiny, x, "stage3")
+        edited = acts.clone()
+        edited[:, :24] = 0
+        before = rest_of_backbone(tiny, acts, "stage3")
+        after = rest_of_backbone(tiny, edited, "stage3")
+    assert not torch.allclose(before, after)
+    assert (tiny.forward_head(before) - tiny.forward_head(after)).abs().max() > 0
+
+
+def test_static_padding_models_have_hook_points_too():
+    from napari_mammo_sae.models.backbone import features_at, hook_grid, rest_of_backbone
+
+    torch.manual_seed(0)
+    model = ConceptClassifier(create_backbone("tf_efficientnet_b0", static_padding=(96, 64))).eval()
+    x = torch.randn(1, 3, 96, 64)
+    with torch.no_grad():
+        acts = features_at(model, x, "stage3")
+        assert acts.shape[-2:] == hook_grid(model, "stage3", (96, 64)) == (6, 4)
+        torch.testing.assert_close(
+            rest_of_backbone(model, acts, "stage3"), model.forward_features(x)
+        )
+
+
+def test_unknown_hooks_and_backbones_without_them_are_refused(tiny):
+    from napari_mammo_sae.models.backbone import resolve_hook
+
+    with pytest.raises(ConfigError, match="unknown hook point 'stage9'.*stage3"):
+        resolve_hook(tiny, "stage9")
+    assert resolve_hook(tiny, None).name == "head"
+    with pytest.raises(ConfigError, match="no hook points"):
+        resolve_hook(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)), "stage3")

@@ -15,6 +15,7 @@ Mammo-CLIP weights give the reference features at any input size (SPEC 1.3).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -189,3 +190,123 @@ def static_padding(model: nn.Module) -> tuple[int, int] | None:
     model = getattr(model, "backbone", model)
     pad = getattr(model, "static_padding", None)
     return None if pad is None else (int(pad[0]), int(pad[1]))
+
+
+# --- hook points: features at an intermediate layer, and the rest of the backbone ----------------
+#: the analysed layer of every model so far: ``forward_features``'s output (after conv_head + BN)
+HEAD = "head"
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    """A named place in the backbone's feature path whose activations an SAE can read.
+
+    ``name`` is ``"head"`` (the output of ``forward_features``), ``"stageN"`` (timm's
+    ``feature_info[N]``, the stage ``features_only=True, out_indices=(N,)`` returns: ``stage3`` is
+    the stride-16 stage of an EfficientNet), ``"blocks.i"`` (after stage ``i``) or ``"blocks.i.j"``
+    (after block ``j`` of stage ``i``). ``module`` is the timm module path it follows, ``index`` the
+    number of leaf steps of the feature path run to reach it.
+    """
+
+    name: str
+    module: str
+    index: int
+    channels: int
+    stride: int
+
+
+def _feature_path(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The leaf steps of an EfficientNet-style ``forward_features``: stem, BN, each block, head."""
+    model = getattr(model, "backbone", model)
+    names = ("conv_stem", "bn1", "blocks", "conv_head", "bn2")
+    if not all(hasattr(model, n) for n in names) or not isinstance(model.blocks, nn.Sequential):
+        raise ConfigError(
+            f"{backbone_name(model)} has no hook points: intermediate layers need an EfficientNet-"
+            "style timm model (conv_stem, blocks, conv_head); use --hook head"
+        )
+    steps: list[tuple[str, nn.Module]] = [("conv_stem", model.conv_stem), ("bn1", model.bn1)]
+    for i, stage in enumerate(model.blocks):
+        blocks = stage if isinstance(stage, nn.Sequential) else [stage]
+        steps.extend((f"blocks.{i}.{j}", block) for j, block in enumerate(blocks))
+    steps += [("conv_head", model.conv_head), ("bn2", model.bn2)]
+    return steps
+
+
+def _out_channels(module: nn.Module, default: int) -> int:
+    convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+    return int(convs[-1].out_channels) if convs else default
+
+
+def hook_points(model: nn.Module) -> dict[str, HookPoint]:
+    """Every hook point of a backbone (or classifier), in feature-path order, ``head`` last."""
+    steps = _feature_path(model)
+    backbone = getattr(model, "backbone", model)
+    points: dict[str, HookPoint] = {}
+    stride, channels = 1, 3
+    last_of: dict[str, int] = {}
+    for k, (name, module) in enumerate(steps):
+        for m in module.modules():
+            if isinstance(m, nn.Conv2d):
+                stride *= int(m.stride[0])
+        channels = _out_channels(module, channels)
+        if name.startswith("blocks."):
+            stage = name.rsplit(".", 1)[0]
+            points[name] = HookPoint(name, name, k + 1, channels, stride)
+            last_of[stage] = k
+            points[stage] = HookPoint(stage, stage, k + 1, channels, stride)
+    for n, info in enumerate(getattr(backbone, "feature_info", None) or []):
+        module = info.get("module") if isinstance(info, dict) else None
+        if module in points:
+            p = points[module]
+            points[f"stage{n}"] = HookPoint(f"stage{n}", module, p.index, p.channels, p.stride)
+    points[HEAD] = HookPoint(HEAD, "bn2", len(steps), feature_dim(backbone), stride)
+    return points
+
+
+def resolve_hook(model: nn.Module, name: str | None) -> HookPoint:
+    """The hook point called ``name`` (None: ``head``); ConfigError listing the valid names."""
+    name = HEAD if name in (None, "") else str(name)
+    points = hook_points(model)
+    if name not in points:
+        stages = [n for n in points if n.startswith("stage")]
+        raise ConfigError(
+            f"unknown hook point {name!r}: use head, {', '.join(stages)} or blocks.i / blocks.i.j "
+            f"(this backbone has {sum(n.count('.') == 1 for n in points)} stages)"
+        )
+    return points[name]
+
+
+def features_at(model: nn.Module, x: torch.Tensor, hook: str | HookPoint | None) -> torch.Tensor:
+    """Activations (N, C, h, w) at a hook point; ``head`` is ``forward_features``."""
+    point = hook if isinstance(hook, HookPoint) else resolve_hook(model, hook)
+    if point.name == HEAD:
+        return getattr(model, "backbone", model).forward_features(x)
+    for _, module in _feature_path(model)[: point.index]:
+        x = module(x)
+    return x
+
+
+def rest_of_backbone(
+    model: nn.Module, activations: torch.Tensor, hook: str | HookPoint | None
+) -> torch.Tensor:
+    """The head feature map (``forward_features``'s output) from (edited) activations at a hook
+    point: the layers after it, re-run. At ``head`` this is the identity (the closed form applies)."""
+    point = hook if isinstance(hook, HookPoint) else resolve_hook(model, hook)
+    x = activations
+    for _, module in _feature_path(model)[point.index :]:
+        x = module(x)
+    return x
+
+
+def hook_grid(
+    model: nn.Module, hook: str | HookPoint | None, input_shape: tuple[int, int]
+) -> tuple[int, int]:
+    """(h, w) of the activations at a hook point for an (H, W) input ("same" pads: ceil per strided
+    convolution, in feature-path order)."""
+    point = hook if isinstance(hook, HookPoint) else resolve_hook(model, hook)
+    h, w = (int(v) for v in input_shape)
+    for _, module in _feature_path(model)[: point.index]:
+        for m in module.modules():
+            if isinstance(m, nn.Conv2d) and tuple(m.stride) != (1, 1):
+                h, w = math.ceil(h / m.stride[0]), math.ceil(w / m.stride[1])
+    return h, w
