@@ -351,6 +351,12 @@ class PacsClient:
                 )  # fmt: skip
             )
         if require and not refs:
+            with self._guard("look the study up"):
+                exists = self._client.search_for_studies(
+                    search_filters={"StudyInstanceUID": study}, limit=1
+                )
+            if not exists:
+                raise PacsNotFoundError(f"{self.server.name} has no study {study}")
             raise NoMammogramsError(
                 f"study {study} on {self.server.name} holds no MG images (nothing to open)"
             )
@@ -404,8 +410,13 @@ class PacsClient:
         import pydicom
 
         loaded = [pydicom.dcmread(d) if isinstance(d, (str, Path)) else d for d in datasets]
-        with self._guard("store the exported objects"):
-            answer = self._client.store_instances(loaded, study_instance_uid=study_instance_uid)
+        try:
+            with self._guard("store the exported objects"):
+                answer = self._client.store_instances(loaded, study_instance_uid=study_instance_uid)
+        except (PacsAuthError, PacsForbiddenError, PacsConnectionError, PacsServerError):
+            raise
+        except PacsError as exc:  # 400, 409 ...: the server looked at the objects and said no
+            raise StowRejectedError(f"{exc} (the server rejected them)") from None
         failed = list(getattr(answer, "FailedSOPSequence", None) or [])
         if failed:
             reasons = sorted({str(getattr(f, "FailureReason", "?")) for f in failed})
