@@ -149,7 +149,7 @@ def _sqlite_begin(conn) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
-def make_engine(target: Target, password: str | None = None, *, pool: bool = False) -> Engine:
+def make_engine(target: Target, password: str | None = None) -> Engine:
     """An engine for ``target`` (no connection made yet)."""
     if not target.is_server:
         path = target.path
@@ -172,8 +172,9 @@ def make_engine(target: Target, password: str | None = None, *, pool: bool = Fal
     return sa.create_engine(
         target.url,
         connect_args=args,
-        poolclass=sa.pool.QueuePool if pool else sa.pool.NullPool,
-        pool_pre_ping=True,
+        pool_size=2,  # a viewer's few threads; connections are kept (logins cost a round trip)
+        max_overflow=4,
+        pool_pre_ping=True,  # a connection the server dropped (restart) is replaced, not used
         hide_parameters=True,
     )
 

@@ -1,7 +1,7 @@
 """A reader's local outbox: verdicts wait here (an SQLite file) until the server has them.
 
-Every verdict of a study is first written here (committed, synced), then sent; it leaves the outbox
-only after the server committed it. If the server is away (restarted, network dropped) the
+A verdict the server cannot take now is written here (committed, synced) and the reader sees
+"queued"; it leaves the outbox only after the server committed it. If the server is away (restarted, network dropped) the
 verdicts stay, in order, and :meth:`Outbox.flush` sends them when it is back - oldest first,
 stopping at the first failure so the order holds. Each carries its idempotency key, so a verdict
 whose send succeeded but whose removal from the outbox did not (a kill in between) is stored once.
@@ -102,7 +102,13 @@ class Outbox:
         return [(json.loads(r), why) for r, why in self._db.execute(sql + " ORDER BY seq", args)]
 
     def _remove(self, uid: str) -> None:
-        self._db.execute("DELETE FROM pending WHERE uid = ?", (uid,))
+        # no sync needed: a removal lost to a power cut only means the verdict is sent again,
+        # and the server stores it once (idempotency key)
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            self._db.execute("DELETE FROM pending WHERE uid = ?", (uid,))
+        finally:
+            self._db.execute("PRAGMA synchronous=FULL")
 
     def _refuse(self, target: str, row: dict, reason: str) -> None:
         self._db.execute("BEGIN IMMEDIATE")

@@ -8,8 +8,10 @@ schema (``migrations/versions/0003_blinding.py``) let it write only under its ow
 update or delete, and see a colleague's verdict on a neuron only after giving its own.
 
 A reader works through :class:`StudyReader`: their queue in their own seeded order, progress
-("12 of 40"), and every verdict written to the local :class:`~.outbox.Outbox` first, then sent;
-"saved" means the server committed it, "queued" that it waits in the outbox for the server.
+("12 of 40"), and verdicts sent at once when nothing is waiting; "saved" means the server
+committed it. When the server cannot take it (restarted, network dropped) the verdict goes to the
+local :class:`~.outbox.Outbox` (committed to disk) and the reader sees "queued"; later verdicts
+queue behind it, and the outbox is flushed in order when the server is back.
 The coordinator reads everything: :func:`study_agreement`, :func:`study_status`, :func:`export_study`.
 """
 
@@ -30,7 +32,12 @@ from pathlib import Path
 import numpy as np
 import sqlalchemy as sa
 
-from ..errors import DatabaseUnavailableError, LabelDatabaseError, StudyError
+from ..errors import (
+    DatabaseUnavailableError,
+    LabelDatabaseError,
+    PermissionRefusedError,
+    StudyError,
+)
 from .agreement import Agreement, agreement
 from .outbox import Outbox
 from .schema import studies, study_neurons, study_readers
@@ -307,10 +314,23 @@ class StudyReader:
             "concept": self.design.concept, "uid": new_uid(), "study": self.design.id,
             "created_utc": now_utc(),
         }  # fmt: skip
-        self.outbox.put(self.target, row)  # committed locally before anything else
+        if not self.outbox.pending(self.target):
+            # nothing waits: send it straight away; only if the server cannot take it now does it
+            # go to the outbox ("queued"). A refusal (not your name, not in the study) is raised.
+            try:
+                self.store.add(**row)
+            except PermissionRefusedError:
+                raise
+            except LabelDatabaseError as exc:  # server away, connection dropped, login lost
+                self.last_error = str(exc)
+                self.outbox.put(self.target, row)  # a retry later is stored once (uid)
+                return "queued", row["uid"]
+            self.last_error = ""
+            self._done.add(neuron)
+            return "saved", row["uid"]
+        self.outbox.put(self.target, row)  # behind the waiting ones, to keep the order
         result = self.flush()
         if row["uid"] in result.sent:
-            self._done.add(neuron)
             return "saved", row["uid"]
         refused = [why for r, why in self.outbox.refused(self.target) if r["uid"] == row["uid"]]
         if refused:
