@@ -42,6 +42,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "napari_mammo_sae.pipeline.evaluate",
         "the paper's analyses on the test split, as a report",
     ),
+    "study": (
+        "napari_mammo_sae.labels.cli",
+        "multi-reader labelling studies: create, status, export (SQLite or PostgreSQL)",
+    ),
     "pacs": (
         "napari_mammo_sae.pacs.cli",
         "search and retrieve mammography studies on a DICOMweb PACS",
