@@ -2,6 +2,8 @@
 
 Reads ``results.json`` of a report folder (``napari-mammo-sae evaluate``) and the weights'
 ``MANIFEST.json``; every figure in the output is computed here from those files, nothing is typed in.
+Which neurons are "on the cue" is decided by ``napari_mammo_sae.analysis.confounder`` (the one rule
+the report uses too) from the stored IoUs, for the table and the summary line alike.
 
     .venv/bin/python scripts/summarise_evaluation.py [--report docs/evaluation] [--manifest weights/MANIFEST.json]
 """
@@ -12,6 +14,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from napari_mammo_sae.analysis.confounder import RULE as CONFOUNDER_RULE
+from napari_mammo_sae.analysis.confounder import on_cue as neuron_on_cue
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -138,19 +143,45 @@ def summarise(results: dict, manifest: dict | None, report_rel: str) -> str:
     add("")
     add("## Table 2 - localisation: AP at IoU 0.25 of the top-10 class-1 neurons' heatmap boxes")
     add("")
-    add("| variant | concept | mean AP | per neuron (neuron: AP) |")
-    add("|---|---|---|---|")
+    add(
+        "Two protocols: **images with a finding** scores only the test images with a box of the "
+        "concept (the paper's protocol); **whole test split** scores every test image, so boxes on "
+        "images without a finding count as false positives (a neuron that fires everywhere is "
+        "penalised)."
+    )
+    add("")
+    add(
+        "| variant | concept | mean AP, images with a finding (paper) | mean AP, whole test split "
+        "| per neuron (neuron: AP finding images / whole split) |"
+    )
+    add("|---|---|---|---|---|")
     maps: dict[tuple[str, str], float] = {}
+    stale_t2 = False
     for row in results.get("table2", []):
-        maps[(row["variant"], row["concept"])] = row["mean_ap"]
-        per = ", ".join(f"{n}: {a:.2f}" for n, a in zip(row["neurons"], row["ap"], strict=False))
-        add(f"| {row['variant']} | {row['concept']} | {_fmt(row['mean_ap'])} | {per} |")
+        # results.json written before the whole-split protocol: "ap"/"mean_ap" were the paper's
+        ap_f = row.get("ap_finding_images", row.get("ap"))
+        mean_f = row.get("mean_ap_finding_images", row.get("mean_ap"))
+        ap_w = row.get("ap_whole_split")
+        mean_w = row.get("mean_ap_whole_split")
+        stale_t2 |= ap_w is None
+        maps[(row["variant"], row["concept"])] = mean_f
+        per = ", ".join(
+            f"{n}: {a:.2f} / {'n/a' if ap_w is None else f'{ap_w[k]:.2f}'}"
+            for k, (n, a) in enumerate(zip(row["neurons"], ap_f, strict=False))
+        )
+        add(f"| {row['variant']} | {row['concept']} | {_fmt(mean_f)} | {_fmt(mean_w)} | {per} |")
+    if stale_t2:
+        add("")
+        add(
+            "The whole-split AP is n/a: this results.json predates it; re-run `evaluate` "
+            "(`make evaluation`) to fill it in."
+        )
     for concept in ("calcification", "mass"):
         if ("finetuned", concept) in maps and ("pretrained", concept) in maps:
             ft, pt = maps[("finetuned", concept)], maps[("pretrained", concept)]
             claims.append(
-                (f"finetuned localisation AP exceeds pretrained ({concept}; margin 0.01)", ft >= pt + 0.01,
-                 f"{ft:.3f} vs {pt:.3f}")
+                (f"finetuned localisation AP exceeds pretrained ({concept}; paper protocol; margin 0.01)",
+                 ft >= pt + 0.01, f"{ft:.3f} vs {pt:.3f}")
             )  # fmt: skip
 
     # Figure 4
@@ -170,36 +201,47 @@ def summarise(results: dict, manifest: dict | None, report_rel: str) -> str:
     add("")
     add("## The planted confounder")
     add("")
+    add(f"Rule (`analysis/confounder.py`, the report's too): {CONFOUNDER_RULE}.")
+    add("")
     add(
         "| variant | concept | top-10 neurons on the cue (IoU with cue box / with lesions) | cue-only negatives: mean P(positive) | with those neurons deactivated | clean negatives |"
     )
     add("|---|---|---|---|---|---|")
-    conf_rows = results.get("confounder", [])
     found = None
-    for row in conf_rows:
-        on = [n for n in row["neurons"] if n.get("on_cue")]
+    stale_conf = False
+    for row in results.get("confounder", []):
+        on = [n for n in row["neurons"] if neuron_on_cue(n["iou_cue"], n["iou_lesion"])]
         neg = row.get("cue_negatives", {})
+        # the deactivation figure belongs to the neuron set evaluate removed; if the rule picks
+        # another set, that figure is not this table's and is not shown
+        current = sorted(n["neuron"] for n in on) == sorted(neg.get("neurons", []))
+        stale_conf |= not current
+        p_off = neg.get("mean_probability_without_cue_neurons") if current else None
         desc = (
             ", ".join(f"{n['neuron']} ({n['iou_cue']:.2f} / {n['iou_lesion']:.2f})" for n in on)
             or "none"
         )
         add(
             f"| {row['variant']} | {row['concept']} | {desc} | {_fmt(neg.get('mean_probability'))} | "
-            f"{_fmt(neg.get('mean_probability_without_cue_neurons'))} | {_fmt(neg.get('mean_probability_clean'))} |"
+            f"{_fmt(p_off) if current else 'n/a (re-run evaluate)'} | {_fmt(neg.get('mean_probability_clean'))} |"
         )
         if row["variant"] == "finetuned" and row["concept"] == "calcification":
             best = max(row["neurons"], key=lambda n: n["iou_cue"], default=None)
-            on_cue = [n for n in row["neurons"] if n["iou_cue"] >= 0.25 and n["iou_lesion"] < 0.25]
-            p, p_off = neg.get("mean_probability"), neg.get("mean_probability_without_cue_neurons")
-            found = (on_cue, best, p, p_off)
+            found = (on, best, neg.get("mean_probability"), p_off)
+    if stale_conf:
+        add("")
+        add(
+            "n/a: the stored deactivation figures were computed for another neuron set than the "
+            "rule above selects; re-run `evaluate` (`make evaluation`) to recompute them."
+        )
     if found is not None:
-        on_cue, best, p, p_off = found
+        on, best, p, p_off = found
         claims.append(
             ("the confounder shows up among the top-10 class-1 neurons of the finetuned calcification "
-             "model, its box on the cue (IoU >= 0.25) and not on the lesions", bool(on_cue),
-             ", ".join(f"neuron {n['neuron']}: IoU cue {n['iou_cue']:.2f}, lesion {n['iou_lesion']:.2f}" for n in on_cue)
-             or (f"best neuron {best['neuron']}: IoU cue {best['iou_cue']:.2f}" if best else "no neurons")))  # fmt: skip
-        if on_cue and p is not None and p_off is not None:
+             "model (rule above)", bool(on),
+             ", ".join(f"neuron {n['neuron']}: IoU cue {n['iou_cue']:.2f}, lesion {n['iou_lesion']:.2f}" for n in on)
+             or (f"best neuron {best['neuron']}: IoU cue {best['iou_cue']:.2f}, lesion {best['iou_lesion']:.2f}" if best else "no neurons")))  # fmt: skip
+        if on and p is not None and p_off is not None:
             claims.append(
                 ("deactivating it lowers P(positive) on cue-only negatives", p_off < p,
                  f"{p:.3f} -> {p_off:.3f}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -54,14 +55,13 @@ def test_state_dict_keys_and_head_shape(tiny):
     assert tiny.backbone_name == "test_efficientnet"
 
 
-def test_head_parts_of_pipeline_and_analysis_read_the_head(tiny):
-    from napari_mammo_sae.analysis.interventions import head_parts as analysis_parts
-    from napari_mammo_sae.pipeline.probe import head_parts as probe_parts
+def test_head_parts_read_the_classifier_head(tiny):
+    from napari_mammo_sae.analysis.interventions import head_parts
 
-    w, c = probe_parts(tiny)
+    w, c = head_parts(tiny)
     assert w.shape == (256,) and c == pytest.approx(float(tiny.head.bias.detach()))
-    w2, c2 = analysis_parts(tiny)
-    assert w2 == pytest.approx(w, abs=1e-7) and c2 == pytest.approx(c)
+    np.testing.assert_allclose(w, tiny.head.weight.detach().double().numpy().reshape(-1))
+    assert head_parts(tiny.head)[1] == c and head_parts((w, c))[1] == c
 
 
 def test_freeze_backbone_keeps_weights_and_bn_statistics():

@@ -1,12 +1,15 @@
-"""evaluate: closed-form logits equal the explicit decode, Table 2 and the confounder check."""
+"""evaluate: closed-form logits equal the explicit decode, Table 2 (both AP protocols), the
+confounder check (one rule for the report and the summary script), rankings by either spelling."""
 
 from __future__ import annotations
 
 import math
+from html import escape
 
 import numpy as np
 import torch
 
+from napari_mammo_sae.analysis import confounder, interventions
 from napari_mammo_sae.analysis.localisation import ScoredBox
 from napari_mammo_sae.pipeline import evaluate
 
@@ -36,22 +39,44 @@ def test_reconstruction_logits_equal_explicit_decode_then_pool():
     with torch.no_grad():
         z = sae.encode(tokens)
         explicit = float(sae.decode(z).mean(0).numpy() @ w + c)
-    closed = evaluate.reconstruction_logits(z.mean(0).numpy()[None], sae, w, c)
+    closed = interventions.reconstruction_logits(z.mean(0).numpy()[None], sae, (w, c))
     assert closed.shape == (1,)
     assert math.isclose(float(closed[0]), explicit, rel_tol=1e-5, abs_tol=1e-5)
 
 
-def test_localisation_table_mean_ignores_undefined():
+def test_localisation_table_reports_both_protocols_with_hand_computed_ap():
+    gt = {"a": [(0, 0, 10, 10)], "b": [(20, 20, 30, 30)], "c": [], "d": []}
+    hit_a, hit_b = (0, 0, 10, 10), (20, 20, 30, 30)
     boxes = {
-        1: {"a": [ScoredBox((0, 0, 10, 10), 1.0)], "b": []},
-        2: {"a": [ScoredBox((50, 50, 60, 60), 1.0)], "b": []},
-    }
-    gt = {"a": [(0, 0, 10, 10)], "b": [(0, 0, 5, 5)]}
-    row = evaluate.localisation_table(boxes, gt, [1, 2], ["a", "b"])
-    assert row["neurons"] == [1, 2]
-    assert row["ap"][0] == 0.5  # one of two lesions found, at precision 1
-    assert row["ap"][1] == 0.0
-    assert row["mean_ap"] == 0.25
+        # a true positive on a, outranked by a false positive on c (no finding there)
+        1: {"a": [ScoredBox(hit_a, 1.0)], "c": [ScoredBox(hit_a, 2.0)]},
+        # b found (score 1), then a miss on a (score 0.5): precision 1 then 1/2 at recall 1/2
+        2: {"b": [ScoredBox(hit_b, 1.0)], "a": [ScoredBox(hit_b, 0.5)]},
+        # fires only where there is no finding
+        3: {"c": [ScoredBox(hit_a, 1.0)]},
+        # finds both findings but fires more strongly on the two images without one
+        4: {"a": [ScoredBox(hit_a, 0.5)], "b": [ScoredBox(hit_b, 0.5)],
+            "c": [ScoredBox(hit_a, 0.9)], "d": [ScoredBox(hit_a, 0.8)]},
+    }  # fmt: skip
+    row = evaluate.localisation_table(boxes, gt, [1, 2, 3, 4], ["a", "b", "c", "d"])
+    assert row["neurons"] == [1, 2, 3, 4]
+    assert (row["n_finding_images"], row["n_whole_split"]) == (2, 4)
+    # paper protocol: only a and b are scored
+    assert row["ap_finding_images"] == pytest.approx([0.5, 0.5, 0.0, 1.0])
+    assert row["mean_ap_finding_images"] == pytest.approx(2.0 / 4)
+    # whole split: neuron 1 ranks FP (p 0) then TP (p 1/2, r 1/2) -> 1/2 * 1/2;
+    # neuron 4 ranks FP, FP, TP (p 1/3, r 1/2), TP (p 1/2, r 1) -> 1/2 * 1/2 + 1/2 * 1/2
+    assert row["ap_whole_split"] == pytest.approx([0.25, 0.5, 0.0, 0.5])
+    assert row["mean_ap_whole_split"] == pytest.approx(1.25 / 4)
+
+
+def test_localisation_table_mean_ignores_undefined():
+    boxes = {1: {"a": [ScoredBox((0, 0, 10, 10), 1.0)]}, 2: {}}
+    gt = {"a": [(0, 0, 10, 10)]}
+    row = evaluate.localisation_table(boxes, gt, [1, 2], ["a", "z"])
+    assert row["ap_finding_images"] == [1.0, 0.0]
+    row = evaluate.localisation_table(boxes, {}, [1, 2], ["a", "z"])  # no finding anywhere
+    assert math.isnan(row["ap_whole_split"][0]) and math.isnan(row["mean_ap_whole_split"])
 
 
 def test_confounder_check_flags_the_cue_neuron():
@@ -60,12 +85,77 @@ def test_confounder_check_flags_the_cue_neuron():
     boxes = {
         7: {k: [ScoredBox((0, 0, 11, 11), 1.0)] for k in "ab"},  # sits on the cue
         8: {k: [ScoredBox((41, 41, 60, 60), 1.0)] for k in "ab"},  # sits on the lesion
+        9: {"a": [ScoredBox((0, 0, 11, 11), 1.0)], "b": [ScoredBox((30, 30, 50, 50), 1.0)]},
     }
-    rows = evaluate.confounder_check(boxes, lesion, cue, [7, 8], ["a", "b"])
+    rows = confounder.confounder_check(boxes, lesion, cue, [7, 8, 9], ["a", "b"])
     by = {r["neuron"]: r for r in rows}
     assert by[7]["on_cue"] and not by[7]["on_lesion"]
     assert by[8]["on_lesion"] and not by[8]["on_cue"]
-    assert by[7]["iou_cue"] > 0.8 and by[7]["iou_lesion"] == 0.0
+    assert by[7]["iou_cue"] == pytest.approx(100 / 121) and by[7]["iou_lesion"] == 0.0
+    # neuron 9: cue IoU 100/121 on a, 0 on b -> mean 0.41 >= 0.25; lesion IoU 0 on a, 100/700 on b
+    assert by[9]["iou_cue"] == pytest.approx(50 / 121)
+    assert by[9]["iou_lesion"] == pytest.approx(50 / 700)
+    assert by[9]["frac_cue"] == 0.5 and by[9]["on_cue"]
+
+
+def test_the_confounder_rule_at_its_edges():
+    assert confounder.on_cue(0.25, 0.0) and not confounder.on_cue(0.2499, 0.0)
+    assert not confounder.on_cue(0.5, 0.25)  # on both: neither verdict
+    assert not confounder.on_lesion(0.5, 0.25)
+    assert confounder.on_cue(0.3, math.nan)  # no lesion image scored
+    assert not confounder.on_cue(math.nan, 0.0) and confounder.on_lesion(math.nan, 0.3)
+    assert "0.25" in confounder.RULE
+
+
+def _summariser():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "summarise_evaluation.py"
+    spec = importlib.util.spec_from_file_location("summarise_evaluation", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_summary_table_and_summary_line_follow_the_one_rule():
+    """Stored verdicts written under an older rule do not decide: both the confounder table and
+    the summary line apply analysis.confounder to the stored IoUs."""
+
+    def neuron(n, iou_cue, iou_lesion, stored):
+        return {"neuron": n, "iou_cue": iou_cue, "iou_lesion": iou_lesion, "frac_cue": 0.0,
+                "frac_lesion": 0.0, "on_cue": stored, "on_lesion": False}  # fmt: skip
+
+    def results(neurons, deactivated):
+        return {
+            "meta": {"bootstrap": 10, "protocol": "image", "ranking": "class mean"},
+            "confounder": [{
+                "variant": "finetuned", "concept": "calcification", "neurons": neurons,
+                "cue_negatives": {"n": 5, "n_clean": 9, "neurons": deactivated,
+                                  "mean_probability": 0.6,
+                                  "mean_probability_without_cue_neurons": 0.2,
+                                  "mean_probability_clean": 0.1}}],
+        }  # fmt: skip
+
+    summarise = _summariser().summarise
+    # neuron 3 passes the rule although its stored flag says no; neuron 4 fails although flagged
+    rows = [neuron(3, 0.6, 0.05, False), neuron(4, 0.15, 0.0, True)]
+    text = summarise(results(rows, [3]), None, "evaluation")
+    table = [ln for ln in text.splitlines() if ln.startswith("| finetuned | calcification |")]
+    assert len(table) == 1 and "3 (0.60 / 0.05)" in table[0] and "4 (" not in table[0]
+    claim = next(ln for ln in text.splitlines() if "confounder shows up" in ln)
+    assert "**holds**" in claim and "neuron 3" in claim and "neuron 4" not in claim
+    assert next(ln for ln in text.splitlines() if "lowers P(positive)" in ln).count("holds") == 1
+    assert confounder.RULE in text
+    # no neuron passes: table and summary line both say so
+    text = summarise(results([neuron(4, 0.15, 0.0, True)], [4]), None, "evaluation")
+    table = [ln for ln in text.splitlines() if ln.startswith("| finetuned | calcification |")]
+    assert "| none |" in table[0]
+    claim = next(ln for ln in text.splitlines() if "confounder shows up" in ln)
+    assert "**does not hold**" in claim
+    # the deactivation figures were computed for another neuron set: not reported as if current
+    text = summarise(results([neuron(3, 0.6, 0.05, False)], []), None, "evaluation")
+    assert "lowers P(positive)" not in text
+    assert "re-run" in text
 
 
 # --- end to end on a tiny dataset, with a small random SAE ---------------------------------------
@@ -127,7 +217,7 @@ def test_closed_form_interventions_equal_explicit_decode(setup, fake_sae):
                 if mode == "remove":
                     mask = 1 - mask
                 explicit = model.head(fake_sae.decode(z * mask).mean(0)).item()
-                closed = evaluate.intervened_logits(pooled, fake_sae, model, neurons, mode)[0]
+                closed = interventions.intervened_logits(pooled, fake_sae, model, neurons, mode)[0]
                 assert closed == pytest.approx(explicit, rel=1e-4, abs=1e-4)
 
 
@@ -149,7 +239,11 @@ def test_evaluate_writes_the_report(setup, fake_sae, tmp_path):
     assert act["auroc"][-1] == pytest.approx(t1["with"]["auroc"])  # everything kept
     assert dea["auroc"][0] == pytest.approx(t1["with"]["auroc"])  # nothing removed
     (t2,) = results["table2"]
-    assert len(t2["neurons"]) == 10 and len(t2["ap"]) == 10
+    assert len(t2["neurons"]) == 10
+    assert len(t2["ap_finding_images"]) == len(t2["ap_whole_split"]) == 10
+    assert t2["n_whole_split"] == 4  # every test image is scored by the whole-split protocol
+    assert results["meta"]["ranking_name"] == "class-mean"
+    assert results["meta"]["confounder_rule"] == confounder.RULE
     (f4,) = results["figure4"]
     assert f4["top_neurons"] == t2["neurons"]
     assert results["confounder"][0]["neurons"]
@@ -157,6 +251,27 @@ def test_evaluate_writes_the_report(setup, fake_sae, tmp_path):
     for src in re.findall(r'src="([^"]+)"', html):
         assert (out / src).is_file()
     assert len(re.findall(r"<img", html)) >= 3
+    assert "AP, whole test split" in html and "AP, images with a finding (paper protocol)" in html
+    assert escape(confounder.RULE) in html  # the rule is stated in the report
+
+
+def test_evaluate_ranking_takes_either_spelling(setup, fake_sae, tmp_path):
+    def run(ranking):
+        out = tmp_path / ranking
+        rc = main(["evaluate", "--store", str(setup / "store.h5"), "--sae", str(setup / "sae"),
+                   "--heads", str(setup / "head"), "--data", str(setup / "data"), "--out", str(out),
+                   "--bootstrap", "0", "--k", "0,5", "--ranking", ranking])  # fmt: skip
+        assert rc == 0
+        return json.loads((out / "results.json").read_text())
+
+    hyphen, underscore = run("class-centred"), run("class_centred")
+    assert hyphen["meta"]["ranking_name"] == underscore["meta"]["ranking_name"] == "class-centred"
+    assert hyphen["figure4"][0]["top_neurons"] == underscore["figure4"][0]["top_neurons"]
+    paper = run("class-mean")
+    assert paper["meta"]["ranking_name"] == "class-mean"
+    assert main(["evaluate", "--store", str(setup / "store.h5"), "--sae", str(setup / "sae"),
+                 "--heads", str(setup / "head"), "--data", str(setup / "data"),
+                 "--out", str(tmp_path / "x"), "--ranking", "max"]) == ConfigError.exit_code  # fmt: skip
 
 
 def test_probe_cli_writes_a_findable_file(setup, fake_sae, tmp_path):

@@ -131,3 +131,17 @@ def test_box_agreement_picks_overlapping_annotation():
     far = loc.box_agreement(heat, anns[:1], _Geom())
     assert far.iou == 0.0 and far.annotation == anns[0]
     assert loc.box_agreement(np.zeros((4, 4)), anns).box is None
+
+
+def test_split_average_precision_names_its_protocol():
+    from napari_mammo_sae.analysis.localisation import AP_PROTOCOLS, split_average_precision
+    from napari_mammo_sae.errors import ConfigError
+
+    assert set(AP_PROTOCOLS) == {"finding-images", "whole-split"}
+    pred = {"a": [loc.ScoredBox((0, 0, 4, 4), 0.2)], "n": [loc.ScoredBox((0, 0, 4, 4), 0.9)]}
+    gt = {"a": [(0, 0, 4, 4)]}
+    assert split_average_precision(pred, gt, ["a", "n"], "finding-images") == 1.0
+    assert split_average_precision(pred, gt, ["a", "n"], "whole-split") == 0.5
+    assert split_average_precision(pred, gt, ["a"], "whole-split") == 1.0  # only the ids given
+    with pytest.raises(ConfigError, match="unknown AP protocol"):
+        split_average_precision(pred, gt, ["a"], "paper")

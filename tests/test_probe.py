@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_mammo_sae.errors import StoreError
+from napari_mammo_sae.errors import ConfigError, StoreError
 from napari_mammo_sae.pipeline import probe
 
 
@@ -41,6 +41,12 @@ def test_class_means_are_equation_2():
     np.testing.assert_allclose(means.mean[1], pooled[labels == 1].mean(0), rtol=1e-6)
     np.testing.assert_allclose(means.mean[0], pooled[labels == 0].mean(0), rtol=1e-6)
     assert means.count.tolist() == [3, 3]
+
+
+def test_class_means_refuse_an_empty_class():
+    labels = np.array([1, 1, -1])  # no negative image (and one unknown label)
+    with pytest.raises(ConfigError, match="0 negative images"):
+        probe.class_means(enumerate(_maps(3)), labels, _IdentitySAE(4))
 
 
 def test_encode_selected_neurons_matches_full_encode():
@@ -89,6 +95,12 @@ def test_probe_file_roundtrip_and_lookup(tmp_path):
     np.testing.assert_allclose(back.class_means, result.class_means, rtol=1e-6)
     assert back.rankings["class_mean"][1] == [2, 0]
     assert back.top(1, k=1) == [2]
+    # written under the one spelling; the old spelling still answers (files from before too)
+    assert list(back.scores) == ["class-mean"] and list(back.rankings) == ["class-mean"]
+    with np.load(path) as data:
+        assert "scores_class-mean" in data.files
+    assert back.rankings["class-mean"] is back.rankings["class_mean"]
+    assert "class_centred" not in back.scores and "no-such-ranking" not in back.scores
     (t,) = back.top_images[2]
     assert (t.image_id, t.cell, t.row) == ("img", (1, 2), 7)
     assert probe.find_probe(tmp_path, "ab" * 32) == path

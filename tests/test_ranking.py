@@ -99,3 +99,31 @@ def test_ranking_names_and_rank():
     assert ranking.rank(np.array([1.0, 3.0, 3.0, 2.0]), 3).tolist() == [1, 2, 3]
     assert ranking.rank(np.array([1.0, 3.0]), None).tolist() == [1, 0]
     assert ranking.rank(np.array([1.0, 3.0]), 0).tolist() == []
+
+
+def test_class_means_define_an_empty_class_as_undefined():
+    sums = np.array([[0.0, 0.0, 0.0], [2.0, 4.0, 6.0]])
+    means = ranking.ClassMeans.from_sums(sums, np.array([0, 2]))
+    assert np.isnan(means.mean[0]).all()  # no negative image: its mean is undefined, not zero
+    np.testing.assert_allclose(means.mean[1], [1.0, 2.0, 3.0])
+    np.testing.assert_allclose(means.overall, [1.0, 2.0, 3.0])  # over the images there are
+    assert not means.complete
+    with pytest.raises(ConfigError, match="2 positive and 0 negative"):
+        ranking.rank_scores(means)
+    full = ranking.ClassMeans.from_sums(np.array([[1.0, 0.0], [0.0, 3.0]]), np.array([1, 3]))
+    assert full.complete
+    np.testing.assert_allclose(full.mean, [[1.0, 0.0], [0.0, 1.0]])
+    np.testing.assert_allclose(full.overall, [0.25, 0.75])
+    table = ranking.rank_scores(full)
+    np.testing.assert_allclose(table["class-centred"], [[0.75, -0.75], [-0.25, 0.25]])
+    assert "logit" not in table  # needs the SAE and the head
+
+
+def test_ranking_table_answers_to_every_spelling():
+    table = ranking.RankingTable({"class_mean": 1, "class-centred": 2})
+    assert list(table) == ["class-mean", "class-centred"]
+    assert table["class-mean"] == table["class_mean"] == table["mean"] == 1
+    assert table["class_centered"] == 2 and "class_centred" in table
+    assert "logit" not in table and "max" not in table and table.get("max", 7) == 7
+    with pytest.raises(ConfigError, match="unknown ranking"):
+        table["max"]

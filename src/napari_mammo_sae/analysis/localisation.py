@@ -279,6 +279,39 @@ def average_precision(
     return float(np.sum((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1]))
 
 
+AP_PROTOCOLS = {
+    "finding-images": "the paper's protocol: only the test images with a box of the concept are "
+    "scored (a neuron that also fires on images without a finding is not penalised)",
+    "whole-split": "every test image is scored: boxes on images without a finding of the concept "
+    "are false positives",
+}
+
+
+def split_average_precision(
+    predictions: Mapping[str, Sequence[ScoredBox]],
+    ground_truth: Mapping[str, Sequence[Sequence[float]]],
+    image_ids: Iterable[str],
+    protocol: str,
+    iou_threshold: float = 0.25,
+) -> float:
+    """AP of one neuron's boxes over a split's ``image_ids`` under an :data:`AP_PROTOCOLS` protocol.
+
+    ``"finding-images"`` keeps the images with at least one ground-truth box; ``"whole-split"``
+    keeps them all, so every box on an image without a finding counts as a false positive.
+    Images missing from ``predictions`` have no boxes; NaN when no kept image has a box.
+    """
+    if protocol not in AP_PROTOCOLS:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"unknown AP protocol {protocol!r}: use one of {', '.join(AP_PROTOCOLS)}")
+    ids = list(dict.fromkeys(image_ids))
+    if protocol == "finding-images":
+        ids = [i for i in ids if len(ground_truth.get(i, [])) > 0]
+    pred = {i: list(predictions.get(i, [])) for i in ids}
+    truth = {i: list(ground_truth.get(i, [])) for i in ids}
+    return average_precision(pred, truth, iou_threshold)
+
+
 def neuron_average_precision(
     heatmaps: Iterable[tuple[str, np.ndarray, Any]],
     ground_truth: Mapping[str, Sequence[Sequence[float]]],

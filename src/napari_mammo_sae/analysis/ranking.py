@@ -10,11 +10,20 @@ more specific to that class. Three methods (names used by the CLI and the GUI):
 * ``"logit"`` - each neuron's mean contribution to the head's logit through the decoder,
   ``(W_dec^T w)_j * s_c[j]``, signed toward the class (negated for the negative class).
 
-``pipeline/probe.py`` (``rank_scores``) and the GUI both score through this module.
+Those hyphenated names are the one spelling (CLI choices, probe files, reports); the underscore
+spellings (``class_mean``, ``class_centred``) and a few others are accepted as aliases everywhere a
+name is read (:func:`ranking_name`, :class:`RankingTable`).
+
+Class means (:class:`ClassMeans`) are defined here once: the mean over a class's images of the
+pooled latents; an empty class has an undefined (NaN) mean, and a ranking refuses it with a
+ConfigError rather than ranking against zeros. ``pipeline/probe.py``, ``pipeline/evaluate.py`` and
+the GUI all score through this module.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -44,6 +53,92 @@ def ranking_name(name: str) -> str:
     if key not in _ALIASES:
         raise ConfigError(f"unknown ranking {name!r}: use one of {', '.join(RANKINGS)}")
     return _ALIASES[key]
+
+
+class RankingTable(dict):
+    """A dict keyed by ranking name that also answers to the aliases (``"class_mean"``...)."""
+
+    def __init__(self, items: Mapping[str, Any] | None = None) -> None:
+        super().__init__()
+        for k, v in (items or {}).items():
+            self[k] = v
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(ranking_name(key), value)
+
+    def __getitem__(self, key: str) -> Any:
+        return super().__getitem__(ranking_name(key))
+
+    def __contains__(self, key: object) -> bool:
+        try:
+            return super().__contains__(ranking_name(str(key)))
+        except ConfigError:
+            return False
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self else default
+
+
+# --- class means (equation 2) -------------------------------------------------------------------
+@dataclass
+class ClassMeans:
+    """Class-wise mean pooled latents over a split: row 0 class 0 (negative), row 1 class 1."""
+
+    mean: np.ndarray  # (2, m); NaN rows for a class without images
+    count: np.ndarray  # (2,) images per class
+    overall: np.ndarray  # (m,) mean over the images of both classes (NaN when there are none)
+
+    @classmethod
+    def from_sums(cls, sums: np.ndarray, count: np.ndarray) -> ClassMeans:
+        """From per-class sums of pooled latents (2, m) and image counts (2,)."""
+        sums = np.asarray(sums, dtype=np.float64)
+        n = np.asarray(count, dtype=np.int64).reshape(-1)
+        if sums.ndim != 2 or sums.shape[0] != 2 or n.shape != (2,):
+            raise ConfigError("class sums must be (2, m) with two class counts")
+        mean = np.full_like(sums, np.nan)
+        for c in (0, 1):
+            if n[c] > 0:
+                mean[c] = sums[c] / n[c]
+        total = int(n.sum())
+        overall = sums.sum(0) / total if total else np.full(sums.shape[1], np.nan)
+        return cls(mean=mean, count=n, overall=overall)
+
+    @property
+    def complete(self) -> bool:
+        """Both classes have at least one image (only then are the rankings defined)."""
+        return bool((np.asarray(self.count) > 0).all())
+
+    def require_complete(self, what: str = "this concept") -> ClassMeans:
+        """Self, or ConfigError naming the counts when a class has no images."""
+        if not self.complete:
+            n = np.asarray(self.count)
+            raise ConfigError(
+                f"the split has {n[1]} positive and {n[0]} negative images for {what}: "
+                "both classes are needed to rank neurons"
+            )
+        return self
+
+
+def rank_scores(means: ClassMeans, sae: Any = None, head: Any = None) -> RankingTable:
+    """Per-class scores (2, m) of every ranking method that applies (``logit`` needs the head).
+
+    ``means`` is a :class:`ClassMeans` (or anything with its ``mean``/``count``/``overall``).
+    ConfigError when a class has no images (its mean is undefined).
+    """
+    if not isinstance(means, ClassMeans):
+        means = ClassMeans(
+            np.asarray(means.mean), np.asarray(means.count), np.asarray(means.overall)
+        )
+    means.require_complete()
+    out = RankingTable(
+        {
+            "class-mean": class_mean_scores(means.mean),
+            "class-centred": class_centred_scores(means.mean, means.overall),
+        }
+    )
+    if head is not None and sae is not None:
+        out["logit"] = logit_scores(means.mean, sae, head)
+    return out
 
 
 def _means(class_means: np.ndarray) -> np.ndarray:

@@ -5,13 +5,18 @@ For every concept head (``--heads``), paired with the feature store extracted by
 (a) Table 1 - AUROC of the head on the original features vs on the SAE reconstruction;
 (b) Figure 2 - AUROC vs k with only the top-k union kept ("activated") or removed ("deactivated"),
     computed in closed form from pooled latents (``analysis/interventions.py``);
-(c) Table 2 - AP@0.25 of the top-10 class-1 neurons' heatmap boxes against the annotation boxes;
+(c) Table 2 - AP@0.25 of the top-10 class-1 neurons' heatmap boxes against the annotation boxes,
+    under two protocols (``analysis.localisation.AP_PROTOCOLS``): ``finding-images`` (the paper's:
+    only test images with a box of the concept) and ``whole-split`` (every test image; boxes on
+    images without a finding are false positives);
 (d) Figure 4 - class-wise mean latents (training split), positive vs negative;
 (e) on phantom data (``confounder_annotations.csv`` in ``--data``), the confounder check: which top
-    neurons' boxes land on the planted cue rather than on the lesions, and what deactivating them
-    does to the probability of cue-only negatives.
+    neurons' boxes land on the planted cue rather than on the lesions (``analysis.confounder.RULE``),
+    and what deactivating them does to the probability of cue-only negatives.
 
-Neurons are ranked by the class-mean score (the paper) over the store's training split.
+Neurons are ranked over the store's training split by ``--ranking`` (default ``class-mean``, the
+paper; ``analysis.ranking``). A concept whose training split lacks a class gets Table 1 only, and a
+note: its class means, and so every ranking, are undefined.
 AUROCs carry seeded bootstrap 95% CIs; ``--protocol image|row`` picks the label protocol.
 
 Exit codes: 2 unknown split/concept/protocol or a feature dimension that does not match the SAE
@@ -32,8 +37,20 @@ from typing import Any
 
 import numpy as np
 
+from ..analysis.confounder import RULE as CONFOUNDER_RULE
+from ..analysis.confounder import confounder_check
+from ..analysis.interventions import (
+    head_parts,
+    intervened_logits,
+    reconstruction_logits,
+    sigmoid,
+    topk_union,
+)
+from ..analysis.localisation import AP_PROTOCOLS, split_average_precision
+from ..analysis.ranking import ClassMeans, ranking_name
 from ..errors import ConfigError, StoreError
-from .probe import CONCEPTS, check_dims, head_parts, sae_dims, sae_parts, top_neurons
+from .dataset import CONCEPTS
+from .probe import check_dims, pool_map, sae_dims, top_neurons
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +66,13 @@ class StoreSummary:
     test_rows: np.ndarray
     pooled_z: np.ndarray  # (N_test, m)
     pooled_x: np.ndarray  # (N_test, C)
-    means: dict[str, np.ndarray] = field(default_factory=dict)  # concept -> (2, m)
-    counts: dict[str, np.ndarray] = field(default_factory=dict)  # concept -> (2,)
+    means: dict[str, ClassMeans] = field(default_factory=dict)  # concept -> training class means
 
 
 def summarise_store(
     view: Any, sae: Any, *, device: str = "cpu", progress: Any = None
 ) -> StoreSummary:
     """One pass: class sums of pooled latents over training, pooled latents/features over test."""
-    import torch
-
     from ..progress import check_cancelled
 
     _, m = sae_dims(sae)
@@ -78,14 +92,11 @@ def summarise_store(
         progress.set_total(len(rows))
     for row, fmap in view.iter_maps(rows):
         check_cancelled(progress)
-        tokens = torch.as_tensor(np.asarray(fmap), device=device).float()
-        tokens = tokens.reshape(tokens.shape[0], -1).T
-        with torch.inference_mode():
-            z = sae.encode(tokens).mean(0).float().cpu().numpy()
+        z, x = pool_map(sae, fmap, device=device)
         i = test_pos.get(int(row))
         if i is not None:
             pooled_z[i] = z
-            pooled_x[i] = tokens.mean(0).float().cpu().numpy()
+            pooled_x[i] = x
         else:
             for c in CONCEPTS:
                 y = int(labels[c][row])
@@ -96,38 +107,8 @@ def summarise_store(
             progress.update(1)
     summary = StoreSummary(view, test_rows, pooled_z, pooled_x)
     for c in CONCEPTS:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            summary.means[c] = sums[c] / np.maximum(counts[c], 1)[:, None]
-        summary.counts[c] = counts[c]
+        summary.means[c] = ClassMeans.from_sums(sums[c], counts[c])
     return summary
-
-
-def reconstruction_logits(pooled_z: np.ndarray, sae: Any, w: np.ndarray, c: float) -> np.ndarray:
-    """Head logits on the SAE reconstruction: w . (W_dec mean z + b_dec) + c (pooling is linear)."""
-    _, _, W_dec, b_dec = sae_parts(sae)
-    W_dec = W_dec.float().cpu().numpy()
-    b_dec = b_dec.float().cpu().numpy()
-    return pooled_z @ (W_dec.T @ w) + float(w @ b_dec) + c
-
-
-def topk_union(scores0: np.ndarray, scores1: np.ndarray, k: int) -> np.ndarray:
-    """Union of the top-k neurons of class 0 and of class 1 (analysis/interventions.py)."""
-    from ..analysis.interventions import topk_union as _union
-
-    return np.asarray(_union(scores0, scores1, k), dtype=np.int64)
-
-
-def intervened_logits(
-    pooled_z: np.ndarray, sae: Any, model: Any, neurons: np.ndarray, mode: str
-) -> np.ndarray:
-    """Closed-form head logits with only ``neurons`` kept ("keep") or removed ("remove")."""
-    from ..analysis.interventions import intervened_logits as _logits
-
-    return np.asarray(_logits(pooled_z, sae, getattr(model, "head", model), neurons, mode))
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(x, -60, 60)))
 
 
 @dataclass
@@ -186,7 +167,7 @@ def _samples(
 def _metrics(summary, logits, labels, concept, protocol, n_bootstrap, seed) -> dict:
     from ..analysis.metrics import classification_report
 
-    y, p, g = _samples(summary, _sigmoid(logits), labels, concept, protocol)
+    y, p, g = _samples(summary, sigmoid(logits), labels, concept, protocol)
     rep = classification_report(y, p, n_bootstrap=n_bootstrap, seed=seed, groups=g)
     return rep.to_dict()
 
@@ -212,7 +193,7 @@ def topk_curves(
         for k in k_values:
             kk = m if k == "all" else min(int(k), m)
             neurons = np.asarray(topk_union(scores[0], scores[1], kk), dtype=np.int64)
-            logits = intervened_logits(summary.pooled_z, sae, head_model, neurons, mode)
+            logits = intervened_logits(summary.pooled_z, sae, head_parts(head_model), neurons, mode)
             met = _metrics(summary, logits, labels, concept, protocol, n_bootstrap, seed)
             ks.append(k)
             unions.append(int(neurons.size))
@@ -320,62 +301,26 @@ def localisation_table(
     neurons: list[int],
     image_ids: Sequence[str],
 ) -> dict:
-    """AP@0.25 per neuron over the images with ground-truth boxes (Table 2 row)."""
-    from ..analysis.localisation import average_precision
+    """Table 2 row: AP@0.25 per neuron under both protocols over the test ``image_ids``.
 
-    aps = []
-    for n in neurons:
-        pred = {i: boxes[n].get(i, []) for i in image_ids}
-        truth = {i: gt.get(i, []) for i in image_ids}
-        aps.append(average_precision(pred, truth, 0.25))
-    finite = [a for a in aps if not math.isnan(a)]
-    return {
-        "neurons": neurons,
-        "ap": aps,
-        "mean_ap": float(np.mean(finite)) if finite else math.nan,
-    }
+    ``finding_images``: the paper's protocol (images with a box of the concept only);
+    ``whole_split``: every test image, so boxes on images without a finding are false positives.
+    Means skip undefined (NaN) APs.
+    """
 
+    def mean(values: list[float]) -> float:
+        finite = [a for a in values if not math.isnan(a)]
+        return float(np.mean(finite)) if finite else math.nan
 
-def confounder_check(
-    boxes: dict[int, dict[str, list]],
-    lesion: dict[str, list],
-    cue: dict[str, list],
-    neurons: list[int],
-    image_ids: Sequence[str],
-) -> list[dict]:
-    """Per neuron: mean best IoU of its top box with cue boxes vs lesion boxes on the given images."""
-    from ..analysis.localisation import iou_matrix
-
-    rows = []
-    for n in neurons:
-        iou_cue, iou_les = [], []
-        for image_id in image_ids:
-            pred = boxes[n].get(image_id, [])
-            if not pred:
-                continue
-            top = [pred[0].box]
-            if cue.get(image_id):
-                iou_cue.append(float(iou_matrix(top, cue[image_id]).max()))
-            if lesion.get(image_id):
-                iou_les.append(float(iou_matrix(top, lesion[image_id]).max()))
-        frac_cue = float(np.mean([v > 0.1 for v in iou_cue])) if iou_cue else math.nan
-        frac_les = float(np.mean([v > 0.1 for v in iou_les])) if iou_les else math.nan
-        mc = float(np.mean(iou_cue)) if iou_cue else math.nan
-        ml = float(np.mean(iou_les)) if iou_les else math.nan
-        on_cue = bool(iou_cue) and (math.isnan(ml) or mc > ml) and frac_cue >= 0.5
-        on_les = bool(iou_les) and not on_cue and frac_les >= 0.25
-        rows.append(
-            {
-                "neuron": int(n),
-                "iou_cue": mc,
-                "iou_lesion": ml,
-                "frac_cue": frac_cue,
-                "frac_lesion": frac_les,
-                "on_cue": on_cue,
-                "on_lesion": on_les,
-            }
-        )
-    return rows
+    row: dict[str, Any] = {"neurons": [int(n) for n in neurons]}
+    for protocol in AP_PROTOCOLS:
+        key = protocol.replace("-", "_")
+        aps = [split_average_precision(boxes[n], gt, image_ids, protocol, 0.25) for n in neurons]
+        row[f"ap_{key}"] = aps
+        row[f"mean_ap_{key}"] = mean(aps)
+    row["n_finding_images"] = sum(1 for i in image_ids if gt.get(i))
+    row["n_whole_split"] = len(list(dict.fromkeys(image_ids)))
+    return row
 
 
 # --- pairing heads with stores -------------------------------------------------------------------
@@ -433,19 +378,19 @@ def evaluate(
     seed: int = 0,
     k_values: Sequence[int | str] = K_VALUES,
     localisation: str = "percentile",
-    ranking: str = "class_mean",
+    ranking: str = "class-mean",
     box_score: str = "max",
     device: str = "cpu",
     progress: Any = None,
 ) -> Path:
     """Run analyses (a)-(e) and write the report folder; returns the path of its index.html."""
     from ..analysis.metrics import PROTOCOLS
+    from ..analysis.ranking import rank_scores
     from ..models.folders import load_sae, sae_sha256
-    from .probe import RANKINGS, ClassMeans, open_view, rank_scores
+    from .probe import open_view
     from .report import write_report
 
-    if ranking not in RANKINGS:
-        raise ConfigError(f"unknown ranking {ranking!r}: use one of {', '.join(RANKINGS)}")
+    ranking = ranking_name(ranking)  # ConfigError for an unknown name; aliases accepted
     if protocol not in PROTOCOLS:
         raise ConfigError(f"unknown label protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
     if not head_folders:
@@ -471,16 +416,19 @@ def evaluate(
             "bootstrap": n_bootstrap,
             "seed": seed,
             "ranking": {
-                "class_mean": "class mean of pooled latents over the training split (paper eq. 2)",
-                "class_centred": "class mean minus the mean over all training images",
+                "class-mean": "class mean of pooled latents over the training split (paper eq. 2)",
+                "class-centred": "class mean minus the mean over all training images",
                 "logit": "mean contribution to the head's logit, signed toward the class",
-            }.get(ranking, ranking),
+            }[ranking],
+            "ranking_name": ranking,
             "localisation": (
                 f"heatmaps upsampled bilinearly to the model input, thresholded "
                 f"({'95th percentile, 8-connected components' if localisation == 'percentile' else '0.3 x max, contours >= 10 px'}), "
                 f"boxes mapped to original pixels; box score = heatmap {box_score}; AP at IoU 0.25 "
-                "(VOC all-point) over the test images with boxes of the concept"
+                "(VOC all-point) under two protocols - "
+                + "; ".join(f"{k}: {v}" for k, v in AP_PROTOCOLS.items())
             ),
+            "confounder_rule": CONFOUNDER_RULE,
         },
         "table1": [],
         "figure2": [],
@@ -510,7 +458,7 @@ def evaluate(
                 f"{view.feature_dim}: extract the store with this head's backbone"
             )
         logits_x = summary.pooled_x @ w + c
-        logits_sae = reconstruction_logits(summary.pooled_z, sae, w, c)
+        logits_sae = reconstruction_logits(summary.pooled_z, sae, (w, c))
         results["table1"].append(
             {
                 "variant": variant,
@@ -522,15 +470,17 @@ def evaluate(
                 "with": _metrics(summary, logits_sae, labels, concept, protocol, n_bootstrap, seed),
             }
         )
-        counts = summary.counts[concept]
-        if (counts == 0).any():
+        class_means = summary.means[concept]
+        if not class_means.complete:
+            counts = class_means.count
             results["notes"].append(
-                f"{concept}: the training split has {counts[1]} positive and {counts[0]} negative "
-                "images; neuron rankings for this concept are not meaningful"
+                f"{concept}, {variant}: the training split has {counts[1]} positive and "
+                f"{counts[0]} negative images, so the class means and every neuron ranking are "
+                "undefined: Figure 2, Table 2, Figure 4 and the confounder check are left out"
             )
-        means = summary.means[concept]
-        overall = (means * counts[:, None]).sum(0) / max(int(counts.sum()), 1)
-        scores = rank_scores(ClassMeans(means, counts, overall), sae, (w, c))[ranking]
+            continue
+        means = class_means.mean
+        scores = rank_scores(class_means, sae, (w, c))[ranking]
         curves = topk_curves(
             summary, sae, model, scores, labels, concept, protocol,
             n_bootstrap=min(n_bootstrap, 200), seed=seed, k_values=k_values,
@@ -552,7 +502,7 @@ def evaluate(
                     "variant": variant,
                     "concept": concept,
                     "top_neurons": top,
-                    "counts": summary.counts[concept].tolist(),
+                    "counts": class_means.count.tolist(),
                     "mean_positive": pos_key,
                     "mean_negative": neg_key,
                 }
@@ -562,10 +512,8 @@ def evaluate(
         gt = labels.boxes[concept]
         with_boxes = [i for i in test_ids if gt.get(i)]
         cue = labels.cue_boxes or {}
-        cue_ids = [i for i in test_ids if cue.get(i)]
-        id_to_row = {i: int(r) for i, r in zip(test_ids, summary.test_rows, strict=True)}
-        wanted = sorted({id_to_row[i] for i in with_boxes + cue_ids})
-        boxes = neuron_boxes(summary, sae, top, wanted, device=device, **box_kw)
+        # every test image: the whole-split AP scores boxes on images without a finding too
+        boxes = neuron_boxes(summary, sae, top, summary.test_rows, device=device, **box_kw)
         if with_boxes:
             arrays[f"panels_{variant}_{concept}".replace(" ", "-").replace("/", "-")] = (
                 localisation_panels(
@@ -576,7 +524,7 @@ def evaluate(
                 {
                     "variant": variant,
                     "concept": concept,
-                    **localisation_table(boxes, gt, top, with_boxes),
+                    **localisation_table(boxes, gt, top, test_ids),
                 }
             )
         else:
@@ -602,15 +550,11 @@ def _confounder(summary, sae, model, boxes, gt, cue, top, test_ids, concept, var
     pos = {i: k for k, i in enumerate(test_ids)}
     cue_neg = [pos[i] for i in test_ids if cue.get(i) and not own[summary.test_rows[pos[i]]]]
     clean_neg = [pos[i] for i in test_ids if not cue.get(i) and not own[summary.test_rows[pos[i]]]]
-    w, c = head_parts(model)
-    base = _sigmoid(reconstruction_logits(summary.pooled_z, sae, w, c))
+    head = head_parts(model)
+    base = sigmoid(reconstruction_logits(summary.pooled_z, sae, head))
     removed = base
     if cue_neurons:
-        removed = _sigmoid(
-            np.asarray(
-                intervened_logits(summary.pooled_z, sae, model, np.asarray(cue_neurons), "remove")
-            )
-        )
+        removed = sigmoid(intervened_logits(summary.pooled_z, sae, head, cue_neurons, "remove"))
 
     def _mean(values: np.ndarray, idx: list[int]) -> float:
         return float(np.mean(values[idx])) if idx else math.nan
@@ -651,8 +595,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="box extraction: 95th percentile (paper text) or 0.3 x max contours (paper code)",
     )  # fmt: skip
     parser.add_argument(
-        "--ranking", default="class_mean", choices=("class_mean", "class_centred", "logit"),
-        help="neuron ranking for top-k, Table 2 and the confounder check (paper: class_mean)",
+        "--ranking", default="class-mean",
+        help="neuron ranking for top-k, Table 2 and the confounder check: class-mean (paper), "
+        "class-centred or logit (class_mean / class_centred accepted too)",
     )  # fmt: skip
     parser.add_argument("--box-score", default="max", choices=("max", "mean"), help="AP box score")
     parser.add_argument(

@@ -24,12 +24,13 @@ from typing import Any
 
 import numpy as np
 
+from ..analysis.interventions import head_parts
+from ..analysis.ranking import ClassMeans, RankingTable, rank_scores
 from ..errors import ConfigError, StoreError
+from .dataset import CONCEPTS
 
 log = logging.getLogger(__name__)
 
-CONCEPTS = ("mass", "calcification")
-RANKINGS = ("class_mean", "class_centred", "logit")
 PROBE_FORMAT = "napari-mammo-sae/probe/1"
 
 
@@ -64,22 +65,6 @@ def encode_latents(sae: Any, tokens: Any, neurons: Any = None) -> Any:
     return torch.relu((tokens - b_dec) @ W_enc[idx].T + b_enc[idx])
 
 
-def head_parts(model: Any) -> tuple[np.ndarray, float]:
-    """(w (C,), c) of the concept head's final Linear(C, 1) (classifier or bare head)."""
-    import torch
-
-    head = getattr(model, "head", None) or getattr(model, "classifier", None) or model
-    linear = None
-    for module in head.modules() if isinstance(head, torch.nn.Module) else []:
-        if isinstance(module, torch.nn.Linear) and module.out_features == 1:
-            linear = module
-    if linear is None:
-        raise ConfigError("the head weights hold no Linear(C, 1) layer: pass a concept head folder")
-    w = linear.weight.detach().float().cpu().numpy().reshape(-1)
-    c = float(linear.bias.detach().float().cpu().item()) if linear.bias is not None else 0.0
-    return w, c
-
-
 # --- store access --------------------------------------------------------------------------------
 def open_view(path: str | Path) -> Any:
     """Open a complete feature store for reading (pipeline/store.py; StoreError otherwise)."""
@@ -112,32 +97,30 @@ def check_dims(store: Any, sae: Any) -> None:
 
 
 # --- class means -------------------------------------------------------------------------------
-@dataclass
-class ClassMeans:
-    """Class-wise mean pooled latents (equation 2) over a split."""
-
-    mean: np.ndarray  # (2, m): row 0 class 0 (negative), row 1 class 1 (positive)
-    count: np.ndarray  # (2,) images per class
-    overall: np.ndarray  # (m,) mean over all images
-
-
 def pooled_latents(
     items: Iterable[tuple[int, np.ndarray]], sae: Any, *, device: str = "cpu", progress: Any = None
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (key, mean over positions of z) for each (key, feature map C x h x w)."""
-    import torch
-
     from ..progress import check_cancelled
 
     for key, fmap in items:
         check_cancelled(progress)
-        tokens = torch.as_tensor(np.asarray(fmap), device=device).float()
-        tokens = tokens.reshape(tokens.shape[0], -1).T
-        with torch.inference_mode():
-            z = sae.encode(tokens)
-        yield key, z.mean(0).float().cpu().numpy()
+        z, _ = pool_map(sae, fmap, device=device)
+        yield key, z
         if progress is not None:
             progress.update(1)
+
+
+def pool_map(sae: Any, fmap: Any, *, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """(mean over positions of the latents z (m,), mean over positions of the features (C,)) of one
+    feature map (C, h, w): the pooled quantities every analysis starts from."""
+    import torch
+
+    tokens = torch.as_tensor(np.asarray(fmap), device=device).float()
+    tokens = tokens.reshape(tokens.shape[0], -1).T
+    with torch.inference_mode():
+        z = sae.encode(tokens).mean(0)
+    return z.float().cpu().numpy(), tokens.mean(0).float().cpu().numpy()
 
 
 def class_means(
@@ -148,7 +131,10 @@ def class_means(
     device: str = "cpu",
     progress: Any = None,
 ) -> ClassMeans:
-    """Class-wise means of pooled latents; ``items`` yields (row, feature map), labels[row] in {0, 1}."""
+    """Class-wise means of pooled latents; ``items`` yields (row, feature map), labels[row] in {0, 1}.
+
+    ConfigError when a class has no images (:meth:`ClassMeans.require_complete`).
+    """
     _, m = sae_dims(sae)
     sums = np.zeros((2, m), dtype=np.float64)
     count = np.zeros(2, dtype=np.int64)
@@ -158,33 +144,7 @@ def class_means(
             continue
         sums[y] += pooled
         count[y] += 1
-    if (count == 0).any():
-        raise ConfigError(
-            f"the training split has {count[1]} positive and {count[0]} negative images for this "
-            "concept: both classes are needed to rank neurons"
-        )
-    mean = sums / count[:, None]
-    return ClassMeans(mean=mean, count=count, overall=sums.sum(0) / count.sum())
-
-
-def rank_scores(
-    means: ClassMeans, sae: Any, head: tuple[np.ndarray, float] | None
-) -> dict[str, np.ndarray]:
-    """Per-class scores (2, m) for each ranking method (higher = more class-specific).
-
-    ``class_mean``: the class mean itself (the paper); ``class_centred``: class mean minus the mean
-    over all images; ``logit``: each neuron's mean contribution to the head's logit,
-    ``(W_dec^T w)_j * mean_c[j]``, signed toward the class (negated for class 0).
-    """
-    from ..analysis import ranking
-
-    out: dict[str, np.ndarray] = {
-        "class_mean": ranking.class_mean_scores(means.mean),
-        "class_centred": ranking.class_centred_scores(means.mean, means.overall),
-    }
-    if head is not None:
-        out["logit"] = ranking.logit_scores(means.mean, sae, head)
-    return out
+    return ClassMeans.from_sums(sums, count).require_complete("this concept")
 
 
 def top_neurons(scores: np.ndarray, k: int) -> list[int]:
@@ -274,12 +234,16 @@ class ProbeResult:
     concept: str
     class_means: np.ndarray  # (2, m)
     class_counts: np.ndarray  # (2,)
-    scores: dict[str, np.ndarray]  # method -> (2, m)
+    scores: dict[str, np.ndarray]  # method -> (2, m) (a RankingTable: aliases accepted)
     rankings: dict[str, dict[int, list[int]]]  # method -> class -> top neurons, best first
     top_images: dict[int, list[TopActivation]]
     meta: dict[str, Any] = field(default_factory=dict)
 
-    def top(self, cls: int = 1, method: str = "class_mean", k: int = 10) -> list[int]:
+    def __post_init__(self) -> None:
+        self.scores = RankingTable(self.scores)
+        self.rankings = RankingTable(self.rankings)
+
+    def top(self, cls: int = 1, method: str = "class-mean", k: int = 10) -> list[int]:
         """The k top neurons of a class under a ranking method."""
         return top_neurons(self.scores[method][cls], k)
 
@@ -494,6 +458,6 @@ def run(args: argparse.Namespace) -> int:
     finally:
         progress.close()
     path = save_probe(result, args.out)
-    top = result.rankings["class_mean"][1]
+    top = result.rankings["class-mean"][1]
     print(f"wrote {path} (SAE {result.sae_sha256[:12]}); top class-1 neurons: {top}")
     return 0

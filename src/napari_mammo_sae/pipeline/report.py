@@ -8,11 +8,14 @@ Expected ``results`` keys (all optional except ``meta``), as :mod:`.evaluate` pr
 - ``table1``: rows ``{variant, concept, head, without: metrics, with: metrics}``
 - ``figure2``: rows ``{variant, concept, mode ("activated"|"deactivated"), k: [...],
   union_size: [...], auroc: [...], auroc_ci: [[lo, hi], ...]}``
-- ``table2``: rows ``{variant, concept, neurons: [...], ap: [...], mean_ap}``
+- ``table2``: rows ``{variant, concept, neurons: [...], ap_finding_images: [...],
+  mean_ap_finding_images, ap_whole_split: [...], mean_ap_whole_split}`` (the two AP protocols of
+  ``analysis.localisation.AP_PROTOCOLS``)
 - ``figure4``: rows ``{variant, concept, top_neurons: [...], mean_positive: str (npz key),
   mean_negative: ...}`` with the vectors passed separately in ``arrays``
-- ``confounder``: rows ``{variant, concept, neurons: [{neuron, iou_cue, iou_lesion, on_cue}],
-  cue_negatives: {...}}``
+- ``confounder``: rows ``{variant, concept, neurons: [{neuron, iou_cue, iou_lesion, ...}],
+  cue_negatives: {...}}``; the verdicts are drawn with ``analysis.confounder``'s one rule, which the
+  report states
 """
 
 from __future__ import annotations
@@ -26,6 +29,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ..analysis.confounder import RULE as CONFOUNDER_RULE
+from ..analysis.confounder import on_cue, on_lesion
+
+# Table 2's two AP protocols: results key -> label (analysis.localisation.AP_PROTOCOLS)
+AP_COLUMNS = {
+    "finding_images": "AP, images with a finding (paper protocol)",
+    "whole_split": "AP, whole test split",
+}
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -139,19 +151,23 @@ def plot_figure4(
 
 
 def plot_table2(row: Mapping[str, Any], path: Path, title: str) -> None:
-    """AP@0.25 per top-10 class-1 neuron, as bars (Table 2 as a picture)."""
+    """AP@0.25 per top-10 class-1 neuron under both protocols, as bars (Table 2 as a picture)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 3.2), dpi=100)
-    ap = np.nan_to_num(np.asarray(row["ap"], dtype=float))
-    ax.bar(np.arange(ap.size), ap, color="tab:green")
-    ax.set_xticks(np.arange(ap.size), [str(n) for n in row["neurons"]], fontsize=8)
+    x = np.arange(len(row["neurons"]))
+    for j, ((key, label), colour) in enumerate(
+        zip(AP_COLUMNS.items(), ("tab:green", "tab:purple"), strict=True)
+    ):
+        ap = np.nan_to_num(np.asarray(row.get(f"ap_{key}", [np.nan] * x.size), dtype=float))
+        mean_ap = row.get(f"mean_ap_{key}")
+        if mean_ap is not None and not math.isnan(mean_ap):
+            label = f"{label} (mean {mean_ap:.3f})"
+        ax.bar(x + (j - 0.5) * 0.4, ap, width=0.4, color=colour, label=label)
+    ax.set_xticks(x, [str(n) for n in row["neurons"]], fontsize=8)
     ax.set_xlabel("top class-1 neuron (rank order)")
     ax.set_ylabel("AP @ IoU 0.25")
     ax.set_ylim(0, 1)
-    mean_ap = row.get("mean_ap")
-    if mean_ap is not None and not math.isnan(mean_ap):
-        ax.axhline(mean_ap, color="k", ls="--", lw=1, label=f"mean {mean_ap:.3f}")
-        ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path)
@@ -309,21 +325,34 @@ def write_report(
             body.append(f"<p>{esc(str(method))}</p>")
         csv_rows = []
         width = max(len(r["neurons"]) for r in rows)
-        body.append("<table><tr><th class=l>concept</th><th class=l>variant</th>")
+        body.append(
+            "<p>Two protocols: <b>images with a finding</b> scores only the test images with a box "
+            "of the concept (the paper's); <b>whole test split</b> scores every test image, so "
+            "boxes on images without a finding are false positives.</p>"
+        )
+        body.append(
+            "<table><tr><th class=l>concept</th><th class=l>variant</th><th class=l>protocol</th>"
+        )
         body.extend(f"<th>{i + 1}</th>" for i in range(width))
         body.append("<th>mean</th></tr>")
         for r in rows:
-            body.append(
-                f"<tr><td class=l>{esc(r['concept'])}</td><td class=l>{esc(r['variant'])}</td>"
-            )
-            for i in range(width):
-                if i < len(r["neurons"]):
-                    body.append(f"<td>{_fmt(r['ap'][i])}<br><small>#{r['neurons'][i]}</small></td>")
-                else:
-                    body.append("<td></td>")
-            body.append(f"<td><b>{_fmt(r['mean_ap'])}</b></td></tr>")
-            for rank, (n, ap) in enumerate(zip(r["neurons"], r["ap"], strict=True), 1):
-                csv_rows.append([r["variant"], r["concept"], rank, n, ap])
+            for key, label in AP_COLUMNS.items():
+                aps = r.get(f"ap_{key}", [math.nan] * len(r["neurons"]))
+                body.append(
+                    f"<tr><td class=l>{esc(r['concept'])}</td><td class=l>{esc(r['variant'])}</td>"
+                    f"<td class=l>{esc(label)}</td>"
+                )
+                for i in range(width):
+                    if i < len(r["neurons"]):
+                        body.append(f"<td>{_fmt(aps[i])}<br><small>#{r['neurons'][i]}</small></td>")
+                    else:
+                        body.append("<td></td>")
+                body.append(f"<td><b>{_fmt(r.get(f'mean_ap_{key}', math.nan))}</b></td></tr>")
+            for rank, n in enumerate(r["neurons"], 1):
+                csv_rows.append(
+                    [r["variant"], r["concept"], rank, n]
+                    + [r.get(f"ap_{key}", [math.nan] * rank)[rank - 1] for key in AP_COLUMNS]
+                )
             name = f"table2_{_slug(r['variant'], r['concept'])}.png"
             plot_table2(r, out / name, f"{r['concept']}, {r['variant']}")
         body.append("</table>")
@@ -342,7 +371,7 @@ def write_report(
                 )
         _write_csv(
             out / "table2_localisation.csv",
-            ["variant", "concept", "rank", "neuron", "ap"],
+            ["variant", "concept", "rank", "neuron"] + [f"ap_{key}" for key in AP_COLUMNS],
             csv_rows,
         )
         body.append('<p><a href="table2_localisation.csv">table2_localisation.csv</a></p>')
@@ -379,15 +408,24 @@ def write_report(
     rows = results.get("confounder", [])
     if rows:
         body.append("<h2>(e) Confounder check (phantom: planted cue vs lesions)</h2>")
+        body.append(f"<p>Rule: {esc(CONFOUNDER_RULE)}.</p>")
         csv_rows = []
         for r in rows:
             body.append(f"<h3>{esc(r['concept'])}, {esc(r['variant'])}</h3>")
             body.append(
                 "<table><tr><th>neuron</th><th>mean IoU with cue</th><th>mean IoU with lesion</th>"
-                "<th>boxes on cue</th><th>boxes on lesion</th><th class=l>verdict</th></tr>"
+                "<th>share of cue images at IoU &ge; 0.25</th><th>share of lesion images at IoU "
+                "&ge; 0.25</th><th class=l>verdict</th></tr>"
             )
             for n in r["neurons"]:
-                verdict = "CUE (confounder)" if n["on_cue"] else "lesion" if n["on_lesion"] else "-"
+                cue_side = on_cue(n["iou_cue"], n["iou_lesion"])
+                verdict = (
+                    "CUE (confounder)"
+                    if cue_side
+                    else "lesion"
+                    if on_lesion(n["iou_cue"], n["iou_lesion"])
+                    else "-"
+                )
                 body.append(
                     f"<tr><td>{n['neuron']}</td><td>{_fmt(n['iou_cue'])}</td>"
                     f"<td>{_fmt(n['iou_lesion'])}</td><td>{_fmt(n['frac_cue'])}</td>"
@@ -395,7 +433,7 @@ def write_report(
                 )
                 csv_rows.append(
                     [r["variant"], r["concept"], n["neuron"], n["iou_cue"], n["iou_lesion"]]
-                    + [n["frac_cue"], n["frac_lesion"], n["on_cue"]]
+                    + [n["frac_cue"], n["frac_lesion"], cue_side]
                 )
             body.append("</table>")
             eff = r.get("cue_negatives")
