@@ -50,14 +50,51 @@ def test_bootstrap_is_seeded_and_brackets_the_estimate():
     assert 0.02 < a[1] - a[0] < 0.3
 
 
+def _pair_auroc(y: np.ndarray, p: np.ndarray) -> float:
+    """AUROC by counting positive/negative pairs (independent of metrics.auroc)."""
+    pos, neg = p[y == 1], p[y == 0]
+    if pos.size == 0 or neg.size == 0:
+        return math.nan
+    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(wins / (pos.size * neg.size))
+
+
 def test_grouped_bootstrap_resamples_whole_images():
-    # two images, each repeated: a grouped resample can only draw whole images, so with a single
-    # class per image most resamples are undefined, while ungrouped ones are not.
-    y = np.array([1, 1, 1, 0, 0, 0])
-    p = np.array([0.9, 0.9, 0.9, 0.1, 0.1, 0.1])
-    groups = np.array([0, 0, 0, 1, 1, 1])
-    lo, hi = metrics.bootstrap_ci(metrics.auroc, y, p, n=50, seed=0, groups=groups)
-    assert lo == hi == 1.0
+    # 8 images with 1-3 rows each (the per-row protocol); classes overlap (AUROC 0.62, not 1), so
+    # the resampled AUROC varies. Scores are distinct per row only so that the rows drawn can be
+    # recognised from what the metric receives.
+    groups = np.array([0, 0, 1, 2, 2, 2, 3, 4, 4, 5, 6, 6, 7])
+    y = np.array([1, 0, 1, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1])
+    p = np.array([0.81, 0.50, 0.35, 0.52, 0.61, 0.60, 0.45, 0.30, 0.31, 0.9, 0.42, 0.41, 0.2])
+    estimate = _pair_auroc(y, p)
+    assert 0.6 < estimate < 0.9  # not separated
+    drawn: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def recording_auroc(ys, ps):
+        drawn.append((ys.copy(), ps.copy()))
+        return metrics.auroc(ys, ps)
+
+    lo, hi = metrics.bootstrap_ci(recording_auroc, y, p, n=300, seed=0, groups=groups)
+    assert len(drawn) == 300
+    row = {v: i for i, v in enumerate(p.tolist())}
+    for ys, ps in drawn:
+        rows = np.array([row[v] for v in ps.tolist()])
+        np.testing.assert_array_equal(ys, y[rows])  # labels travel with their rows
+        counts = np.bincount(rows, minlength=p.size)
+        per_image = []
+        for g in np.unique(groups):
+            c = counts[groups == g]
+            assert (c == c[0]).all(), "an image was split between resamples"
+            per_image.append(int(c[0]))
+        assert sum(per_image) == 8  # 8 images drawn (with replacement) per resample
+    # the interval: percentiles of the defined resampled AUROCs (one-class resamples dropped)
+    values = [v for v in (_pair_auroc(ys, ps) for ys, ps in drawn) if not math.isnan(v)]
+    assert 200 < len(values) <= 300
+    want = np.quantile(values, [0.025, 0.975])
+    assert (lo, hi) == pytest.approx(tuple(want))
+    assert lo < estimate < hi and hi - lo > 0.2
+    # resampling rows instead of images gives another interval
+    assert metrics.bootstrap_ci(metrics.auroc, y, p, n=300, seed=0) != pytest.approx((lo, hi))
 
 
 def test_protocols_expand_rows():
