@@ -159,3 +159,111 @@ def test_csv_has_the_report_columns(tmp_path):
     assert got[1]["cue_neurons"] == "" and got[1]["isolated"] == "false"
     assert got[1]["gap_closed"] == "nan" and got[1]["auroc_clean_before"] == "0.5000"
     assert not list(path.parent.glob("*.part"))
+
+
+# --- the row from a feature store (pipeline.shortcuts) -------------------------------------------
+def _store(path, maps, splits, labels, attrs=None):
+    from dataclasses import asdict
+
+    from napari_mammo_sae.pipeline import store as fs
+
+    c, h, w = maps[0].shape
+    geometry = asdict(Geometry((100, 100), (0, 0, 100, 100), (64, 64), (1.0, 1.0)))
+    writer = fs.create(path, feature_dim=c, grid=(h, w), backbone_signature="sig",
+                       dtype="float32", attrs=attrs or {})  # fmt: skip
+    for i, (fmap, split, y) in enumerate(zip(maps, splits, labels, strict=True)):
+        writer.append(f"img{i}", fmap, {"study_id": f"s{i}", "split": split, "laterality": "L",
+                                        "view": "CC", "labels": {"mass": 0, "calcification": y},
+                                        "geometry": geometry})  # fmt: skip
+    writer.close(complete=True)
+    return fs.open(path)
+
+
+def _identity_sae():
+    import torch
+
+    from napari_mammo_sae.models.sae import SparseAutoencoder
+
+    sae = SparseAutoencoder(2, 3, "relu")
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
+        sae.W_dec.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae.eval()
+
+
+def test_store_row_at_the_last_layer_by_hand(tmp_path):
+    """Channel 0 is the cue, channel 1 the finding; an identity SAE; head logit 4 * pooled - 2."""
+    from napari_mammo_sae.pipeline.shortcuts import shortcut_report_row
+
+    def fmap(cue_cell=None, finding_cell=None):
+        m = np.zeros((2, 2, 2), np.float32)  # C x h x w: 2 x 2 cells of 50 x 50 pixels
+        if cue_cell:
+            m[0][cue_cell] = 1.0
+        if finding_cell:
+            m[1][finding_cell] = 2.0
+        return m
+
+    maps = [fmap((0, 0)), fmap((1, 1)), fmap(), fmap(), fmap(None, (1, 0)), fmap((0, 1), (1, 0)),
+            fmap((0, 0))]  # fmt: skip
+    splits = ["test"] * 6 + ["training"]
+    labels = [0, 0, 0, 0, 1, 1, 0]
+    boxes = {"img0": [(10, 10, 20, 20)], "img1": [(60, 60, 70, 70)], "img5": [(60, 10, 70, 20)],
+             "img6": [(10, 10, 20, 20)]}  # fmt: skip
+    view = _store(tmp_path / "s.h5", maps, splits, labels)
+    row = shortcut_report_row(view, _identity_sae(), (np.array([4.0, 4.0]), -2.0), boxes,
+                              cue="clip", concept="calcification", top_neurons=[1, 0, 2])  # fmt: skip
+    # neuron 0 spends all its mass (3) on cue cells, neuron 1 none of its 4, neuron 2 never fires
+    assert row.shares == pytest.approx([0.0, 1.0, 0.0])
+    assert row.cue_neurons == [0] and row.best_neuron == 0 and row.layer == "head"
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    # cue-only negatives: pooled cue 0.25 -> logit -1; clean negatives: logit -2
+    assert row.reliance == pytest.approx(sig(-1) - sig(-2))
+    assert row.p_cue_negatives_after == pytest.approx(sig(-2))  # the cue neuron off
+    assert row.gap_closed == pytest.approx(1.0)
+    # clean images: negatives at sig(-2), the positive at logit 4 * 0.5 - 2 = 0
+    assert row.auroc_clean_before == row.auroc_clean_after == 1.0 and row.isolated is True
+    assert (row.n_cue_negatives, row.n_clean_negatives) == (2, 2)  # the training image left out
+
+
+def test_store_row_at_an_intermediate_layer_reruns_the_backbone(tmp_path):
+    import torch
+
+    from napari_mammo_sae.models.backbone import create_backbone, features_at, rest_of_backbone
+    from napari_mammo_sae.models.classifier import ConceptClassifier
+    from napari_mammo_sae.models.sae import SparseAutoencoder
+    from napari_mammo_sae.pipeline.shortcuts import shortcut_report_row
+
+    torch.manual_seed(0)
+    model = ConceptClassifier(create_backbone("test_efficientnet")).eval()
+    with torch.no_grad():
+        model.head.weight.normal_(0.0, 5.0)  # a head that reads the features strongly
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        acts = features_at(model, x, "stage3")  # 48 x 4 x 4
+    sae = SparseAutoencoder(48, 48, "relu").eval()  # identity weights: z = relu(x), x_hat = z
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(48))
+        sae.W_dec.copy_(torch.eye(48))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    view = _store(tmp_path / "s.h5", list(acts.numpy()), ["test"] * 3, [0, 0, 1],
+                  attrs={"hook": "stage3"})  # fmt: skip
+    whole = {f"img{i}": [(0, 0, 100, 100)] for i in (0, 1)}  # the cue covers images 0 and 1
+    row = shortcut_report_row(view, sae, model, whole, cue="site", concept="calcification",
+                              top_neurons=list(range(8)))  # fmt: skip
+    assert row.layer == "stage3" and row.cue_neurons  # every firing neuron is on the cue there
+
+    def p(i, off):
+        with torch.no_grad():
+            z = sae.encode(acts[i].reshape(48, -1).T)
+            z[:, off] = 0
+            feats = rest_of_backbone(model, sae.decode(z).T.reshape(1, 48, 4, 4), "stage3")
+            return float(torch.sigmoid(model.forward_head(feats)).reshape(-1)[0])
+
+    before = np.mean([p(0, []), p(1, [])])
+    after = np.mean([p(0, row.cue_neurons), p(1, row.cue_neurons)])
+    assert row.p_cue_negatives_before == pytest.approx(before, abs=1e-6)
+    assert row.p_cue_negatives_after == pytest.approx(after, abs=1e-6)
+    assert abs(after - before) > 1e-4  # the deactivation went through the rest of the backbone
