@@ -125,9 +125,21 @@ def test_neuron_average_precision_on_synthetic_heatmaps():
 def test_box_agreement_picks_overlapping_annotation():
     heat = np.zeros((16, 8), np.float32)
     heat[4:6, 2:4] = 1.0
-    anns = [(0.0, 800.0, 40.0, 880.0), (150.0, 300.0, 250.0, 400.0)]
+    # Upsampled bilinearly to the 160x80 input, the block (input rows 40..60, cols 20..40) ramps
+    # 0.05, 0.15, 0.25, ... over the 10 px between cell centres on each side. The map's 95th
+    # percentile lies between 0.15 and 0.25, so the box's edges are the first 0.25 pixels: input
+    # rows 37..63, cols 17..43, i.e. original x 135..265, y 285..415 (5 px per input px).
+    assert 0.15 < np.percentile(loc.upsample_heatmap(heat, (160, 80)), 95) < 0.25
+    box = (135.0, 285.0, 265.0, 415.0)
+    anns = [(0.0, 800.0, 40.0, 880.0), (150.0, 300.0, 250.0, 400.0), (240.0, 380.0, 340.0, 480.0)]
     agr = loc.box_agreement(heat, anns, _Geom())
-    assert agr.annotation == anns[1] and agr.iou > 0.5
+    assert agr.box == pytest.approx(box)
+    # the block's own box lies inside: 100 x 100 over 130 x 130 (the third overlaps 25 x 35 only)
+    assert agr.annotation == anns[1] and agr.iou == pytest.approx(100 * 100 / (130 * 130))
+    # shifted 50 px right: overlap 65 x 100, union 130^2 + 100^2 - 6500
+    shifted = (200.0, 300.0, 300.0, 400.0)
+    agr = loc.box_agreement(heat, [anns[2], shifted], _Geom())
+    assert agr.annotation == shifted and agr.iou == pytest.approx(6500 / (16900 + 10000 - 6500))
     far = loc.box_agreement(heat, anns[:1], _Geom())
     assert far.iou == 0.0 and far.annotation == anns[0]
     assert loc.box_agreement(np.zeros((4, 4)), anns).box is None
