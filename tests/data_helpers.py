@@ -238,16 +238,14 @@ def write_jpeg_baseline(path: str | Path, pixels: np.ndarray) -> Path:
 
 
 def pydicom_data_file(name: str) -> Path:
-    """A test file from the `pydicom-data` package (or pydicom's bundled test files); fails if absent."""
+    """A test file from the `pydicom-data` package (dev extra) or pydicom's bundled test files."""
+    import data_store  # the pydicom-data package: a missing dev dependency fails loudly
     import pydicom
 
-    candidates = [Path(pydicom.__file__).parent / "data" / "test_files" / name]
-    try:
-        import data_store  # the pydicom-data package
-
-        candidates.insert(0, Path(data_store.__file__).parent / "data" / name)
-    except ImportError:
-        pass
+    candidates = [
+        Path(data_store.__file__).parent / "data" / name,
+        Path(pydicom.__file__).parent / "data" / "test_files" / name,
+    ]
     for path in candidates:
         if path.is_file():
             return path

@@ -64,7 +64,11 @@ EXIT_INTERRUPTED = 130
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser, with every subcommand whose module is importable."""
+    """The full argument parser with every subcommand.
+
+    A subcommand whose module fails to import is not dropped: the ImportError surfaces as it is (a
+    typo in an internal import must not turn into a missing subcommand).
+    """
     parser = argparse.ArgumentParser(
         prog="napari-mammo-sae",
         description="Mammo-SAE: sparse-autoencoder interpretability for mammography models.",
@@ -73,12 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.startswith("napari_mammo_sae"):
-                continue  # subcommand not built yet
-            raise
+        module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)

@@ -42,11 +42,6 @@ class Placement:
     chest_wall_source: str = "unknown"  # "PatientOrientation" | "image" | "unknown"
 
     @property
-    def width_mm(self) -> float:
-        """Image width in mm (column extent)."""
-        return self.record.shape[1] * self.record.spacing_mm[1]
-
-    @property
     def height_mm(self) -> float:
         """Image height in mm (row extent)."""
         return self.record.shape[0] * self.record.spacing_mm[0]

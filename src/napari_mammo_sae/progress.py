@@ -26,30 +26,6 @@ class Progress(Protocol):
     def close(self) -> None: ...
 
 
-class NullProgress:
-    """A progress object that shows nothing (library use, tests)."""
-
-    def __init__(self) -> None:
-        self.cancelled = False
-        self.total: int | None = None
-        self.n = 0
-
-    def set_total(self, total: int | None) -> None:
-        self.total = total
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-
-    def set_description(self, text: str) -> None:
-        pass
-
-    def set_postfix(self, **values: object) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 class TqdmProgress:
     """Progress on the terminal through tqdm."""
 
