@@ -267,3 +267,20 @@ def test_store_row_at_an_intermediate_layer_reruns_the_backbone(tmp_path):
     assert row.p_cue_negatives_before == pytest.approx(before, abs=1e-6)
     assert row.p_cue_negatives_after == pytest.approx(after, abs=1e-6)
     assert abs(after - before) > 1e-4  # the deactivation went through the rest of the backbone
+
+
+def test_store_records_its_hook_point_and_refuses_to_mix_layers(tmp_path):
+    from napari_mammo_sae.errors import StoreError
+    from napari_mammo_sae.pipeline import store as fs
+    from napari_mammo_sae.pipeline.shortcuts import store_hook
+
+    maps = [np.zeros((2, 2, 2), np.float32)]
+    view = _store(tmp_path / "a.h5", maps, ["test"], [0], attrs={"hook": "stage3"})
+    assert view.hook == "stage3" and store_hook(view) == "stage3"
+    older = _store(tmp_path / "b.h5", maps, ["test"], [0])  # a store from before hook points
+    assert older.hook == "head" and store_hook(older) == "head"
+    view.close()
+    older.close()
+    with pytest.raises(StoreError, match="hook"):  # resuming with features of another layer
+        fs.create(tmp_path / "a.h5", feature_dim=2, grid=(2, 2), backbone_signature="sig",
+                  dtype="float32", attrs={"hook": "head"})  # fmt: skip

@@ -204,7 +204,7 @@ def create(
             raise StoreError(f"{path.name} is not a feature store: delete it or pick another path")
         old = json.loads(f.attrs["meta"])
         for key in ("feature_dim", "grid", "backbone_signature", "feature_dtype") + tuple(
-            k for k in ("preprocess", "input_size") if k in meta
+            k for k in ("preprocess", "input_size", "hook") if k in meta
         ):
             if old.get(key) != meta.get(key):
                 f.close()
@@ -266,6 +266,8 @@ class FeatureStore:
         self.grid = tuple(int(v) for v in self.meta["grid"])
         self.backbone = str(self.meta.get("backbone", ""))
         self.backbone_signature = str(self.meta.get("backbone_signature", ""))
+        #: the backbone layer the maps come from (models.backbone hook point; older stores: head)
+        self.hook = str(self.meta.get("hook") or "head")
         cols: dict[str, list[np.ndarray]] = {}
         where: list[np.ndarray] = []
         for k, f in enumerate(files):
