@@ -68,8 +68,10 @@ def run_analysis(viewer, weights: Path) -> str:
         LabellingWidget(viewer), name="Neuron labelling", area="right", tabify=True
     )
     if (weights / "probes" / "calcification.npz").exists():
-        explorer.ranking.setCurrentText("class mean")
-    explorer.all_views.setChecked(True)
+        from napari_mammo_sae._napari.model_choice import Ranking
+
+        explorer.ranking.value = Ranking.class_mean
+    explorer.all_views.value = True
     summary = explorer.run_blocking()
     if explorer.last_error:
         return f"analysis failed: {explorer.last_error}"

@@ -49,14 +49,15 @@ def viewer(make_napari_viewer, tmp_path, monkeypatch, exam):
 
 
 def _explorer(viewer, exam, qtbot, k=5):
+    from napari_mammo_sae._napari.model_choice import Source
     from napari_mammo_sae._napari.widgets.explorer import NeuronExplorer
 
     w = NeuronExplorer(viewer)
-    w.source.setCurrentIndex(1)
-    w.classifier_path.setText(str(exam / "clf"))
-    w.sae_path.setText(str(exam / "sae"))
-    w.k.setValue(k)
-    w.device.setCurrentText("cpu")
+    w.source.value = Source.files
+    w.classifier_path.value = exam / "clf"
+    w.sae_path.value = exam / "sae" / "config.json"  # a file inside a weights folder: the folder
+    w.k.value = k
+    w.device.value = "cpu"
     return w
 
 
@@ -76,17 +77,19 @@ def _run(w, qtbot):
 def test_explorer_layers_sit_on_the_crop_box_and_rerun_updates_them(viewer, exam, qtbot):
     w = _explorer(viewer, exam, qtbot)
     n_images = len(viewer.layers)
-    w.image.setCurrentIndex(0)
-    chosen = viewer.layers[w.image.currentText()]
+    chosen = w.image.choices[0]
+    w.image.value = chosen
     viewer.layers.selection.active = chosen
     _run(w, qtbot)
     assert viewer.layers.selection.active is chosen  # the overlays do not steal the selection
     res = w.session.current
     a = res.analysis
+    assert [int(w.table.data[r, 1]) for r in range(w.table.shape[0])] == [
+        int(n) for n in res.neurons
+    ]
     overlays = [lay for lay in viewer.layers if "mammo_sae" in lay.metadata]
     assert len(overlays) == 5
-    assert w.table.rowCount() == 5
-    assert "P(calcification)" in w.probability.text()
+    assert "P(calcification)" in w.probability.value
     lay = overlays[0]
     assert lay.data.shape == a.grid  # never upsampled
     assert lay.blending == "additive"
@@ -123,21 +126,21 @@ def test_model_paths_are_remembered_unless_gone(viewer, exam, qtbot, tmp_path):
     w = _explorer(viewer, exam, qtbot, k=2)
     _run(w, qtbot)
     again = NeuronExplorer(viewer)  # a later session
-    assert again.classifier_path.text() == str(exam / "clf")
-    assert again.sae_path.text() == str(exam / "sae")
+    assert again.classifier_path.value == exam / "clf"
+    assert again.sae_path.value == exam / "sae"
     # a remembered folder that was moved or deleted is not offered again
     settings = tmp_path / "settings.json"
     data = json.loads(settings.read_text())
     data["sae_path"] = str(tmp_path / "deleted-sae")
     settings.write_text(json.dumps(data))
     later = NeuronExplorer(viewer)
-    assert later.sae_path.text() == "" and later.classifier_path.text() == str(exam / "clf")
+    assert later.sae_path.value is None and later.classifier_path.value == exam / "clf"
 
 
 def test_explorer_stack_option_and_all_views(viewer, exam, qtbot):
     w = _explorer(viewer, exam, qtbot, k=3)
-    w.stack.setChecked(True)
-    w.all_views.setChecked(True)
+    w.stack.value = True
+    w.all_views.value = True
     _run(w, qtbot)
     stacks = [
         lay for lay in viewer.layers if lay.metadata.get("mammo_sae", {}).get("kind") == "stack"
@@ -147,11 +150,11 @@ def test_explorer_stack_option_and_all_views(viewer, exam, qtbot):
     # choosing another view shows that view's analysis: table, texts, current neuron
     views = list(w.session.results)
     other = next(v for v in views if v != w.session.current_layer)
-    w.image.setCurrentText(other)
+    w.image.value = viewer.layers[other]
     res = w.session.results[other]
-    assert w.session.current_layer == other and w.status.text().startswith(other)
-    assert [int(w.table.item(r, 1).text()) for r in range(3)] == [int(n) for n in res.neurons]
-    assert f"{res.analysis.probability:.3f}" in w.probability.text()
+    assert w.session.current_layer == other and w.status.value.startswith(other)
+    assert [int(w.table.data[r, 1]) for r in range(3)] == [int(n) for n in res.neurons]
+    assert f"{res.analysis.probability:.3f}" in w.probability.value
     assert w.show_view("not a view") is False
 
 
@@ -293,6 +296,7 @@ def test_no_rater_means_not_saved_and_a_notification(viewer, exam, qtbot):
 def test_bad_inputs_notify_and_never_crash(make_napari_viewer, exam, tmp_path, monkeypatch, qtbot):
     from napari.utils.notifications import notification_manager
 
+    from napari_mammo_sae._napari.model_choice import Source
     from napari_mammo_sae._napari.widgets import _common
     from napari_mammo_sae._napari.widgets.explorer import NeuronExplorer
 
@@ -303,10 +307,10 @@ def test_bad_inputs_notify_and_never_crash(make_napari_viewer, exam, tmp_path, m
     w = NeuronExplorer(viewer)
     assert w.run() is None  # no image layer
     viewer.open(str(next((exam / "data" / "images").iterdir())), plugin=PLUGIN)
-    w.source.setCurrentIndex(1)
-    w.classifier_path.setText(str(tmp_path / "missing"))
-    w.sae_path.setText(str(exam / "sae"))
-    w.device.setCurrentText("cpu")
+    w.source.value = Source.files
+    w.classifier_path.value = tmp_path / "missing"
+    w.sae_path.value = exam / "sae"
+    w.device.value = "cpu"
     worker = w.run()
     qtbot.waitUntil(lambda: not w.is_busy(), timeout=60_000)
     assert worker is not None and "no classifier" in (w.last_error or "")
@@ -320,7 +324,7 @@ def test_boxes_from_a_vindr_csv_and_box_agreement(viewer, exam, qtbot):
     assert n >= 1
     shapes = [lay for lay in viewer.layers if lay._type_string == "shapes"]
     assert shapes and "category" in shapes[-1].features
-    w.all_views.setChecked(True)
+    w.all_views.value = True
     _run(w, qtbot)
     with_boxes = [r for r in w.session.results.values() if r.annotations]
     assert with_boxes, "the CSV's boxes reach the analysed images"
@@ -383,10 +387,11 @@ def test_closing_the_viewer_mid_run_exits_cleanly(exam, tmp_path):
         v = napari.Viewer(show=True)
         v.open({str(next((exam / "data" / "images").iterdir()))!r}, plugin="napari-mammo-sae")
         _, e = v.window.add_plugin_dock_widget("napari-mammo-sae", "Neuron explorer")
-        e.source.setCurrentIndex(1)
-        e.classifier_path.setText({str(exam / "clf")!r})
-        e.sae_path.setText({str(exam / "sae")!r})
-        e.all_views.setChecked(True)
+        from napari_mammo_sae._napari.model_choice import Source
+        e.source.value = Source.files
+        e.classifier_path.value = {str(exam / "clf")!r}
+        e.sae_path.value = {str(exam / "sae")!r}
+        e.all_views.value = True
         worker = e.run()
         assert worker is not None, e.last_error
         v.close()
@@ -423,24 +428,57 @@ def test_overlay_batch_always_ends_even_when_a_layer_step_fails(viewer, exam, qt
     window = viewer.window._qt_window
     w = _explorer(viewer, exam, qtbot, k=2)
     seen = []
-    insert = w._insert_layer
+    insert = type(w)._insert_layer
 
-    def recording_insert(layer):
+    def recording_insert(self, layer):
         seen.append(window.updatesEnabled())  # repaints are held while the overlays go in
-        insert(layer)
+        insert(self, layer)
 
-    monkeypatch.setattr(w, "_insert_layer", recording_insert)
+    # on the class: a magicgui Container treats instance attributes as its widgets
+    monkeypatch.setattr(type(w), "_insert_layer", recording_insert)
     _run(w, qtbot)
     monkeypatch.undo()  # the recorder holds the window: drop it before napari's leak check
     assert seen == [False, False]
     assert not w._batching and not canvas._pause_scene_graph and window.updatesEnabled()
     w.remove_overlays()
 
-    def broken(layer):
+    def broken(self, layer):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(w, "_insert_layer", broken)
+    monkeypatch.setattr(type(w), "_insert_layer", broken)
     w.run()
     qtbot.waitUntil(lambda: not w.is_busy(), timeout=120_000)
     assert "could not show the overlays: boom" in (w.last_error or "")
     assert not w._batching and not canvas._pause_scene_graph and window.updatesEnabled()
+
+
+def test_explorer_picker_follows_layers_status_names_runtime_and_export_seam(
+    viewer, exam, qtbot, monkeypatch
+):
+    import sys
+    import types
+
+    from napari.utils.notifications import notification_manager
+
+    w = _explorer(viewer, exam, qtbot, k=2)
+    names = sorted(lay.name for lay in w.image.choices)
+    assert names == ["L CC", "L MLO", "R CC", "R MLO"]
+    viewer.layers.remove("L MLO")  # the picker follows the viewer's layers
+    assert "L MLO" not in [lay.name for lay in w.image.choices]
+    _run(w, qtbot)
+    runtime = w.session.current.analysis.runtime
+    assert runtime and f"({runtime} backbone)" in w.status.value
+    # the export button opens the PACS dock's dialog for this viewer ...
+    calls = []
+    fake = types.ModuleType("napari_mammo_sae._napari.widgets.pacs")
+    fake.export_analysis_dialog = calls.append
+    monkeypatch.setitem(sys.modules, fake.__name__, fake)
+    w.export_button.clicked.emit()
+    assert calls == [w.viewer]
+    # ... and says so clearly where that dock is not installed
+    seen = []
+    notification_manager.notification_ready.connect(seen.append)
+    monkeypatch.setitem(sys.modules, fake.__name__, None)
+    w.export_button.clicked.emit()
+    notification_manager.notification_ready.disconnect(seen.append)
+    assert any("not available" in str(n.message) for n in seen)

@@ -9,6 +9,7 @@ from (``Geometry.feature_layer_transform``), then follows the image's place in t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -95,3 +96,22 @@ def shapes_to_boxes(placement: Any, shapes: Sequence[np.ndarray]) -> list[tuple[
             out.append((float(max(x0, 0)), float(max(y0, 0)), float(min(x1, cols)),
                         float(min(y1, rows))))  # fmt: skip
     return out
+
+
+def boxes_by_image(path: str | Path) -> dict[str, list[tuple[tuple[float, ...], str]]]:
+    """(box, category) lists keyed by image id / SOPInstanceUID / file stem, from a VinDr-format
+    ``finding_annotations.csv`` or a generic box CSV (MammoSAEError, OSError on a bad file)."""
+    from ..annotations import load_box_csv, load_vindr
+
+    header = (Path(path).read_text(encoding="utf-8", errors="replace").splitlines() or [""])[0]
+    by_key: dict[str, list[tuple[tuple[float, ...], str]]] = {}
+    if "finding_categories" in header:
+        for image_id, im in load_vindr(path).images.items():
+            for f in im.findings:
+                if f.box is not None:
+                    by_key.setdefault(str(image_id), []).append((f.box, f.category))
+        return by_key
+    for b in load_box_csv(path):
+        key = str(getattr(b, "sop_instance_uid", "") or Path(str(getattr(b, "path", ""))).stem)
+        by_key.setdefault(key, []).append((tuple(b.box), str(getattr(b, "label", ""))))
+    return by_key

@@ -12,12 +12,67 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from enum import Enum, IntEnum
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ..errors import CheckpointError, ConfigError
 
 SAE_FOLDER = "sae-finetuned-calcification"
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".tar", ".ckpt", ".bin")
+
+
+# the choices of the explorer's form (member values are what the form shows)
+class Concept(Enum):
+    calcification = "suspicious calcification"
+    mass = "mass"
+
+
+class Variant(Enum):
+    finetuned = "finetuned"
+    pretrained = "pretrained"
+
+
+class TargetClass(IntEnum):
+    present = 1
+    absent = 0
+
+
+class Ranking(Enum):
+    logit = "logit contribution"
+    class_mean = "class mean"
+    class_centred = "class-centred"
+
+
+class Source(Enum):
+    bundled = "bundled demo weights"
+    files = "classifier + SAE files"
+
+
+def weights_path(path: Any) -> Path | None:
+    """A classifier/SAE location from a file picker: a checkpoint file, or the weights folder of a
+    file chosen inside one (``config.json``, ``model.safetensors``); None when empty."""
+    if path is None or str(path).strip() in ("", "."):
+        return None
+    p = Path(path)
+    return p.parent if p.is_file() and p.suffix.lower() not in CHECKPOINT_SUFFIXES else p
+
+
+def rank_neurons(
+    analysis: Any, ranking: str, target: int, probe: Any, k: int
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """(top-k neurons, their scores, the ranking actually used) for one analysed image."""
+    if ranking in ("class_mean", "class_centred") and probe is not None and ranking in probe.scores:
+        scores = np.asarray(probe.scores[ranking][target], dtype=np.float64)
+        used = ranking
+    else:
+        contrib = np.asarray(analysis.logit_contributions, dtype=np.float64)
+        scores = contrib if target == 1 else -contrib
+        used = "logit"
+    top = np.argsort(-scores, kind="stable")[:k]
+    return top, scores[top], used
 
 
 @dataclass(frozen=True)

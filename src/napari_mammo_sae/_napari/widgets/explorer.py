@@ -7,6 +7,9 @@ shared contrast limits. Re-running updates those layers in place. Annotation box
 every Shapes layer in the viewer (the phantom truth, a CSV loaded here, or boxes you draw) except
 the planted-marker layer; each neuron's box agreement is the IoU of its 95th-percentile box with
 the nearest annotation box. Click a row of the table to show that neuron alone.
+
+The form is magicgui widgets (typed choices, a layer picker that follows the viewer's layers,
+file pickers); the neuron table is magicgui's Table, its row clicks taken from the Qt table.
 """
 
 from __future__ import annotations
@@ -16,25 +19,32 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from qtpy.QtCore import Qt
-from qtpy.QtWidgets import (
-    QCheckBox,
-    QComboBox,
-    QFileDialog,
-    QFormLayout,
-    QHBoxLayout,
-    QLabel,
-    QLineEdit,
-    QPushButton,
-    QSpinBox,
-    QTableWidget,
-    QTableWidgetItem,
-    QVBoxLayout,
-    QWidget,
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    Label,
+    PushButton,
+    SpinBox,
+    Table,
+    create_widget,
 )
 
 from .. import layers as L
-from ..model_choice import ModelChoice, bundled_choice, load_models
+from ..model_choice import (
+    Concept,
+    ModelChoice,
+    Ranking,
+    Source,
+    TargetClass,
+    Variant,
+    bundled_choice,
+    load_models,
+    rank_neurons,
+    weights_path,
+)
+from ..viewing import VIEW_COPY, install, mammogram_layers
 from ._common import (
     ImageResult,
     QuietBatch,
@@ -48,14 +58,14 @@ from ._common import (
 
 log = logging.getLogger(__name__)
 
-CONCEPTS = {"suspicious calcification": "calcification", "mass": "mass"}
-RANKINGS = {
-    "logit contribution": "logit",
-    "class mean": "class_mean",
-    "class-centred": "class_centred",
-}
+CLASS_LABELS = {TargetClass.present: "1 (finding present)", TargetClass.absent: "0 (absent)"}
 OVERLAY_KEY = "mammo_sae"
 COLUMNS = ("rank", "neuron", "score", "logit contrib.", "max act.", "box IoU", "verdict")
+
+
+def _choices(enum: Any, labels: dict | None = None) -> list[tuple[str, Any]]:
+    """(label, member) pairs: the enum's readable values as the combo box texts."""
+    return [((labels or {}).get(m, m.value), m) for m in enum]
 
 
 def freeze_long_lived_objects() -> None:
@@ -79,34 +89,10 @@ def freeze_long_lived_objects() -> None:
 _FROZEN = False
 
 
-def rank_neurons(
-    analysis: Any, ranking: str, target: int, probe: Any, k: int
-) -> tuple[np.ndarray, np.ndarray, str]:
-    """(top-k neurons, their scores, the ranking actually used) for one analysed image."""
-    if ranking in ("class_mean", "class_centred") and probe is not None and ranking in probe.scores:
-        scores = np.asarray(probe.scores[ranking][target], dtype=np.float64)
-        used = ranking
-    else:
-        contrib = np.asarray(analysis.logit_contributions, dtype=np.float64)
-        scores = contrib if target == 1 else -contrib
-        used = "logit"
-    top = np.argsort(-scores, kind="stable")[:k]
-    return top, scores[top], used
-
-
 def _existing(path: Any) -> str:
     """A remembered path, or '' when it no longer exists (a moved or deleted model folder)."""
     text = str(path or "").strip()
     return text if text and Path(text).exists() else ""
-
-
-def image_layers(viewer: Any) -> list[Any]:
-    """Image layers opened by this plugin's reader (they carry the record and placement)."""
-    return [
-        lay
-        for lay in viewer.layers
-        if lay._type_string == "image" and "record" in lay.metadata and "placement" in lay.metadata
-    ]
 
 
 def annotation_shapes(viewer: Any) -> list[np.ndarray]:
@@ -117,6 +103,8 @@ def annotation_shapes(viewer: Any) -> list[np.ndarray]:
             continue
         name = lay.name.lower()
         if "confounder" in name or "marker" in name or lay.metadata.get(OVERLAY_KEY) == "marker":
+            continue
+        if VIEW_COPY in lay.metadata:  # a one-view copy of boxes that are already counted
             continue
         shapes.extend(np.asarray(s) for s in lay.data)
     return shapes
@@ -161,167 +149,136 @@ def analyse_layers(
     return models, results, used
 
 
-class NeuronExplorer(QWidget):
+class NeuronExplorer(Container):
     """Dock widget: choose image, model, concept, class, k and ranking; Run; inspect the top neurons."""
 
-    def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
+    def __init__(self, napari_viewer: Any) -> None:
+        super().__init__(labels=True)
         self.viewer = napari_viewer
         self.session = get_session(napari_viewer)
         self.worker = None
         self._pending: list = []
         self._used = "class_mean"  # the ranking the last run used
         # the layer steps of a run go in inside one layers batch with the window's repaints held
-        self._batch = QuietBatch(napari_viewer, self)
+        self._batch = QuietBatch(napari_viewer, self.native)
         self.last_error: str | None = None
         settings = load_settings()
+        install(napari_viewer)  # workstation viewing (window/level, magnifier, view keys)
 
-        self.image = QComboBox()
-        self.all_views = QCheckBox("every view of the exam")
-        self.source = QComboBox()
-        self.source.addItems(["bundled demo weights", "classifier + SAE files"])
-        self.classifier_path = QLineEdit(_existing(settings.get("classifier_path")))
-        self.sae_path = QLineEdit(_existing(settings.get("sae_path")))
-        self.probe_path = QLineEdit(_existing(settings.get("probe_path")))
-        self.trust = QCheckBox("trust pickled Mammo-CLIP file (can run code)")
-        self.concept = QComboBox()
-        self.concept.addItems(list(CONCEPTS))
-        self.variant = QComboBox()
-        self.variant.addItems(["finetuned", "pretrained"])
-        self.target = QComboBox()
-        self.target.addItems(["1 (finding present)", "0 (absent)"])
-        self.k = QSpinBox()
-        self.k.setRange(1, 100)
-        self.k.setValue(10)
-        self.ranking = QComboBox()
-        self.ranking.addItems(list(RANKINGS))
-        self.device = QComboBox()
-        self.device.addItems(["auto", "cpu", "cuda", "mps"])
-        self.stack = QCheckBox("one k x h x w stack (slider)")
-        self.run_button = QPushButton("Run")
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        self.status = QLabel("Open a mammogram with this plugin's reader, then Run.")
-        self.status.setWordWrap(True)
-        self.probability = QLabel("")
-        self.probability.setStyleSheet("font-weight: bold")
-        self.table = QTableWidget(0, len(COLUMNS))
-        self.table.setHorizontalHeaderLabels(COLUMNS)
-        self.table.verticalHeader().setVisible(False)
-        self.table.setSelectionBehavior(QTableWidget.SelectRows)
-        self.table.setEditTriggers(QTableWidget.NoEditTriggers)
-        self.show_all = QPushButton("show all")
-        self.hide_all = QPushButton("hide all")
-        self.remove_all = QPushButton("remove overlays")
-        self.boxes_button = QPushButton("boxes CSV...")
+        def path(label: str, key: str, **kw: Any) -> FileEdit:
+            value = _existing(settings.get(key)) or None
+            return FileEdit(label=label, mode="r", nullable=True, value=value, **kw)
 
-        form = QFormLayout()
-        form.addRow("image", self.image)
-        form.addRow("", self.all_views)
-        form.addRow("model", self.source)
-        for label, edit, kind in [
-            ("classifier", self.classifier_path, "classifier"),
-            ("SAE", self.sae_path, "sae"),
-            ("probe (.npz)", self.probe_path, "probe"),
-        ]:
-            row = QHBoxLayout()
-            row.addWidget(edit)
-            browse = QPushButton("...")
-            browse.setMaximumWidth(28)
-            browse.clicked.connect(lambda _=False, e=edit, t=kind: self._browse(e, t))
-            row.addWidget(browse)
-            form.addRow(label, row)
-        form.addRow("", self.trust)
-        form.addRow("concept", self.concept)
-        form.addRow("variant", self.variant)
-        form.addRow("class", self.target)
-        form.addRow("top k", self.k)
-        form.addRow("ranking", self.ranking)
-        form.addRow("device", self.device)
-        form.addRow("", self.stack)
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.run_button)
-        buttons.addWidget(self.cancel_button)
-        overlays = QHBoxLayout()
-        for b in (self.show_all, self.hide_all, self.remove_all, self.boxes_button):
-            overlays.addWidget(b)
-        layout = QVBoxLayout(self)
-        layout.addLayout(form)
-        layout.addLayout(buttons)
-        layout.addWidget(self.probability)
-        layout.addWidget(self.status)
-        layout.addWidget(self.table)
-        layout.addLayout(overlays)
+        import napari
 
-        self.run_button.clicked.connect(self.run)
-        self.cancel_button.clicked.connect(self.cancel)
-        self.source.currentIndexChanged.connect(self._source_changed)
-        self.table.cellClicked.connect(self._row_clicked)
-        self.show_all.clicked.connect(lambda: self._set_visible(True))
-        self.hide_all.clicked.connect(lambda: self._set_visible(False))
-        self.remove_all.clicked.connect(self.remove_overlays)
-        self.boxes_button.clicked.connect(self._load_boxes_dialog)
+        self.image = create_widget(annotation=napari.layers.Image, label="image",
+                                   options={"choices": self._image_choices})  # fmt: skip
+        self.all_views = CheckBox(text="every view of the exam")
+        self.source = ComboBox(label="model", choices=_choices(Source))
+        tip = "a checkpoint (.pth, .pt), or any file inside one of our weights folders"
+        self.classifier_path = path("classifier", "classifier_path", tooltip=tip)
+        self.sae_path = path("SAE", "sae_path", tooltip=tip)
+        self.probe_path = path("probe (.npz)", "probe_path", filter="*.npz")
+        self.trust = CheckBox(text="trust pickled Mammo-CLIP file (can run code)")
+        self.concept = ComboBox(label="concept", choices=_choices(Concept))
+        self.variant = ComboBox(label="variant", choices=_choices(Variant))
+        self.target = ComboBox(label="class", choices=_choices(TargetClass, CLASS_LABELS))
+        self.k = SpinBox(label="top k", min=1, max=100, value=10)
+        self.ranking = ComboBox(label="ranking", choices=_choices(Ranking))
+        self.device = ComboBox(label="device", choices=["auto", "cpu", "cuda", "mps"])
+        self.stack = CheckBox(text="one k x h x w stack (slider)")
+        self.run_button = PushButton(text="Run")
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.probability = Label(value="")
+        self.probability.native.setStyleSheet("font-weight: bold")
+        self.status = Label(value="Open a mammogram with this plugin's reader, then Run.")
+        self.status.native.setWordWrap(True)
+        self.table = Table(value=[], columns=COLUMNS)
+        self.table.read_only = True
+        qt_table = self.table.native
+        qt_table.verticalHeader().setVisible(False)
+        qt_table.setSelectionBehavior(qt_table.SelectionBehavior.SelectRows)
+        self.show_all = PushButton(text="show all")
+        self.hide_all = PushButton(text="hide all")
+        self.remove_all = PushButton(text="remove overlays")
+        self.boxes_button = PushButton(text="boxes CSV...")
+        self.export_button = PushButton(text="Export to DICOM / send to PACS...")
+
+        def row(*widgets: Any) -> Container:
+            return Container(widgets=widgets, layout="horizontal", labels=False)
+
+        self.extend([
+            self.image, self.all_views, self.source, self.classifier_path, self.sae_path,
+            self.probe_path, self.trust, self.concept, self.variant, self.target, self.k,
+            self.ranking, self.device, self.stack, row(self.run_button, self.cancel_button),
+            self.probability, self.status, self.table,
+            row(self.show_all, self.hide_all, self.remove_all, self.boxes_button),
+            self.export_button,
+        ])  # fmt: skip
+        for w in (self.probability, self.status, self.table):
+            w.label = ""
+
+        self.run_button.changed.connect(self.run)
+        self.cancel_button.changed.connect(self.cancel)
+        self.source.changed.connect(self._source_changed)
+        qt_table.cellClicked.connect(self._row_clicked)
+        self.show_all.changed.connect(lambda: self._set_visible(True))
+        self.hide_all.changed.connect(lambda: self._set_visible(False))
+        self.remove_all.changed.connect(self.remove_overlays)
+        self.boxes_button.changed.connect(self._load_boxes_dialog)
+        self.export_button.changed.connect(self.export_analysis)
         self.session.neuron_changed.connect(self._show_neuron)
         self.session.verdicts_changed.connect(self._refresh_verdicts)
-        self.image.currentTextChanged.connect(self._image_changed)
+        self.image.changed.connect(self._image_changed)
+        # napari refreshes a docked widget's layer pickers itself; this also covers an undocked one
         napari_viewer.layers.events.inserted.connect(self._refresh_images)
         napari_viewer.layers.events.removed.connect(self._refresh_images)
         self._refresh_images()
         self._source_changed()
 
     # --- form helpers ---------------------------------------------------------------------------
-    def _browse(self, edit: QLineEdit, kind: str) -> None:
-        if kind == "probe":
-            path, _ = QFileDialog.getOpenFileName(self, "Probe file", "", "Probe (*.npz)")
-        else:
-            path = QFileDialog.getExistingDirectory(self, f"{kind} weights folder")
-            if not path:
-                path, _ = QFileDialog.getOpenFileName(
-                    self, f"{kind} file", "", "Checkpoints (*.pth *.pt *.tar)"
-                )
-        if path:
-            edit.setText(path)
-
-    def _source_changed(self) -> None:
-        custom = self.source.currentIndex() == 1
-        for w in (self.classifier_path, self.sae_path, self.probe_path, self.trust):
-            w.setEnabled(custom)
+    def _image_choices(self, _widget: Any = None) -> list[tuple[str, Any]]:
+        return [(lay.name, lay) for lay in mammogram_layers(self.viewer)]
 
     def _refresh_images(self, *_: Any) -> None:
-        current = self.image.currentText()
-        self.image.blockSignals(True)  # a refill is not the user choosing a view
-        self.image.clear()
-        names = [lay.name for lay in image_layers(self.viewer)]
-        self.image.addItems(names)
-        if current in names:
-            self.image.setCurrentText(current)
-        self.image.blockSignals(False)
+        with self.image.changed.blocked():  # a refill is not the user choosing a view
+            self.image.reset_choices()
+
+    @property
+    def image_name(self) -> str:
+        """The name of the chosen image layer ('' when none)."""
+        return self.image.value.name if self.image.value is not None else ""
+
+    def _source_changed(self, *_: Any) -> None:
+        custom = self.source.value is Source.files
+        for w in (self.classifier_path, self.sae_path, self.probe_path, self.trust):
+            w.enabled = custom
 
     def choice(self) -> ModelChoice:
         """The ModelChoice of the form (ConfigError when incomplete)."""
         from ...errors import ConfigError
 
-        concept = CONCEPTS[self.concept.currentText()]
-        device = self.device.currentText()
-        if self.source.currentIndex() == 0:
-            return bundled_choice(concept, self.variant.currentText(), device)
-        clf, sae = self.classifier_path.text().strip(), self.sae_path.text().strip()
-        if not clf or not sae:
+        concept = self.concept.value.name
+        device = self.device.value
+        if self.source.value is Source.bundled:
+            return bundled_choice(concept, self.variant.value.value, device)
+        clf, sae = weights_path(self.classifier_path.value), weights_path(self.sae_path.value)
+        if clf is None or sae is None:
             raise ConfigError("choose a classifier and an SAE (or use the bundled demo weights)")
-        probe = self.probe_path.text().strip()
-        save_settings(classifier_path=clf, sae_path=sae, probe_path=probe)
-        return ModelChoice(Path(clf), Path(sae), Path(probe) if probe else None,
-                           self.trust.isChecked(), device)  # fmt: skip
+        probe = weights_path(self.probe_path.value)
+        save_settings(classifier_path=str(clf), sae_path=str(sae),
+                      probe_path=str(probe) if probe else "")  # fmt: skip
+        return ModelChoice(clf, sae, probe, self.trust.value, device)
 
     def targets(self) -> list[tuple[str, Any, Any]]:
         """(layer name, record, placement) of the image(s) to analyse."""
-        layers = image_layers(self.viewer)
-        if not self.all_views.isChecked():
-            layers = [lay for lay in layers if lay.name == self.image.currentText()]
+        layers = mammogram_layers(self.viewer)
+        if not self.all_views.value:
+            layers = [lay for lay in layers if lay.name == self.image_name]
         return [(lay.name, lay.metadata["record"], lay.metadata["placement"]) for lay in layers]
 
     # --- running --------------------------------------------------------------------------------
-    def run(self) -> Any:
+    def run(self, *_: Any) -> Any:
         """Start the analysis in a worker thread; returns the worker (None when refused)."""
         from napari.qt.threading import create_worker
 
@@ -339,31 +296,31 @@ class NeuronExplorer(QWidget):
             self._fail(str(exc))
             return None
         s = self.session
-        s.concept = CONCEPTS[self.concept.currentText()]
-        s.variant = self.variant.currentText()
-        s.target_class = 1 if self.target.currentIndex() == 0 else 0
-        s.ranking = RANKINGS[self.ranking.currentText()]
+        s.concept, s.variant = self.concept.value.name, self.variant.value.value
+        s.target_class, s.ranking = int(self.target.value), self.ranking.value.name
         self.worker = create_worker(
             analyse_layers, targets, choice, ranking=s.ranking, target_class=s.target_class,
-            k=self.k.value(), shapes=annotation_shapes(self.viewer),
+            k=self.k.value, shapes=annotation_shapes(self.viewer),
             _progress={"desc": "Mammo-SAE analysis"},
         )  # fmt: skip
-        self.worker.yielded.connect(self.status.setText)
+        self.worker.yielded.connect(self._set_status)
         self.worker.returned.connect(self._done)
         self.worker.errored.connect(lambda exc: self._fail(str(exc)))
         self.worker.finished.connect(self._worker_finished)
-        self.run_button.setEnabled(False)
-        self.cancel_button.setEnabled(True)
-        self.status.setText("loading the model...")
+        self.run_button.enabled, self.cancel_button.enabled = False, True
+        self.status.value = "loading the model..."
         keep_alive(self.worker)
         self.worker.start()
         return self.worker
 
-    def cancel(self) -> None:
+    def _set_status(self, text: str) -> None:
+        self.status.value = text
+
+    def cancel(self, *_: Any) -> None:
         """Stop the running analysis after the current image."""
         if self.worker is not None:
             self.worker.quit()
-            self.status.setText("cancelled")
+            self.status.value = "cancelled"
 
     def _worker_finished(self) -> None:
         self.worker = None
@@ -374,12 +331,11 @@ class NeuronExplorer(QWidget):
         self.worker = None
         if self._pending:
             return
-        self.run_button.setEnabled(True)
-        self.cancel_button.setEnabled(False)
+        self.run_button.enabled, self.cancel_button.enabled = True, False
 
     def _fail(self, message: str) -> None:
         self.last_error = message
-        self.status.setText(f"error: {message}")
+        self.status.value = f"error: {message}"
         notify_error(message)
 
     def run_blocking(self, timeout_s: float = 600.0) -> str:
@@ -393,7 +349,7 @@ class NeuronExplorer(QWidget):
         while worker is not None and self.is_busy() and time.time() - t0 < timeout_s:
             QApplication.processEvents()
             time.sleep(0.02)
-        return self.probability.text() or self.status.text()
+        return self.probability.value or self.status.value
 
     def _done(self, value: tuple) -> None:
         models, results, used = value
@@ -404,18 +360,13 @@ class NeuronExplorer(QWidget):
         s.models, s.sae_hash, s.probe = models, models.sae_hash, models.probe
         s.probe_path = models.choice.probe
         if models.probe is not None:
-            s.class_scores = np.stack(
-                [
-                    models.probe.scores[used if used in models.probe.scores else "class_mean"][c]
-                    for c in (0, 1)
-                ]
-            )
+            key = used if used in models.probe.scores else "class_mean"
+            s.class_scores = np.stack([models.probe.scores[key][c] for c in (0, 1)])
         else:
             s.class_scores = None
         s.results.update(results)
         freeze_long_lived_objects()
-        first = next(iter(results))
-        s.current_layer = self.image.currentText() if self.image.currentText() in results else first
+        s.current_layer = self.image_name if self.image_name in results else next(iter(results))
         self._used = used
         self._pending = [*self._layer_steps(results), lambda: self._publish(used)]
         self._drain()
@@ -426,17 +377,16 @@ class NeuronExplorer(QWidget):
         if layer_name not in s.results or self.is_busy():
             return False
         s.current_layer = layer_name
-        if self.image.currentText() != layer_name:
-            self.image.blockSignals(True)
-            self.image.setCurrentText(layer_name)
-            self.image.blockSignals(False)
+        if self.image_name != layer_name and layer_name in self.viewer.layers:
+            with self.image.changed.blocked():
+                self.image.value = self.viewer.layers[layer_name]
         self._publish(self._used)
         return True
 
-    def _image_changed(self, name: str) -> None:
+    def _image_changed(self, layer: Any) -> None:
         """Choosing another view after an every-view run shows that view's analysis."""
-        if name != self.session.current_layer:
-            self.show_view(name)
+        if layer is not None and layer.name != self.session.current_layer:
+            self.show_view(layer.name)
 
     def _publish(self, used: str) -> None:
         """Last step of a run: texts, table, then tell the other widgets."""
@@ -448,16 +398,25 @@ class NeuronExplorer(QWidget):
             if used == s.ranking
             else f" (ranked by logit contribution: no probe for {s.ranking})"
         )
-        self.probability.setText(
-            f"P({s.concept}) = {a.probability:.3f}   SAE reconstruction: {a.reconstruction_probability:.3f}"
-        )
-        self.status.setText(
+        runtime = getattr(a, "runtime", None)
+        self.probability.value = f"P({s.concept}) = {a.probability:.3f}   SAE reconstruction: {a.reconstruction_probability:.3f}"
+        self.status.value = (
             f"{cur.layer_name}: top {len(cur.neurons)} of {a.n_neurons} neurons for class "
             f"{s.target_class}{note}; {a.timings.get('total', 0):.2f} s"
+            + (f" ({runtime} backbone)" if runtime else "")
         )
         self._fill_table(cur)
         s.analysis_changed.emit(s)
         s.set_neuron(int(cur.neurons[0]))
+
+    def export_analysis(self, *_: Any) -> None:
+        """The PACS dock's export dialog for this viewer's analysis (DICOM objects, PACS send)."""
+        try:
+            from .pacs import export_analysis_dialog
+        except ImportError:
+            notify_error("Export to DICOM / PACS is not available in this installation yet")
+            return
+        export_analysis_dialog(self.viewer)
 
     # --- layers ---------------------------------------------------------------------------------
     def _overlay_layers(self, image: str | None = None) -> list[Any]:
@@ -471,7 +430,7 @@ class NeuronExplorer(QWidget):
     def _layer_steps(self, results: dict[str, ImageResult]) -> list:
         """Small GUI-thread steps (one layer each) that bring the overlays up to date."""
         vmax = max(float(r.maps.max()) for r in results.values()) or 1.0
-        stack = self.stack.isChecked()
+        stack = self.stack.value
         steps: list = []
         for name, res in results.items():
             a = res.analysis
@@ -590,11 +549,7 @@ class NeuronExplorer(QWidget):
             # napari refreshes a layer on every visibility set, changed or not
             if meta.get("kind") == "neuron" and lay.visible != want:
                 lay.visible = want
-        cur = self.session.current
-        if cur is not None and neuron in list(cur.neurons):
-            row = list(cur.neurons).index(neuron)
-            if self.table.currentRow() != row:
-                self.table.selectRow(row)
+        self._select_row(neuron)
 
     # --- table ----------------------------------------------------------------------------------
     def _verdicts(self, neurons: list[int]) -> list[str]:
@@ -611,62 +566,54 @@ class NeuronExplorer(QWidget):
 
     def _fill_table(self, res: ImageResult) -> None:
         a = res.analysis
-        self.table.setRowCount(len(res.neurons))
         verdicts = self._verdicts([int(n) for n in res.neurons])
-        for row, (n, score, m) in enumerate(zip(res.neurons, res.scores, res.maps, strict=True)):
+        rows = []
+        for rank, (n, score, m) in enumerate(zip(res.neurons, res.scores, res.maps, strict=True)):
             iou = res.box_iou.get(int(n), float("nan"))
-            values = [
-                row + 1, int(n), f"{score:.4g}", f"{a.logit_contributions[int(n)]:+.3f}", f"{m.max():.3f}",
-                "-" if np.isnan(iou) else f"{iou:.2f}", verdicts[row],
-            ]  # fmt: skip
-            for col, v in enumerate(values):
-                item = QTableWidgetItem(str(v))
-                item.setTextAlignment(Qt.AlignCenter)
-                self.table.setItem(row, col, item)
-        self.table.resizeColumnsToContents()
+            rows.append([
+                rank + 1, int(n), f"{score:.4g}", f"{a.logit_contributions[int(n)]:+.3f}",
+                f"{m.max():.3f}", "-" if np.isnan(iou) else f"{iou:.2f}", verdicts[rank],
+            ])  # fmt: skip
+        self.table.value = {"data": rows, "index": list(range(len(rows))), "columns": COLUMNS}
+        self.table.native.resizeColumnsToContents()
 
     def _refresh_verdicts(self) -> None:
         cur = self.session.current
-        if cur is None:
-            return
-        for row, v in enumerate(self._verdicts([int(n) for n in cur.neurons])):
-            self.table.setItem(row, len(COLUMNS) - 1, QTableWidgetItem(v))
+        if cur is not None and self.table.shape[0] == len(cur.neurons):
+            for row, v in enumerate(self._verdicts([int(n) for n in cur.neurons])):
+                self.table.data[row, len(COLUMNS) - 1] = v
 
-    def _row_clicked(self, row: int, _col: int) -> None:
+    def _row_clicked(self, row: int, _col: int = 0) -> None:
         cur = self.session.current
         if cur is not None and row < len(cur.neurons):
             self.session.set_neuron(int(cur.neurons[row]))
 
+    def _select_row(self, neuron: int) -> None:
+        cur = self.session.current
+        if cur is not None and neuron in list(cur.neurons):
+            row = list(cur.neurons).index(neuron)
+            if self.table.native.currentRow() != row:
+                self.table.native.selectRow(row)
+
     # --- annotation boxes -----------------------------------------------------------------------
-    def _load_boxes_dialog(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Annotation boxes", "", "CSV (*.csv)")
+    def _load_boxes_dialog(self, *_: Any) -> None:
+        from qtpy.QtWidgets import QFileDialog
+
+        path, _ = QFileDialog.getOpenFileName(self.native, "Annotation boxes", "", "CSV (*.csv)")
         if path:
             self.load_boxes(path)
 
     def load_boxes(self, path: str | Path) -> int:
         """Add a Shapes layer of the boxes in a VinDr-format or generic CSV; returns boxes shown."""
-        from ...annotations import load_box_csv, load_vindr
         from ...errors import MammoSAEError
 
         try:
-            header = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()[0]
-            by_key: dict[str, list[tuple[tuple[float, ...], str]]] = {}
-            if "finding_categories" in header:
-                for image_id, im in load_vindr(path).images.items():
-                    for f in im.findings:
-                        if f.box is not None:
-                            by_key.setdefault(str(image_id), []).append((f.box, f.category))
-            else:
-                for b in load_box_csv(path):
-                    key = str(
-                        getattr(b, "sop_instance_uid", "") or Path(str(getattr(b, "path", ""))).stem
-                    )
-                    by_key.setdefault(key, []).append((tuple(b.box), str(getattr(b, "label", ""))))
-        except (MammoSAEError, OSError, IndexError) as exc:
+            by_key = L.boxes_by_image(path)
+        except (MammoSAEError, OSError) as exc:
             self._fail(f"cannot read boxes from {Path(path).name}: {exc}")
             return 0
         shapes, cats = [], []
-        for lay in image_layers(self.viewer):
+        for lay in mammogram_layers(self.viewer):
             rec, placement = lay.metadata["record"], lay.metadata["placement"]
             for key in (rec.sop_instance_uid, Path(rec.source).stem):
                 for box, cat in by_key.get(key, []):
