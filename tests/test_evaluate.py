@@ -317,3 +317,50 @@ def test_evaluate_errors(setup, fake_sae, tmp_path):
     folders.load_sae = lambda folder: probe_sae  # undone by the fake_sae fixture's monkeypatch
     assert main([*args, *store, *heads]) == ConfigError.exit_code
     assert Path(setup / "store.h5").exists()
+
+
+def test_table2_values_equal_an_independent_recomputation(setup, fake_sae, tmp_path):
+    """Table 2 by value: its neurons and both APs, recomputed from the store, the SAE and the boxes."""
+    from napari_mammo_sae.analysis import localisation as loc
+    from napari_mammo_sae.annotations import load_vindr
+
+    out = tmp_path / "report"
+    rc = main(["evaluate", "--store", str(setup / "store.h5"), "--sae", str(setup / "sae"),
+               "--heads", str(setup / "head"), "--data", str(setup / "data"), "--out", str(out),
+               "--bootstrap", "0", "--k", "0"])  # fmt: skip
+    assert rc == 0
+    (t2,) = json.loads((out / "results.json").read_text())["table2"]
+    view = probe.open_view(setup / "store.h5")
+    ann = load_vindr(setup / "data").images
+    ids = [str(i) for i in view.index.image_id]
+    split = {i: ann[i].split for i in ids}
+    latents = {}  # image id -> (positions, m) latents of the fake SAE
+    for row, image_id in enumerate(ids):
+        fmap = torch.from_numpy(np.asarray(view.feature_map(row), dtype=np.float32))
+        with torch.no_grad():
+            latents[image_id] = (fake_sae.encode(fmap.reshape(fmap.shape[0], -1).T).numpy(), row)
+    # the paper's ranking: mean pooled latent over the training images with a calcification
+    positives = [i for i in ids if split[i] == "training" and ann[i].has("calcification")]
+    mean_pos = np.mean([latents[i][0].mean(0) for i in positives], axis=0)
+    top = np.argsort(-mean_pos, kind="stable")[:10].tolist()
+    assert t2["neurons"] == top
+    # AP@0.25 of each neuron's heatmap boxes, on the test images with a finding / on all of them
+    test_ids = [i for i in ids if split[i] == "test"]
+    gt = {i: ann[i].boxes("calcification") for i in test_ids}
+    with_box = [i for i in test_ids if gt[i]]
+    assert len(test_ids) == 4 and len(with_box) == 1
+    want_paper, want_whole = [], []
+    for n in top:
+        pred = {}
+        for i in test_ids:
+            z, row = latents[i]
+            grid = np.asarray(view.feature_map(row)).shape[1:]
+            pred[i] = loc.heatmap_boxes(z[:, n].reshape(grid), view.geometry(row))
+        want_paper.append(loc.average_precision({i: pred[i] for i in with_box},
+                                                {i: gt[i] for i in with_box}, 0.25))  # fmt: skip
+        want_whole.append(loc.average_precision(pred, gt, 0.25))
+    # this fixture discriminates: one neuron finds the box, and false positives on the three
+    # images without a finding lower its whole-split AP
+    assert max(want_paper) > 0 and want_whole != want_paper
+    assert t2["ap_finding_images"] == pytest.approx(want_paper, nan_ok=True)
+    assert t2["ap_whole_split"] == pytest.approx(want_whole, nan_ok=True)
