@@ -44,9 +44,7 @@ class TrainConfig:
     auxk_coefficient: float = 1 / 32
     dead_tokens: int = 1_000_000  # a latent silent this many tokens counts as dead
     sparse_threshold: float = 0.4  # active-latent fraction above which the dense path runs
-    pair_threshold: float = (
-        0.01  # active (token, latent) pair fraction up to which the sparse step runs
-    )
+    pair_threshold: float = 0.03  # active (token, latent) pair fraction: sparse step up to this
     checkpoint_every: int = 1000
     log_every: int = 10
     device: str = "auto"

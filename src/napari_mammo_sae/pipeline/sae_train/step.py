@@ -19,19 +19,38 @@ follows the measured density of the batch:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 PATHS = ("dense", "gathered", "sparse")
 
 
+# The sparse step's cost beyond the pre-activation, in units of one dense (B x d) @ (d x m) matmul,
+# measured at the paper's size on the 2-core development CPU (benchmarks/bench_sae_train.py): a
+# fixed part (listing the pairs, the decoder's transposed copy, the gradient's transpose) and a
+# part per active-pair fraction. The dense step's extra cost is 4 such matmuls (4 x the active
+# fraction when gathered).
+SPARSE_FIXED_COST = 0.35
+SPARSE_PAIR_COST = 113.0
+
+
 def choose_path(
     active_fraction: float, pair_fraction: float, *, sparse_threshold: float, pair_threshold: float
 ) -> str:
-    """Which ReLU step runs for a batch with these measured densities (see the module docstring)."""
+    """Which ReLU step runs for a batch with these measured densities (see the module docstring).
+
+    ``active_fraction``: latents active somewhere in the batch; ``pair_fraction``: active
+    (token, latent) pairs of all B x m. Sparse when the pairs are few (at most ``pair_threshold``)
+    and its estimated cost beats the column paths; otherwise gathered when at most
+    ``sparse_threshold`` of the latents are active, else dense.
+    """
+    gathered = active_fraction <= sparse_threshold
     if pair_fraction <= pair_threshold:
-        return "sparse"
-    return "dense" if active_fraction > sparse_threshold else "gathered"
+        sparse_cost = SPARSE_FIXED_COST + SPARSE_PAIR_COST * pair_fraction
+        if sparse_cost < (4.0 * active_fraction if gathered else 4.0):
+            return "sparse"
+    return "gathered" if gathered else "dense"
 
 
 def relu_grads(
@@ -167,20 +186,22 @@ def _sparse_step(sae: Any, x: Any, xc: Any, pre: Any, mask: Any, *, n_total: int
     # the latent gradient at the pairs: dxh[t] . W_dec[:, j] + lam / n_total
     crow = torch.zeros(B + 1, dtype=rows.dtype)
     crow[1:] = tok_counts.cumsum(0)
-    pattern = torch.sparse_csr_tensor(crow, cols, vals, (B, m))
-    gz = torch.sparse.sampled_addmm(pattern, dxh, WdT.t(), beta=0.0).values()
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the op is tested here
+        warnings.simplefilter("ignore", UserWarning)
+        pattern = torch.sparse_csr_tensor(crow, cols, vals, (B, m))
+        gz = torch.sparse.sampled_addmm(pattern, dxh, WdT.t(), beta=0.0).values()
     gz.add_(lam / n_total)
     # latent-major order: the tokens of each latent, for the two weight gradients
-    order = torch.argsort(cols, stable=True)
+    order = torch.sort(cols.int(), stable=True).indices  # int32 keys: a radix sort, ~15x faster
     by_lat = rows.index_select(0, order)
     lat_counts = torch.bincount(cols, minlength=m)
     lat_off = _offsets(lat_counts)
     g_decT = embedding_bag(
         by_lat, dxh, lat_off, mode="sum", per_sample_weights=vals.index_select(0, order)
     )  # (m, d): row j = sum_t z[t, j] dxh[t]
-    g_decT.sub_(
-        (g_decT * WdT).sum(1, keepdim=True) * (WdT / WdT.norm(dim=1, keepdim=True).clamp_min(1e-12))
-    )
+    # projection (as _project): g_j -= (g_j . w_j) w_j / |w_j|, one fused pass
+    dots = torch.bmm(g_decT.unsqueeze(1), WdT.unsqueeze(2)).reshape(m, 1)
+    g_decT.addcmul_(WdT, dots / WdT.norm(dim=1, keepdim=True).clamp_min(1e-12), value=-1.0)
     g_enc = embedding_bag(
         by_lat, xc, lat_off, mode="sum", per_sample_weights=gz.index_select(0, order)
     )  # (m, d): row j = sum_t gz[t, j] xc[t]
