@@ -308,3 +308,34 @@ def test_analyzer_rejects_half_precision_on_cpu(analyser_parts):
     for dtype in ("float16", "bfloat16"):
         with pytest.raises(ConfigError, match="GPU"):
             Analyzer(clf, sae, size=(192, 128), device="cpu", dtype=dtype)
+
+
+# --- the pipeline ------------------------------------------------------------------------------------
+def test_extract_runtime_option_stores_the_same_maps(tmp_path, monkeypatch, capsys):
+    from napari_mammo_sae.cli import main
+    from napari_mammo_sae.pipeline.head_training import build_classifier, save_model
+    from napari_mammo_sae.pipeline.probe import open_view
+    from test_extract import write_vindr_dataset
+
+    monkeypatch.setenv(rt.ENV_CACHE, str(tmp_path / "cache"))
+    write_vindr_dataset(tmp_path / "data", studies=1)
+    torch.manual_seed(0)
+    weights = tmp_path / "clf"
+    config = {"kind": "classifier", "backbone": "test_efficientnet", "input_size": [128, 80]}
+    save_model(weights, build_classifier("test_efficientnet"), config)
+
+    def extract(out, *extra):
+        argv = ["extract", "--data", str(tmp_path / "data"), "--weights", str(weights), "--out",
+                str(tmp_path / out), "--workers", "0", "--device", "cpu", "--dtype", "fp32", *extra]  # fmt: skip
+        return main(argv), capsys.readouterr().out
+
+    code, text = extract("onnx.h5", "--runtime", "onnx")
+    assert code == 0 and "backbone runtime onnx" in text
+    code, text = extract("torch.h5", "--runtime", "torch")
+    assert code == 0 and "backbone runtime torch" in text
+    a, b = open_view(tmp_path / "onnx.h5"), open_view(tmp_path / "torch.h5")
+    assert list(a.index.image_id) == list(b.index.image_id) and len(a.index.image_id) == 4
+    for row in range(4):
+        fa, fb = torch.as_tensor(a.feature_map(row)), torch.as_tensor(b.feature_map(row))
+        assert _rel(fa, fb) <= 1e-4
+    assert extract("bf16.h5", "--amp", "bf16")[0] == 2  # autocast is for GPUs: ConfigError

@@ -9,6 +9,9 @@ to the DICOM pixels.
 
 - Decoding and preprocessing run in DataLoader worker processes (``--workers``) while the model
   computes, so the backbone is the bottleneck.
+- The backbone runs through a runtime (``--runtime``, models/runtime.py): ``auto`` is ONNX Runtime
+  on a CPU (export cached per weights and size) and PyTorch on a GPU, there with pinned memory,
+  non-blocking copies, channels_last and optional autocast (``--amp bf16|fp16``).
 - Resumable: images already in the store are skipped. Atomic: the store only reads as complete
   once every selected image is stored (the store's completion flag is set last).
 - Under ``torchrun`` (``RANK``/``WORLD_SIZE`` set) rank r extracts images i with i % world == r into
@@ -73,6 +76,7 @@ class ExtractResult:
     #: (images, seconds) of the run after its first batch: the steady state, without the loader
     #: workers' start-up and the first decode that nothing can overlap
     steady: tuple[int, float] = (0, 0.0)
+    runtime: str = ""  # the backbone runtime that ran: "onnx" or "torch"
 
     @property
     def images_per_second(self) -> float:
@@ -115,11 +119,14 @@ def extract_features(
     progress: Any = None,
     stop_after: int | None = None,
     on_batch: Callable[[int], None] | None = None,
+    runtime: str | None = "auto",
+    amp: str = "float32",
 ) -> ExtractResult:
     """Extract feature maps of a dataset into a store (resumable, atomic); returns what it did.
 
     ``stop_after`` stores at most that many images and leaves the store incomplete (tests and
-    interrupted runs look the same).
+    interrupted runs look the same). ``runtime`` (auto | torch | onnx) runs the backbone;
+    ``amp`` (float32 | bfloat16 | float16) is the autocast dtype of the torch runtime on a GPU.
     """
     import torch
 
@@ -145,9 +152,19 @@ def extract_features(
         "feature_dtype": dtype,
         "weights_source": str(config.get("source") or config.get("name") or ""),
     }
+    from ..models.runtime import create_runtime
+
+    if amp != "float32" and not device.startswith("cuda"):
+        raise ConfigError(f"--amp {amp} is for GPUs (very slow on CPUs): use float32")
+    backbone = getattr(model, "backbone", model)
+    backbone = backbone if isinstance(backbone, torch.nn.Module) else model
+    run_backbone = create_runtime(
+        backbone, runtime, size=size, device=device, dtype=amp, progress=progress
+    )
+    if progress is not None:
+        progress.set_description(f"extract ({run_backbone.name})")
     # feature shape from one dry forward (cheap, and it checks the model runs at this size)
-    with torch.inference_mode():
-        probe = model.forward_features(torch.zeros(1, 3, *size, device=device))
+    probe = run_backbone(torch.zeros(1, 3, *size))
     c, h, w = (int(v) for v in probe.shape[1:])
     signature = attrs.pop("backbone_signature")
     store = feature_store.create(
@@ -179,9 +196,8 @@ def extract_features(
             if batch is None:
                 continue
             idx, images, geoms, uids = batch
-            with torch.inference_mode():
-                feats = model.forward_features(images.to(device, non_blocking=True))
-                feats = feats.to(torch_dtype).cpu().numpy()
+            feats = run_backbone(images)  # pinned batches go to a GPU without blocking
+            feats = feats.to(torch_dtype).cpu().numpy()
             rows = []
             for k, i in enumerate(idx):
                 it = todo[i]
@@ -219,7 +235,9 @@ def extract_features(
         store.close(complete=False)
         raise
     store.close(complete=complete, n_unreadable=len(unreadable))
-    result = ExtractResult(path, stored, skipped, unreadable, seconds, complete, steady)
+    result = ExtractResult(
+        path, stored, skipped, unreadable, seconds, complete, steady, run_backbone.name
+    )
     if world > 1 and complete:
         join_shards(out, [shard_path(out, r, world) for r in range(world)])
     return result
@@ -255,6 +273,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", default="auto", help="torch device: auto, cpu, cuda, cuda:1 ..."
     )
+    parser.add_argument(
+        "--runtime", default="auto", choices=("auto", "torch", "onnx"),
+        help="what runs the backbone: auto = ONNX Runtime on a CPU, PyTorch on a GPU",
+    )  # fmt: skip
+    parser.add_argument(
+        "--amp", default="fp32", choices=("fp32", "bf16", "fp16"),
+        help="GPU autocast dtype of the backbone (torch runtime); fp32 on CPUs",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -286,11 +312,14 @@ def run(args: argparse.Namespace) -> int:
             rank=rank,
             world=world,
             progress=progress,
+            runtime=args.runtime,
+            amp={"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[args.amp],
         )
     finally:
         progress.close()
     msg = (
-        f"{result.path}: {result.stored} images stored ({result.images_per_second:.2f}/s), "
+        f"{result.path}: {result.stored} images stored ({result.images_per_second:.2f}/s, "
+        f"backbone runtime {result.runtime}), "
         f"{result.skipped_existing} already there"
     )
     if result.unreadable:

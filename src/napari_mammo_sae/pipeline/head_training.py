@@ -50,6 +50,7 @@ class HeadConfig:
     limit: int | None = None
     device: str = "cpu"
     patch_size: int = 128  # the lesion task's crops, model-input pixels
+    runtime: str = "auto"  # what runs the backbone for inference passes (models/runtime.py)
 
     def learning_rate(self) -> float:
         """The given lr, else 1e-3 for a linear probe and 5e-5 for fine-tuning."""

@@ -16,6 +16,10 @@ vs A/B = 0) and ``lesion`` (a patch classifier, crops on the finding boxes versu
 ``lesion_pretext.py``). Loss: BCE with pos_weight = negatives / positives of the training split (Mammo-CLIP).
 Optional training augmentation (``--augment``): Mammo-CLIP's flips, affine and elastic (SPEC 2).
 
+Inference passes (the frozen backbone's features, the final train/test scores) run the backbone
+through ``--runtime`` (models/runtime.py: ``auto`` = ONNX Runtime on a CPU, PyTorch on a GPU; a
+fine-tuned backbone is exported once, at scoring). Training itself always runs in PyTorch.
+
 Checkpoints (``checkpoint.pt`` in the output folder, loadable with ``weights_only=True``) are
 written after every epoch and when SIGINT/SIGTERM arrives; ``--resume`` continues from one. The
 result is a weights folder (``save_weights``) whose config records the task, concept, variant,
@@ -134,21 +138,33 @@ def _collate(batch):
 
 
 # --- training ----------------------------------------------------------------------------------
-def _scores(model: Any, dataset: Any, device: str, batch_size: int, workers: int) -> np.ndarray:
+def _backbone_runtime(model: Any, cfg: HeadConfig, device: str, progress: Any = None) -> Any:
+    """What runs the (eval-mode) backbone for inference passes: ``cfg.runtime`` on ``device``."""
+    from ..models.runtime import create_runtime
+
+    model.eval()
+    return create_runtime(
+        model.backbone, cfg.runtime, size=cfg.input_size, device=device, progress=progress
+    )
+
+
+def _scores(model: Any, dataset: Any, runtime: Any, batch_size: int, workers: int) -> np.ndarray:
     import torch
 
     out = np.full(len(dataset), np.nan, dtype=np.float64)
+    device = next(model.parameters()).device
     model.eval()
     for batch in make_loader(dataset, batch_size=batch_size, workers=workers):
         if batch is None:
             continue
         idx, images, _, _ = batch
         with torch.inference_mode():
-            out[idx] = model(images.to(device)).reshape(-1).float().cpu().numpy()
+            logits = model.forward_head(runtime(images).to(device))
+            out[idx] = logits.reshape(-1).float().cpu().numpy()
     return out
 
 
-def _pooled(model: Any, dataset: Any, device: str, batch_size: int, workers: int, progress) -> Any:
+def _pooled(model: Any, dataset: Any, runtime: Any, batch_size: int, workers: int, progress) -> Any:
     """Pooled backbone features (N, C) of a dataset, frozen backbone in eval mode."""
     import torch
 
@@ -159,7 +175,7 @@ def _pooled(model: Any, dataset: Any, device: str, batch_size: int, workers: int
             continue
         idx, images, _, _ = batch
         with torch.inference_mode():
-            f = model.forward_features(images.to(device)).float().mean(dim=(-2, -1)).cpu()
+            f = runtime(images).float().mean(dim=(-2, -1)).cpu()
         if feats is None:
             feats = torch.full((len(dataset), f.shape[1]), float("nan"))
         feats[idx] = f
@@ -215,9 +231,9 @@ def train_head(
     if cached:
         if progress is not None:
             progress.set_description("backbone features")
-        pooled = _pooled(model, base_train, device, cfg.batch_size, cfg.workers, progress).to(
-            device
-        )
+        runtime = _backbone_runtime(model, cfg, device, progress)
+        pooled = _pooled(model, base_train, runtime, cfg.batch_size, cfg.workers, progress)
+        pooled = pooled.to(device)
 
     def checkpoint(epoch: int, step: int) -> None:
         save_state(out, cfg, model, optimizer, epoch, step, history)
@@ -268,14 +284,14 @@ def train_head(
 
     if progress is not None:
         progress.set_description("scoring")
-    model.eval()
+    runtime = _backbone_runtime(model, cfg, device, progress)
     if cached:
         with torch.inference_mode():
             s_train = head(pooled).reshape(-1).float().cpu().numpy()
     else:
-        s_train = _scores(model, base_train, device, cfg.batch_size, cfg.workers)
+        s_train = _scores(model, base_train, runtime, cfg.batch_size, cfg.workers)
     s_test = (
-        _scores(model, base_test, device, cfg.batch_size, cfg.workers)
+        _scores(model, base_test, runtime, cfg.batch_size, cfg.workers)
         if test_items
         else np.zeros(0)
     )
@@ -333,6 +349,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, help="at most this many images per split")
     parser.add_argument("--device", default="auto")
     parser.add_argument(
+        "--runtime", default="auto", choices=("auto", "torch", "onnx"),
+        help="what runs the backbone for inference passes: auto = ONNX Runtime on a CPU",
+    )  # fmt: skip
+    parser.add_argument(
         "--resume", action="store_true", help="continue from the checkpoint in --out"
     )
 
@@ -361,6 +381,7 @@ def run(args: argparse.Namespace) -> int:
         limit=args.limit,
         device=args.device,
         patch_size=args.patch_size,
+        runtime=args.runtime,
     )
     progress = TqdmProgress(desc="train-head")
     try:
