@@ -206,3 +206,18 @@ def test_unknown_hooks_and_backbones_without_them_are_refused(tiny):
     assert resolve_hook(tiny, None).name == "head"
     with pytest.raises(ConfigError, match="no hook points"):
         resolve_hook(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)), "stage3")
+
+
+def test_hooked_backbone_runs_like_a_backbone(tiny):
+    from napari_mammo_sae.models.backbone import HookedBackbone, at_hook, features_at
+
+    hooked = at_hook(tiny, "stage2")
+    assert isinstance(hooked, HookedBackbone) and at_hook(tiny, "head") is tiny.backbone
+    assert feature_dim(hooked) == 32 and hooked.backbone_name == "test_efficientnet"
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        acts = hooked.forward_features(x)
+        torch.testing.assert_close(acts, features_at(tiny, x, "stage2"))
+        torch.testing.assert_close(hooked.rest(acts), tiny.forward_features(x))
+    # the repr (what an export cache keys its graph by) tells the hooks apart
+    assert "hook=stage2" in repr(hooked) and repr(hooked) != repr(at_hook(tiny, "stage3"))

@@ -84,6 +84,8 @@ def backbone_name(model: nn.Module) -> str:
 
 def feature_dim(model: nn.Module) -> int:
     """Channels C of the backbone's feature map (``forward_features``)."""
+    if isinstance(model, HookedBackbone):
+        return model.point.channels
     model = getattr(model, "backbone", model)
     n = getattr(model, "num_features", None)
     if isinstance(n, int) and n > 0:
@@ -310,3 +312,38 @@ def hook_grid(
             if isinstance(m, nn.Conv2d) and tuple(m.stride) != (1, 1):
                 h, w = math.ceil(h / m.stride[0]), math.ceil(w / m.stride[1])
     return h, w
+
+
+class HookedBackbone(nn.Module):
+    """A backbone whose ``forward_features`` stops at a hook point, so whatever runs backbones
+    (``models.runtime``: PyTorch or an ONNX export) runs it unchanged; ``rest`` re-runs the layers
+    after the hook. Its repr names the hook, so cached exports of different hooks never mix."""
+
+    def __init__(self, backbone: nn.Module, hook: str) -> None:
+        super().__init__()
+        self.backbone = getattr(backbone, "backbone", backbone)
+        self.point = resolve_hook(self.backbone, hook)
+        self.backbone_name = backbone_name(self.backbone)
+        self.num_features = self.point.channels
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Activations (N, C, h, w) at the hook point."""
+        return features_at(self.backbone, x, self.point)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Same as :meth:`forward_features` (what an export traces)."""
+        return self.forward_features(x)
+
+    def rest(self, activations: torch.Tensor) -> torch.Tensor:
+        """The head feature map from (edited) activations at the hook point."""
+        return rest_of_backbone(self.backbone, activations, self.point)
+
+    def extra_repr(self) -> str:
+        return f"hook={self.point.name}, stride={self.point.stride}"
+
+
+def at_hook(backbone: nn.Module, hook: str | None) -> nn.Module:
+    """The backbone itself for ``head`` (None), else a :class:`HookedBackbone` stopping at ``hook``."""
+    if hook in (None, "", HEAD):
+        return getattr(backbone, "backbone", backbone)
+    return HookedBackbone(backbone, hook)
