@@ -192,3 +192,28 @@ def test_lesion_pretext_trains_resumes_exactly_and_initialises_a_concept_head(da
         train_head(_cfg(data, **lesion, variant="pretrained"), tmp_path / "x")
     with pytest.raises(ConfigError, match="--patch-size"):
         train_head(_cfg(data, **{**lesion, "patch_size": 500}), tmp_path / "y")
+
+
+def test_signal_stop_turns_sigterm_into_a_flag_and_restores_the_handler():
+    import threading
+
+    from napari_mammo_sae.pipeline.signals import SignalStop
+
+    before = signal.getsignal(signal.SIGTERM)
+    with SignalStop() as stop:
+        assert not stop.requested and stop.signum is None
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested and stop.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before
+    # outside the main thread no handler can be installed: the context changes nothing
+    seen = {}
+
+    def worker():
+        with SignalStop() as s:
+            seen["requested"] = s.requested
+        seen["handler"] = signal.getsignal(signal.SIGTERM)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert seen == {"requested": False, "handler": before}
