@@ -1,7 +1,8 @@
 """`extract` images/s versus the bare backbone forward rate, same machine, model and input size.
 
-The bare rate is ``model.forward_features`` on a ready tensor (no DICOM decode, no preprocessing,
-no store writes); ``extract`` does all of those, with decoding/preprocessing in DataLoader workers.
+The bare rate is the backbone run by the same runtime as ``extract`` (``--runtime``, default auto:
+ONNX Runtime on a CPU) on a ready tensor (no DICOM decode, no preprocessing, no store writes);
+``extract`` does all of those, with decoding/preprocessing in DataLoader workers.
 Target: extract >= 0.9 x bare.
 
 Usage::
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--runtime", default="auto", choices=("auto", "torch", "onnx"))
     args = ap.parse_args(argv)
 
     import torch
@@ -58,15 +60,17 @@ def main(argv: list[str] | None = None) -> int:
             print("phantom generation failed", file=sys.stderr)
             return 1
 
+        from napari_mammo_sae.models.runtime import create_runtime
+
+        forward = create_runtime(model.backbone, args.runtime, size=size, device="cpu")
         x = torch.randn(args.batch_size, 3, *size)
-        with torch.inference_mode():
-            model.forward_features(x)  # warm-up
-            t0 = time.perf_counter()
-            n = 0
-            while n < args.images:
-                model.forward_features(x)
-                n += args.batch_size
-            bare = n / (time.perf_counter() - t0)
+        forward(x)  # warm-up
+        t0 = time.perf_counter()
+        n = 0
+        while n < args.images:
+            forward(x)
+            n += args.batch_size
+        bare = n / (time.perf_counter() - t0)
 
         result = extract_features(
             data,
@@ -77,12 +81,13 @@ def main(argv: list[str] | None = None) -> int:
             input_size=size,
             batch_size=args.batch_size,
             device="cpu",
+            runtime=args.runtime,
         )
         rate = result.images_per_second
         steady = result.steady_images_per_second
     print(f"backbone {args.backbone}, input {size[0]}x{size[1]}, batch {args.batch_size}, "
           f"torch threads {args.threads}, loader workers {args.workers}, {args.images} images")  # fmt: skip
-    print(f"bare forward_features: {bare:.3f} images/s")
+    print(f"bare forward_features ({forward.name} runtime): {bare:.3f} images/s")
     print(f"extract (decode + preprocess + forward + fp16 store): {rate:.3f} images/s")
     print(f"ratio extract / bare: {rate / bare:.3f} (target >= 0.9)")
     print(f"after the first batch (loader start-up excluded): {steady:.3f} images/s, "
