@@ -121,12 +121,15 @@ def extract_features(
     on_batch: Callable[[int], None] | None = None,
     runtime: str | None = "auto",
     amp: str = "float32",
+    hook: str | None = None,
 ) -> ExtractResult:
     """Extract feature maps of a dataset into a store (resumable, atomic); returns what it did.
 
     ``stop_after`` stores at most that many images and leaves the store incomplete (tests and
     interrupted runs look the same). ``runtime`` (auto | torch | onnx) runs the backbone;
     ``amp`` (float32 | bfloat16 | float16) is the autocast dtype of the torch runtime on a GPU.
+    ``hook`` is the backbone layer whose activations are stored (``models.backbone`` hook points:
+    head (default, ``forward_features``), stageN, blocks.i, blocks.i.j); the store records it.
     """
     import torch
 
@@ -158,6 +161,10 @@ def extract_features(
         raise ConfigError(f"--amp {amp} is for GPUs (very slow on CPUs): use float32")
     backbone = getattr(model, "backbone", model)
     backbone = backbone if isinstance(backbone, torch.nn.Module) else model
+    from ..models.backbone import at_hook, resolve_hook
+
+    attrs["hook"] = resolve_hook(backbone, hook).name if hook not in (None, "", "head") else "head"
+    backbone = at_hook(backbone, attrs["hook"])
     run_backbone = create_runtime(
         backbone, runtime, size=size, device=device, dtype=amp, progress=progress
     )
@@ -281,6 +288,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--amp", default="fp32", choices=("fp32", "bf16", "fp16"),
         help="GPU autocast dtype of the backbone (torch runtime); fp32 on CPUs",
     )  # fmt: skip
+    parser.add_argument(
+        "--hook", default="head",
+        help="backbone layer to store: head (the last layer, default), stageN (timm feature stage "
+        "N, e.g. stage3 = stride 16), blocks.i or blocks.i.j",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -314,6 +326,7 @@ def run(args: argparse.Namespace) -> int:
             progress=progress,
             runtime=args.runtime,
             amp={"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[args.amp],
+            hook=args.hook,
         )
     finally:
         progress.close()
