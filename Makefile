@@ -49,7 +49,9 @@ screenshots: system-deps venv
 	xvfb-run -a -s "-screen 0 1920x1200x24" $(PY) scripts/screenshot_hanging.py
 	xvfb-run -a -s "-screen 0 1920x1200x24" $(PY) scripts/screenshots.py
 
-benchmarks: venv
+# Every benchmark as BENCHMARKS.md records it (the GUI one under xvfb-run; the SAE one against the
+# paper's library where its side environment exists); `$(PY) benchmarks/run_all.py --dry-run` lists them.
+benchmarks: system-deps venv
 	$(PY) benchmarks/run_all.py
 
 # Trains the bundled demo weights from scratch (about 40 minutes on 2 CPU cores) and regenerates
