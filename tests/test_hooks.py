@@ -66,3 +66,47 @@ def test_unknown_hook_exits_2_and_writes_nothing(setup, tmp_path, capsys):
     assert _extract(setup, tmp_path / "x.h5", "--hook", "stage9") == 2
     assert "unknown hook point 'stage9'" in capsys.readouterr().err
     assert not (tmp_path / "x.h5").exists()
+
+
+def test_shortcuts_command_reports_every_cue_at_every_layer(tmp_path):
+    """phantom with cues -> extract at head and stage3 -> an SAE per layer -> `shortcuts`: one
+    row per cue and layer, the layer read from the store, the same k everywhere."""
+    import csv
+
+    from napari_mammo_sae.models.sae import SparseAutoencoder
+    from napari_mammo_sae.models.weights import save_weights
+    from napari_mammo_sae.pipeline.head_training import build_classifier, save_model
+
+    data = tmp_path / "data"
+    assert main(["phantom", "--out", str(data), "--studies", "3", "--seed", "5", "--size",
+                 "small", "--workers", "1", "--quiet", "--balanced", "--cue", "clip:1,0,0.5",
+                 "--cue", "site"]) == 0  # fmt: skip
+    torch.manual_seed(0)
+    weights = tmp_path / "clf"
+    config = {"kind": "classifier", "backbone": "test_efficientnet", "input_size": [128, 80],
+              "concept": "calcification"}  # fmt: skip
+    save_model(weights, build_classifier("test_efficientnet"), config)
+    runs = []
+    for hook, channels in (("head", 256), ("stage3", 48)):
+        store = tmp_path / f"{hook}.h5"
+        assert main(["extract", "--data", str(data), "--weights", str(weights), "--out",
+                     str(store), "--workers", "0", "--device", "cpu", "--runtime", "torch",
+                     "--input-size", SIZE, "--hook", hook]) == 0  # fmt: skip
+        sae = SparseAutoencoder(channels, 32, "relu", generator=torch.Generator().manual_seed(2))
+        save_weights(tmp_path / f"sae-{hook}", sae, sae.config())
+        runs += ["--run", str(store), str(tmp_path / f"sae-{hook}"), str(weights)]
+    out = tmp_path / "evaluation" / "shortcuts.csv"
+    assert main(["shortcuts", "--data", str(data), *runs, "--out", str(out), "--k", "5",
+                 "--quiet"]) == 0  # fmt: skip
+    with out.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted((r["cue"], r["layer"]) for r in rows) == [
+        ("clip", "head"), ("clip", "stage3"), ("marker", "head"), ("marker", "stage3"),
+        ("site", "head"), ("site", "stage3"),
+    ]  # fmt: skip
+    assert {r["concept"] for r in rows} == {"calcification"} and {r["k"] for r in rows} == {"5"}
+    for r in rows:
+        assert r["isolated"] in ("true", "false") and 0.0 <= float(r["best_cue_share"]) <= 1.0
+    # an SAE of another layer is refused with a message that says what to pass
+    bad = ["--run", str(tmp_path / "stage3.h5"), str(tmp_path / "sae-head"), str(weights)]
+    assert main(["shortcuts", "--data", str(data), *bad, "--out", str(out), "--quiet"]) == 2

@@ -42,6 +42,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "napari_mammo_sae.pipeline.evaluate",
         "the paper's analyses on the test split, as a report",
     ),
+    "shortcuts": (
+        "napari_mammo_sae.pipeline.shortcuts",
+        "the shortcut report: reliance on each planted cue, cue neurons, switching them off",
+    ),
     "study": (
         "napari_mammo_sae.labels.cli",
         "multi-reader labelling studies: create, status, export (SQLite or PostgreSQL)",

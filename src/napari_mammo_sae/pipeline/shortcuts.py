@@ -116,3 +116,118 @@ def _rerun_probabilities(
             feats = rest_of_backbone(model, x_hat.to(device=mp.device, dtype=mp.dtype), hook)
             out.append(float(torch.sigmoid(model.forward_head(feats).reshape(-1)[0])))
     return np.asarray(out)
+
+
+def class1_top_neurons(
+    view: Any, sae: Any, concept: str, k: int, split: str = "training"
+) -> list[int]:
+    """The top-k class-1 neurons by class mean of pooled latents over a split (the paper's eq. 2,
+    the ranking the report uses), computed from the store itself."""
+    import torch
+
+    labels = view.labels(concept)
+    rows = [int(r) for r in view.rows(split) if labels[int(r)] == 1]
+    if not rows:
+        raise ConfigError(f"the store has no {split} image positive for {concept}: cannot rank")
+    param = next(sae.parameters())
+    total = None
+    with torch.inference_mode():
+        for r in rows:
+            tokens = torch.as_tensor(view.tokens(r), dtype=param.dtype, device=param.device)
+            pooled = sae.encode(tokens).mean(dim=0).double().cpu().numpy()
+            total = pooled if total is None else total + pooled
+    mean = total / len(rows)
+    return [int(n) for n in np.argsort(-mean, kind="stable")[: int(k)]]
+
+
+def shortcut_rows(
+    runs: Sequence[tuple[Any, Any, Any, str]],
+    cue_boxes: Mapping[str, Mapping[str, Sequence[Box]]],
+    *,
+    k: int = 10,
+    progress: Any = None,
+) -> list[ShortcutRow]:
+    """Every cue x every (store, SAE, model, concept) run: the whole report, same rule and k."""
+    from ..progress import check_cancelled
+
+    rows = []
+    if progress is not None:
+        progress.set_total(len(runs) * len(cue_boxes))
+    for view, sae, model, concept in runs:
+        top = class1_top_neurons(view, sae, concept, k)
+        for cue, boxes in cue_boxes.items():
+            check_cancelled(progress)
+            rows.append(
+                shortcut_report_row(
+                    view, sae, model, boxes, cue=cue, concept=concept, top_neurons=top
+                )
+            )
+            if progress is not None:
+                progress.update(1)
+    return rows
+
+
+# --- command line ------------------------------------------------------------------------------
+def add_arguments(parser: Any) -> None:
+    """Arguments of ``napari-mammo-sae shortcuts``."""
+    parser.add_argument("--data", required=True, help="phantom dataset folder (its phantom.json)")
+    parser.add_argument(
+        "--run", nargs=3, action="append", required=True, metavar=("STORE", "SAE", "HEAD"),
+        help="a feature store (any hook point), the SAE trained on that layer and the concept "
+        "model the store was extracted with (train-head folder); repeat for more layers/concepts",
+    )  # fmt: skip
+    parser.add_argument("--out", required=True, help="CSV to write (docs/evaluation/shortcuts.csv)")
+    parser.add_argument("--k", type=int, default=10, help="top-k class-1 neurons (default 10)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: Any) -> int:
+    """Write the shortcut report for every cue of the dataset and every run."""
+    from ..analysis.shortcuts import RULE, write_shortcuts_csv
+    from ..errors import StoreError
+    from ..models.folders import backbone_signature, load_model_folder, load_sae
+    from ..phantom.cues import load_cue_boxes
+    from ..progress import TqdmProgress
+    from .store import open as open_store
+
+    if args.k < 1:
+        raise ConfigError("--k must be at least 1")
+    cue_boxes = load_cue_boxes(args.data)
+    if not cue_boxes:
+        raise ConfigError(f"{args.data} carries no cue (no phantom.json or confounder boxes)")
+    runs = []
+    for store_path, sae_path, head_path in args.run:
+        view = open_store(store_path)
+        model, config = load_model_folder(head_path)
+        model.eval()
+        concept = config.get("concept") or (config.get("provenance") or {}).get("concept")
+        if concept not in ("mass", "calcification"):
+            raise ConfigError(f"{head_path} is not a concept model (mass or calcification)")
+        if view.backbone_signature and view.backbone_signature != backbone_signature(model):
+            raise StoreError(
+                f"{store_path} was not extracted with the backbone of {head_path}: pass the store "
+                "'extract --weights' made with this model"
+            )
+        sae = load_sae(sae_path).float()
+        if int(sae.d_in) != int(view.feature_dim):
+            raise ConfigError(
+                f"the SAE {sae_path} reads {sae.d_in} channels, the store's {view.hook} layer has "
+                f"{view.feature_dim}: pass the SAE trained on this store's layer"
+            )
+        runs.append((view, sae, model, concept))
+    progress = TqdmProgress(desc="shortcuts", disable=args.quiet)
+    try:
+        rows = shortcut_rows(runs, cue_boxes, k=args.k, progress=progress)
+    finally:
+        progress.close()
+        for view, *_ in runs:
+            view.close()
+    path = write_shortcuts_csv(rows, args.out)
+    print(f"{path}: {len(rows)} rows; rule: {RULE}")
+    for r in rows:
+        print(
+            f"  {r.cue:7s} {r.concept:13s} {r.layer:8s} reliance {r.reliance:+.3f} "
+            f"best share {r.best_cue_share:.2f} cue neurons {r.cue_neurons or '-'} "
+            f"isolated {str(r.isolated).lower()}"
+        )
+    return 0
