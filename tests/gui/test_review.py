@@ -159,14 +159,14 @@ def test_explorer_stack_option_and_all_views(viewer, exam, qtbot):
 
 
 def test_intervened_probability_equals_the_core_closed_form(viewer, exam, qtbot):
-    from napari_mammo_sae._napari.widgets.intervention import InterventionWidget
+    from napari_mammo_sae._napari.widgets.intervention import InterventionWidget, Mode
 
     w = _explorer(viewer, exam, qtbot)
     iw = InterventionWidget(viewer)
     _run(w, qtbot)
-    iw.mode.setCurrentText("top-k deactivated")
-    iw.k.setValue(3)
-    result = iw.update()
+    iw.mode.value = Mode.topk_remove
+    iw.k.value = 3
+    result = iw.recompute()
     cur = w.session.current
     a = cur.analysis
     contrib = np.asarray(a.logit_contributions)
@@ -175,10 +175,10 @@ def test_intervened_probability_equals_the_core_closed_form(viewer, exam, qtbot)
     logit = intervened_logits(a.pooled_latents[None, :], sae, clf.head, neurons, "remove")[0]
     assert result.mode == "remove"
     for k in (1, 7, 50, 3):  # the widget sorts once per analysis; each k is the core's set
-        iw.k.setValue(k)
+        iw.k.value = k
         assert iw.neuron_set()[0] == [int(n) for n in topk_union(-contrib, contrib, k)]
     assert result.probability == pytest.approx(1 / (1 + np.exp(-logit)), abs=1e-6)
-    assert f"{result.probability:.3f}" in iw.intervened.text()
+    assert f"{result.probability:.3f}" in iw.intervened.value
     # the CAM layer is built at once and added over the next event-loop turns, holding the
     # latest update's map, without taking the user's layer selection
     cam_name = f"{cur.layer_name} · CAM (intervened)"
@@ -197,9 +197,9 @@ def test_intervened_probability_equals_the_core_closed_form(viewer, exam, qtbot)
         ("remove", list(range(50))),
     ]:
         np.testing.assert_allclose(iw.cam(a, ns, how), a.reconstruction_cam(ns, how), atol=1e-5)
-    iw.mode.setCurrentText("custom set: keep only")
-    iw.custom.setText("0, 2-3")
-    assert list(iw.update().neurons) == [0, 2, 3]
+    iw.mode.value = Mode.custom_keep
+    iw.custom.value = "0, 2-3"
+    assert list(iw.recompute().neurons) == [0, 2, 3]
     # the CAM layer follows each update (written in place), hidden or shown
     np.testing.assert_allclose(cam.data, a.reconstruction_cam([0, 2, 3], "keep"), atol=1e-5)
     # one colour scale per image, that of the CAM with every neuron: an intervention fades the
@@ -216,8 +216,8 @@ def test_intervened_probability_equals_the_core_closed_form(viewer, exam, qtbot)
         return refresh(*args, **kw)
 
     cam.refresh = counting_refresh
-    iw.custom.setText("0, 2-3")
-    iw.update()
+    iw.custom.value = "0, 2-3"
+    iw.recompute()
     assert calls == []
     cam.visible = True
     assert calls and calls[-1].get("thumbnail", True)
@@ -228,8 +228,8 @@ def test_intervened_probability_equals_the_core_closed_form(viewer, exam, qtbot)
     uploads = []
     on_data_change = visual._on_data_change
     visual._on_data_change = lambda: (uploads.append(1), on_data_change())
-    iw.custom.setText("1")
-    iw.update()
+    iw.custom.value = "1"
+    iw.recompute()
     assert uploads == [1] and calls == []
     qtbot.waitUntil(lambda: len(calls) == 1, timeout=5_000)
     assert calls[0].get("thumbnail", True) and calls[0]["data_displayed"] is False
@@ -482,3 +482,37 @@ def test_explorer_picker_follows_layers_status_names_runtime_and_export_seam(
     w.export_button.clicked.emit()
     notification_manager.notification_ready.disconnect(seen.append)
     assert any("not available" in str(n.message) for n in seen)
+
+
+def test_intervention_modes_spurious_labels_and_the_study_consensus(viewer, exam, qtbot, tmp_path):
+    from napari_mammo_sae._napari.widgets.intervention import InterventionWidget, Mode
+    from napari_mammo_sae.labels import LabelStore
+
+    w = _explorer(viewer, exam, qtbot)
+    iw = InterventionWidget(viewer)
+    assert Mode.study_spurious not in iw.mode.choices  # no reading study open
+    _run(w, qtbot)
+    s = w.session
+    # the CAM layer goes in over later event-loop turns (its timers hold the viewer until then)
+    qtbot.waitUntil(lambda: f"{s.current_layer} · CAM (intervened)" in viewer.layers)
+    s.label_db = tmp_path / "labels.sqlite"
+    with LabelStore(s.label_db) as store:
+        store.add(s.sae_hash, 7, "spurious", rater="ann")
+    iw.mode.value = Mode.spurious
+    assert iw.neuron_set() == ([7], "remove")
+
+    class Study:
+        def consensus_spurious(self):
+            return [12, 3, 12]
+
+    s.study = Study()  # the labelling dock opens a study: the mode is offered
+    assert Mode.study_spurious in iw.mode.choices
+    iw.mode.value = Mode.study_spurious
+    result = iw.recompute()
+    assert iw.neuron_set() == ([3, 12], "remove") and list(result.neurons) == [3, 12]
+    a = s.current.analysis
+    assert result.probability == pytest.approx(
+        a.intervention().apply([3, 12], "remove").probability
+    )
+    s.study = None
+    assert Mode.study_spurious not in iw.mode.choices

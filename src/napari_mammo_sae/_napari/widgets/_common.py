@@ -28,6 +28,11 @@ def settings_path() -> Path:
     return Path(user_config_dir("napari-mammo-sae", appauthor=False)) / "settings.json"
 
 
+def choices(enum: Any, labels: dict | None = None) -> list[tuple[str, Any]]:
+    """(text, member) pairs for a magicgui ComboBox: the enum's values (or ``labels``) as texts."""
+    return [((labels or {}).get(m, m.value), m) for m in enum]
+
+
 def load_settings() -> dict:
     """Remembered settings ({} when none or unreadable)."""
     try:
@@ -70,6 +75,7 @@ class ReviewSession:
     analysis_changed = Signal(object)  # the ReviewSession
     neuron_changed = Signal(int)
     verdicts_changed = Signal()
+    study_changed = Signal(object)  # the open reading study, or None
 
     def __init__(self) -> None:
         self.results: dict[str, ImageResult] = {}  # image layer name -> result
@@ -86,10 +92,20 @@ class ReviewSession:
         self.data_dir: Path | None = None
         self.models: Any = None  # _napari.model_choice.LoadedModels
         self.label_db: Path | None = None
-        # The labelling dock's open reading study, or None. Contract (owned by labels/study code):
-        # ``study.consensus_spurious() -> list[int]`` gives the neurons the study's readers call
-        # spurious; the interventions dock offers them as a mode when this is set.
-        self.study: Any = None
+        self._study: Any = None
+
+    @property
+    def study(self) -> Any:
+        """The labelling dock's open reading study, or None. Contract (owned by labels/study code):
+        ``study.consensus_spurious() -> list[int]`` gives the neurons the study's readers call
+        spurious; the interventions dock offers them as a mode while this is set. Setting it
+        emits ``study_changed``."""
+        return self._study
+
+    @study.setter
+    def study(self, study: Any) -> None:
+        self._study = study
+        self.study_changed.emit(study)
 
     @property
     def current(self) -> ImageResult | None:

@@ -49,6 +49,7 @@ from ._common import (
     ImageResult,
     QuietBatch,
     append_without_selecting,
+    choices,
     get_session,
     keep_alive,
     load_settings,
@@ -61,11 +62,6 @@ log = logging.getLogger(__name__)
 CLASS_LABELS = {TargetClass.present: "1 (finding present)", TargetClass.absent: "0 (absent)"}
 OVERLAY_KEY = "mammo_sae"
 COLUMNS = ("rank", "neuron", "score", "logit contrib.", "max act.", "box IoU", "verdict")
-
-
-def _choices(enum: Any, labels: dict | None = None) -> list[tuple[str, Any]]:
-    """(label, member) pairs: the enum's readable values as the combo box texts."""
-    return [((labels or {}).get(m, m.value), m) for m in enum]
 
 
 def freeze_long_lived_objects() -> None:
@@ -174,17 +170,17 @@ class NeuronExplorer(Container):
         self.image = create_widget(annotation=napari.layers.Image, label="image",
                                    options={"choices": self._image_choices})  # fmt: skip
         self.all_views = CheckBox(text="every view of the exam")
-        self.source = ComboBox(label="model", choices=_choices(Source))
+        self.source = ComboBox(label="model", choices=choices(Source))
         tip = "a checkpoint (.pth, .pt), or any file inside one of our weights folders"
         self.classifier_path = path("classifier", "classifier_path", tooltip=tip)
         self.sae_path = path("SAE", "sae_path", tooltip=tip)
         self.probe_path = path("probe (.npz)", "probe_path", filter="*.npz")
         self.trust = CheckBox(text="trust pickled Mammo-CLIP file (can run code)")
-        self.concept = ComboBox(label="concept", choices=_choices(Concept))
-        self.variant = ComboBox(label="variant", choices=_choices(Variant))
-        self.target = ComboBox(label="class", choices=_choices(TargetClass, CLASS_LABELS))
+        self.concept = ComboBox(label="concept", choices=choices(Concept))
+        self.variant = ComboBox(label="variant", choices=choices(Variant))
+        self.target = ComboBox(label="class", choices=choices(TargetClass, CLASS_LABELS))
         self.k = SpinBox(label="top k", min=1, max=100, value=10)
-        self.ranking = ComboBox(label="ranking", choices=_choices(Ranking))
+        self.ranking = ComboBox(label="ranking", choices=choices(Ranking))
         self.device = ComboBox(label="device", choices=["auto", "cpu", "cuda", "mps"])
         self.stack = CheckBox(text="one k x h x w stack (slider)")
         self.run_button = PushButton(text="Run")

@@ -4,34 +4,35 @@ Uses the cached latents of the explorer's last run and the exact closed form tha
 allows (``analysis.interventions``), so a slider move never reruns the backbone: the original, the
 SAE-reconstruction and the intervened probability update immediately, and so does the
 class-activation map of the (intervened) reconstruction, shown as a layer over the image.
+The form is magicgui widgets (mode enum, k slider, neuron spin box).
 Top-k uses the union of the top-k of each class, as the paper does (dataset rankings from the
 probe file when there is one, else this image's logit contributions).
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+from enum import Enum
 from typing import Any
 
 import numpy as np
-from qtpy.QtCore import Qt, QTimer
-from qtpy.QtWidgets import (
-    QComboBox,
-    QFormLayout,
-    QLabel,
-    QLineEdit,
-    QSizePolicy,
-    QSlider,
-    QSpinBox,
-    QVBoxLayout,
-    QWidget,
-)
+from magicgui.widgets import ComboBox, Container, Label, LineEdit, Slider, SpinBox
+from qtpy.QtCore import QTimer
 
 from .. import layers as L
-from ._common import get_session, insert_in_turns, notify_error
+from ._common import choices, get_session, insert_in_turns, notify_error
 
-MODES = ("top-k activated", "top-k deactivated", "custom set: remove", "custom set: keep only",
-         "all neurons labelled spurious: remove", "single neuron: keep only")  # fmt: skip
 CAM_KEY = "mammo_sae_cam"
+
+
+class Mode(Enum):
+    topk_keep = "top-k activated"
+    topk_remove = "top-k deactivated"
+    custom_remove = "custom set: remove"
+    custom_keep = "custom set: keep only"
+    spurious = "all neurons labelled spurious: remove"
+    study_spurious = "every neuron the study's readers call spurious: remove"
+    single = "single neuron: keep only"
 
 
 def parse_neurons(text: str, m: int) -> list[int]:
@@ -49,11 +50,11 @@ def parse_neurons(text: str, m: int) -> list[int]:
     return sorted(set(out))
 
 
-class InterventionWidget(QWidget):
+class InterventionWidget(Container):
     """Dock widget: mode, k, neuron set; original / reconstruction / intervened probability; CAM."""
 
-    def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
+    def __init__(self, napari_viewer: Any) -> None:
+        super().__init__(labels=True)
         self.viewer = napari_viewer
         self.session = get_session(napari_viewer)
         self._cam_pending: dict[str, Any] = {}  # CAM layers built, not yet in the viewer
@@ -61,60 +62,59 @@ class InterventionWidget(QWidget):
         self._cam_watched: set[int] = set()  # CAM layers whose visibility we follow
         self._order_of: tuple[Any, Any] | None = None  # the class scores _order was sorted from
         self._order: tuple[np.ndarray, np.ndarray] = (np.zeros(0, int), np.zeros(0, int))
-        self._thumbnail_timer = QTimer(self)
+        self._thumbnail_timer = QTimer(self.native)
         self._thumbnail_timer.setSingleShot(True)
         self._thumbnail_timer.setInterval(300)
         self._thumbnail_timer.timeout.connect(self._refresh_thumbnails)
-        self.mode = QComboBox()
-        self.mode.addItems(MODES)
-        self.k = QSlider(Qt.Horizontal)
-        self.k.setRange(0, 100)
-        self.k.setValue(10)
-        self.k_label = QLabel("k = 10")
-        self.custom = QLineEdit()
-        self.custom.setPlaceholderText("neuron ids, e.g. 12, 40-42")
-        self.single = QSpinBox()
-        self.single.setRange(0, 1 << 20)
-        self.original = QLabel("-")
-        self.reconstruction = QLabel("-")
-        self.intervened = QLabel("-")
-        self.intervened.setStyleSheet("font-weight: bold")
-        self.neurons_label = QLabel("")
-        self.neurons_label.setWordWrap(True)
+        self.mode = ComboBox(label="mode", choices=self._modes)
+        self.k = Slider(label="k", min=0, max=100, value=10)
+        self.custom = LineEdit(label="custom set")
+        self.custom.native.setPlaceholderText("neuron ids, e.g. 12, 40-42")
+        self.single = SpinBox(label="single neuron", min=0, max=1 << 20)
+        self.original = Label(label="P original", value="-")
+        self.reconstruction = Label(label="P SAE reconstruction", value="-")
+        self.intervened = Label(label="P intervened", value="-")
+        self.intervened.native.setStyleSheet("font-weight: bold")
+        self.neurons_label = Label(label="", value="")
         # fixed geometry: texts that change with every slider step must not re-layout the dock
-        lines = self.neurons_label.fontMetrics().lineSpacing()
-        self.neurons_label.setFixedHeight(4 * lines + 4)
-        self.neurons_label.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Fixed)
-        self.neurons_label.setAlignment(Qt.AlignLeft | Qt.AlignTop)
-        self.k_label.setMinimumWidth(self.k_label.fontMetrics().horizontalAdvance("k = 1000") + 4)
-        form = QFormLayout()
-        form.addRow("mode", self.mode)
-        form.addRow(self.k_label, self.k)
-        form.addRow("custom set", self.custom)
-        form.addRow("single neuron", self.single)
-        form.addRow("P original", self.original)
-        form.addRow("P SAE reconstruction", self.reconstruction)
-        form.addRow("P intervened", self.intervened)
-        layout = QVBoxLayout(self)
-        layout.addLayout(form)
-        layout.addWidget(self.neurons_label)
-        layout.addStretch(1)
+        from qtpy.QtCore import Qt
+        from qtpy.QtWidgets import QSizePolicy
+
+        text = self.neurons_label.native
+        text.setWordWrap(True)
+        text.setFixedHeight(4 * text.fontMetrics().lineSpacing() + 4)
+        text.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
+        text.setAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop)
+        self.extend([self.mode, self.k, self.custom, self.single, self.original,
+                     self.reconstruction, self.intervened, self.neurons_label])  # fmt: skip
         self.last: Any = None  # the last InterventionResult
-        self.mode.currentIndexChanged.connect(self.update)
-        self.k.valueChanged.connect(self.update)
-        self.custom.editingFinished.connect(self.update)
-        self.single.valueChanged.connect(self.update)
+        self.mode.changed.connect(self.recompute)
+        self.k.changed.connect(self.recompute)
+        self.custom.native.editingFinished.connect(self.recompute)
+        self.single.changed.connect(self.recompute)
         # after a run, in its own event-loop turn (the explorer's layer steps come first)
-        self.session.analysis_changed.connect(lambda _s: QTimer.singleShot(0, self.update))
+        self.session.analysis_changed.connect(lambda _s: QTimer.singleShot(0, self.recompute))
         self.session.neuron_changed.connect(self._neuron_changed)
-        self.update()
+        self.session.study_changed.connect(self._study_changed)
+        self.recompute()
+
+    def _modes(self, _widget: Any = None) -> list[tuple[str, Mode]]:
+        """Every mode; the study's consensus only while a reading study is open."""
+        have_study = self.session.study is not None
+        return [c for c in choices(Mode) if c[1] is not Mode.study_spurious or have_study]
+
+    def _study_changed(self, _study: Any = None) -> None:
+        self.mode.reset_choices()
 
     def _neuron_changed(self, neuron: int) -> None:
-        if self.single.value() != neuron:
-            single_mode = self.mode.currentText().startswith("single")
-            self.single.blockSignals(not single_mode)  # only the single-neuron mode depends on it
-            self.single.setValue(int(neuron))
-            self.single.blockSignals(False)
+        if self.single.value != neuron:
+            # only the single-neuron mode depends on it
+            with (
+                self.single.changed.blocked()
+                if self.mode.value is not Mode.single
+                else nullcontext()
+            ):
+                self.single.value = int(neuron)
 
     def _scores(self, cur: Any) -> tuple[np.ndarray, np.ndarray]:
         """(class-0 scores, class-1 scores) over all neurons for the top-k union."""
@@ -128,10 +128,8 @@ class InterventionWidget(QWidget):
         """(neurons, 'keep'|'remove') of the current mode."""
         cur = self.session.current
         m = cur.analysis.n_neurons
-        mode = self.mode.currentText()
-        k = self.k.value()
-        self.k_label.setText(f"k = {k}")
-        if mode.startswith("top-k"):
+        mode, k = self.mode.value, self.k.value
+        if mode in (Mode.topk_keep, Mode.topk_remove):
             key = (self.session.class_scores, cur)
             old = self._order_of
             if old is None or old[0] is not key[0] or old[1] is not key[1]:
@@ -142,21 +140,27 @@ class InterventionWidget(QWidget):
                 self._order = (np.argsort(-s0, kind="stable"), np.argsort(-s1, kind="stable"))
             a, b = self._order
             neurons = [int(n) for n in np.union1d(a[:k], b[:k])]
-            return neurons, "remove" if "deactivated" in mode else "keep"
-        if mode.startswith("custom"):
-            return parse_neurons(self.custom.text(), m), "keep" if "keep" in mode else "remove"
-        if mode.startswith("all neurons labelled spurious"):
+            return neurons, "remove" if mode is Mode.topk_remove else "keep"
+        if mode in (Mode.custom_keep, Mode.custom_remove):
+            return parse_neurons(
+                self.custom.value, m
+            ), "keep" if mode is Mode.custom_keep else "remove"
+        if mode is Mode.spurious:
             from ...labels import LabelStore
 
             with LabelStore(self.session.label_db) as store:
                 return store.spurious_neurons(self.session.sae_hash), "remove"
-        return [int(self.single.value())], "keep"
+        if mode is Mode.study_spurious:
+            if self.session.study is None:
+                raise ValueError("no reading study is open in the labelling dock")
+            return sorted({int(n) for n in self.session.study.consensus_spurious()}), "remove"
+        return [int(self.single.value)], "keep"
 
-    def update(self, *_: Any) -> Any:
+    def recompute(self, *_: Any) -> Any:
         """Recompute the intervened probability and CAM (closed form); returns the result."""
         cur = self.session.current
         if cur is None:
-            self.intervened.setText("run the neuron explorer first")
+            self.intervened.value = "run the neuron explorer first"
             return None
         try:
             neurons, how = self.neuron_set()
@@ -167,11 +171,11 @@ class InterventionWidget(QWidget):
         engine = a.intervention()
         result = engine.apply(neurons, how)
         self.last = result
-        self.original.setText(f"{a.probability:.3f}")
-        self.reconstruction.setText(f"{a.reconstruction_probability:.3f}")
-        self.intervened.setText(f"{result.probability:.3f}  ({result.delta_probability:+.3f})")
+        self.original.value = f"{a.probability:.3f}"
+        self.reconstruction.value = f"{a.reconstruction_probability:.3f}"
+        self.intervened.value = f"{result.probability:.3f}  ({result.delta_probability:+.3f})"
         shown = ", ".join(map(str, neurons[:20])) + (" ..." if len(neurons) > 20 else "")
-        self.neurons_label.setText(f"{how} {len(neurons)} neurons: {shown}")
+        self.neurons_label.value = f"{how} {len(neurons)} neurons: {shown}"
         self._update_cam(cur, neurons, how)
         return result
 
@@ -269,7 +273,7 @@ class InterventionWidget(QWidget):
             # built now, added over the next event-loop turns (the viewer stays responsive);
             # until it is in, later updates replace its data
             self._cam_pending[name] = layer
-            insert_in_turns(self.viewer, layer, self, on_error=self._cam_failed)
+            insert_in_turns(self.viewer, layer, self.native, on_error=self._cam_failed)
         else:
             layer = self._cam_pending[name]
             layer.data = cam
