@@ -9,6 +9,7 @@ from qtpy.QtTest import QTest
 from napari_mammo_sae.labels import LabelStore
 
 pytestmark = pytest.mark.gui
+SAE = "e7" * 32
 
 
 @pytest.fixture
@@ -160,12 +161,12 @@ def test_keys_go_back_to_napari_when_the_widget_is_gone(make_napari_viewer, sett
 
 def test_csv_export_and_import_between_databases(make_napari_viewer, settings, qtbot):
     viewer = _viewer_with_image(make_napari_viewer)
-    a = _widget(viewer, settings / "a.sqlite")
+    a = _widget(viewer, settings / "a.sqlite", sae=SAE)
     a.record("clinical")
     a.note.setText("bright cluster")
     a.record("spurious")
     assert a.export_csv(settings / "v.csv") == 2
-    b = _widget(viewer, settings / "b.sqlite")
+    b = _widget(viewer, settings / "b.sqlite", sae=SAE)
     assert b.import_csv(settings / "v.csv") == 2
     assert b.import_csv(settings / "v.csv") == 0
     assert "spurious" in b.history.item(0).text() and "bright cluster" in b.history.item(0).text()
@@ -222,3 +223,149 @@ def test_a_verdict_shown_as_saved_survives_killing_the_viewer_process(tmp_path):
     assert "saved" in proc.stdout and "neuron 12 spurious" in proc.stdout
     with LabelStore(db) as store:
         assert store.verdict_of("sae-k", 12, "ann") == "spurious"
+
+
+# --- study mode ------------------------------------------------------------------------------------
+def _wait(w, qtbot):
+    qtbot.waitUntil(lambda: not w.busy(), timeout=20000)
+
+
+def test_the_form_is_magicgui_with_a_verdict_enum(make_napari_viewer, settings):
+    from magicgui.widgets import Container, PushButton, SpinBox
+
+    from napari_mammo_sae._napari.widgets.labelling import LabellingWidget, VerdictChoice
+    from napari_mammo_sae.labels import VERDICTS
+
+    w = LabellingWidget(make_napari_viewer())
+    assert isinstance(w.form, Container) and isinstance(w.form_neuron, SpinBox)
+    assert tuple(v.value for v in VerdictChoice) == VERDICTS
+    assert all(isinstance(b, PushButton) for b in w.verdict_buttons.values())
+    w.db_path.setText(str(settings / "e.sqlite"))
+    w._db_changed()
+    w.rater.setText("ann")
+    w.sae.setText(SAE)
+    w.form_neuron.value = 12  # the magicgui value and the Qt handle are one widget
+    assert w.neuron.value() == 12
+    w.verdict_buttons[VerdictChoice.spurious].clicked()  # a click on the magicgui button
+    assert "neuron 12 spurious" in w.saved.text()
+    with LabelStore(settings / "e.sqlite") as store:
+        assert store.verdict_of(SAE, 12, "ann") == "spurious"
+
+
+def test_study_mode_walks_the_readers_queue_with_progress(make_napari_viewer, settings, qtbot):
+    from napari_mammo_sae.labels.study import choose_neurons, create_study
+
+    db = settings / "study.sqlite"
+    with LabelStore(db) as store:
+        design = create_study(store, "pilot", sae_hash=SAE, concept="mass",
+                              neurons=choose_neurons(given=[3, 8, 21, 34, 55]), readers=["ann", "bob"])  # fmt: skip
+        store.add(SAE, 8, "clinical", "bob", study="pilot")
+    viewer = _viewer_with_image(make_napari_viewer)
+    w = _widget(viewer, db, rater="ann", sae="")
+    w.study_id.setText("pilot")
+    w.open_study()
+    _wait(w, qtbot)
+    order = design.order("ann")
+    assert "0 of 5" in w.progress.text() and w.neuron.value() == order[0]
+    assert w.sae.text() == SAE and w.sae.isReadOnly()
+    _key(viewer, "2", qtbot)  # spurious on the first neuron of ann's queue
+    _wait(w, qtbot)
+    assert "saved" in w.saved.text() and f"neuron {order[0]} spurious" in w.saved.text()
+    assert "1 of 5" in w.progress.text()
+    assert w.neuron.value() == order[1]  # on to the next one
+    _key(viewer, "]", qtbot)
+    assert w.neuron.value() == order[2]
+    _key(viewer, "[", qtbot)
+    _key(viewer, "[", qtbot)
+    assert w.neuron.value() == order[0]
+    w.neuron.setValue(8)
+    _key(viewer, "2", qtbot)
+    _wait(w, qtbot)
+    assert "2 of 5" in w.progress.text()
+    # the interventions dock's seam: bob clinical + ann spurious on 8 is disputed; only ann on
+    # order[0] says spurious -> a majority of one
+    assert w.session.study is not None
+    assert w.session.study.consensus_spurious() == [order[0]]
+    w.close_study()
+    assert w.session.study is None and not w.sae.isReadOnly()
+
+
+def test_a_reader_outside_the_study_is_told_so(make_napari_viewer, settings, qtbot):
+    from napari_mammo_sae.labels.study import create_study
+
+    db = settings / "study.sqlite"
+    with LabelStore(db) as store:
+        create_study(store, "pilot", sae_hash=SAE, concept="mass", neurons={1: "given"},
+                     readers=["ann"])  # fmt: skip
+    w = _widget(_viewer_with_image(make_napari_viewer), db, rater="zed", sae="")
+    w.open_study("pilot")
+    _wait(w, qtbot)
+    assert "not one of the readers" in w.saved.text() and w.reader is None
+    w.open_study("nope")
+    _wait(w, qtbot)
+    assert "no study 'nope'" in w.saved.text()
+
+
+@pytest.fixture
+def pg_study(postgres_server, monkeypatch):
+    """A PostgreSQL database with study 'gui' (neurons 0..5) read by alice."""
+    import os
+    import random
+
+    from napari_mammo_sae.labels.study import choose_neurons, create_study
+
+    name = f"gui_{os.getpid()}_{random.randrange(1 << 30)}"
+    postgres_server.sql(
+        "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'coordinator') THEN "
+        "CREATE ROLE coordinator LOGIN CREATEROLE PASSWORD 'coord-pw'; END IF; END $$",
+        f"CREATE DATABASE {name} OWNER coordinator",
+    )
+    with LabelStore(postgres_server.url("coordinator", name), password="coord-pw") as coord:
+        create_study(coord, "gui", sae_hash=SAE, concept="mass", neurons=choose_neurons(given=range(6)),
+                     readers=["alice"], reader_passwords={"alice": "alice-gui-pw"})  # fmt: skip
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    monkeypatch.delenv("NAPARI_MAMMO_SAE_DB_PASSWORD", raising=False)
+    monkeypatch.setenv("PGPASSFILE", "/nonexistent")
+    return postgres_server, name
+
+
+def test_server_restart_the_dock_queues_then_sends(make_napari_viewer, settings, qtbot, pg_study,
+                                                  monkeypatch):  # fmt: skip
+    from napari_mammo_sae._napari.widgets import labelling
+
+    server, name = pg_study
+    shown = []  # what the status line says when the password is asked for
+    answers = iter(["not-her-password", "alice-gui-pw"])
+    monkeypatch.setattr(labelling, "ask_password",
+                        lambda _w, q: shown.append(w.saved.text()) or next(answers))  # fmt: skip
+    viewer = _viewer_with_image(make_napari_viewer)
+    w = _widget(viewer, server.url("alice", name), rater="", sae="")
+    w.open_study("gui")
+    qtbot.waitUntil(lambda: w.reader is not None, timeout=20000)
+    _wait(w, qtbot)
+    # no password anywhere: asked; a wrong one: told so (without it) and asked again
+    assert len(shown) == 2
+    assert "asks user 'alice' for a password" in shown[0]
+    assert "wrong password for database user 'alice'" in shown[1]
+    assert not any("not-her-password" in t for t in shown + [w.saved.text()])
+    assert w.reader is not None and w.rater.text() == "alice" and "0 of 6" in w.progress.text()
+    first = w.neuron.value()
+    _key(viewer, "1", qtbot)
+    _wait(w, qtbot)
+    assert "saved" in w.saved.text()
+    server.pg_ctl("stop")
+    try:
+        second = w.neuron.value()
+        _key(viewer, "2", qtbot)
+        _wait(w, qtbot)
+        assert "queued, will be sent" in w.saved.text() and "saved" not in w.saved.text()
+        assert "2 of 6" in w.progress.text() and "1 queued" in w.progress.text()
+    finally:
+        server.pg_ctl("start")
+    w._flush_outbox()  # what the dock's timer does every few seconds
+    _wait(w, qtbot)
+    assert "sent 1 queued verdicts" in w.saved.text()
+    assert "queued" not in w.progress.text()
+    with LabelStore(server.url("coordinator", name), password="coord-pw") as coord:
+        rows = coord.verdicts(SAE, rater="alice", study="gui")
+    assert [(v.neuron, v.verdict) for v in rows] == [(first, "clinical"), (second, "spurious")]

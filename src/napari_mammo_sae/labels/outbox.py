@@ -11,8 +11,10 @@ A verdict the server refuses for good (e.g. the reader was removed from the stud
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +40,15 @@ CREATE TABLE IF NOT EXISTS refused (
 """
 
 
+def _locked(method):
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 def default_outbox_path() -> Path:
     """outbox.sqlite in the user data directory."""
     from platformdirs import user_data_dir
@@ -60,9 +71,13 @@ class Outbox:
 
     def __init__(self, path: str | Path | None = None) -> None:
         self.path = Path(path) if path is not None else default_outbox_path()
+        self._lock = threading.RLock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(self.path), timeout=10.0, isolation_level=None)
+            # one connection, used by whichever worker thread runs the (serialised) operation
+            self._db = sqlite3.connect(
+                str(self.path), timeout=10.0, isolation_level=None, check_same_thread=False
+            )
             mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":  # still durable (synchronous=FULL), only slower
                 self._db.execute("PRAGMA journal_mode=DELETE")
@@ -76,6 +91,7 @@ class Outbox:
     def close(self) -> None:
         self._db.close()
 
+    @_locked
     def put(self, target: str, row: dict) -> str:
         """Queue one verdict row (it must carry ``uid`` and ``created_utc``); committed on return."""
         try:
@@ -87,6 +103,7 @@ class Outbox:
             raise LabelDatabaseError(f"the verdict was NOT saved (local outbox: {exc})") from exc
         return row["uid"]
 
+    @_locked
     def pending(self, target: str | None = None) -> list[dict]:
         """Waiting rows, oldest first."""
         sql, args = "SELECT row FROM pending", ()
@@ -94,6 +111,7 @@ class Outbox:
             sql, args = sql + " WHERE target = ?", (target,)
         return [json.loads(r) for (r,) in self._db.execute(sql + " ORDER BY seq", args)]
 
+    @_locked
     def refused(self, target: str | None = None) -> list[tuple[dict, str]]:
         """Rows the server refused for good, with the reason."""
         sql, args = "SELECT row, reason FROM refused", ()
@@ -101,6 +119,7 @@ class Outbox:
             sql, args = sql + " WHERE target = ?", (target,)
         return [(json.loads(r), why) for r, why in self._db.execute(sql + " ORDER BY seq", args)]
 
+    @_locked
     def _remove(self, uid: str) -> None:
         # no sync needed: a removal lost to a power cut only means the verdict is sent again,
         # and the server stores it once (idempotency key)
@@ -110,6 +129,7 @@ class Outbox:
         finally:
             self._db.execute("PRAGMA synchronous=FULL")
 
+    @_locked
     def _refuse(self, target: str, row: dict, reason: str) -> None:
         self._db.execute("BEGIN IMMEDIATE")
         self._db.execute(

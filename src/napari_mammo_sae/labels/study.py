@@ -388,15 +388,23 @@ def study_status(store: LabelStore, study_id: str) -> dict:
 
 
 class StudyConsensus:
-    """What the viewer's session holds for an open study (``ReviewSession.study``)."""
+    """What the viewer's session holds for an open study (``ReviewSession.study``).
 
-    def __init__(self, store_target: str | os.PathLike, study_id: str, sae_hash: str) -> None:
-        self.target, self.id, self.sae_hash = store_target, study_id, sae_hash
+    ``store`` is an open :class:`LabelStore` (used, not closed) or a path/URL to open per call.
+    On PostgreSQL a reader's store sees only what blinding lets them see, so a reader's consensus
+    covers the neurons they have rated themselves; the coordinator's covers everything.
+    """
+
+    def __init__(self, store: LabelStore | str | os.PathLike, study_id: str, sae_hash: str) -> None:
+        self.store, self.id, self.sae_hash = store, study_id, sae_hash
 
     def consensus_spurious(self) -> list[int]:
         """Neurons the study's readers call spurious (strict majority of their verdicts)."""
-        with LabelStore(self.target) as store:
-            _design, stats = study_agreement(store, self.id, n_bootstrap=0)
+        if isinstance(self.store, LabelStore):
+            _design, stats = study_agreement(self.store, self.id, n_bootstrap=0)
+        else:
+            with LabelStore(self.store) as store:
+                _design, stats = study_agreement(store, self.id, n_bootstrap=0)
         return sorted(n for n, c in stats.consensus.items() if c == "spurious")
 
 

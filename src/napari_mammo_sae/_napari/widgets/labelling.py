@@ -1,10 +1,19 @@
 """Labelling: record whether the current neuron is clinical, spurious or unsure - saved at once.
 
 Keyboard (on the canvas, whatever layer is active, and in this widget): 1 clinical, 2 spurious,
-3 unsure, ] next neuron, [ previous neuron. Every verdict is written to the SQLite database
-(``labels.py``) and committed before "saved" is shown; history is kept. The agreement panel shows
-counts per verdict, Cohen's kappa (two raters) or Fleiss' kappa (more), and how the verdicts agree
-with the automatic box agreement of the explorer.
+3 unsure, ] next neuron, [ previous neuron. The form is built from magicgui widgets (a verdict
+enum drives the buttons); the history list and the password prompt stay plain Qt, which magicgui
+has no read-only list or masked prompt for.
+
+Where verdicts go: the "database" field takes an SQLite file (the default; written and committed
+before "saved" is shown) or a ``postgresql://USER@HOST:PORT/DATABASE`` URL (no password in it: the
+password comes from the environment, ~/.pgpass or a prompt, and is kept in memory only).
+
+Study mode: type the study id and open it. The dock then walks the reader's own queue in their
+seeded order ("12 of 40"), moves to the next neuron after each verdict, and says "saved" once the
+server has committed a verdict or "queued, will be sent" while the server is away (the verdicts
+wait in a local outbox and are sent in order when it is back). All database work of a study runs
+in a worker thread, one operation after another, so the viewer never waits on the network.
 
 Works with the neuron explorer (current neuron, SAE hash and image come from the viewer's review
 session) or alone: type a neuron id and paste an SAE hash or pick the SAE weights file to hash.
@@ -12,6 +21,8 @@ session) or alone: type a neuron id and paste an SAE hash or pick the SAE weight
 
 from __future__ import annotations
 
+import collections
+import enum
 import functools
 import math
 import weakref
@@ -19,25 +30,33 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from qtpy.QtCore import Qt
+from magicgui.widgets import CheckBox, Container, Label, LineEdit, PushButton, SpinBox
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtGui import QKeySequence
 from qtpy.QtWidgets import (
-    QCheckBox,
     QFileDialog,
-    QFormLayout,
-    QHBoxLayout,
+    QInputDialog,
     QLabel,
     QLineEdit,
     QListWidget,
-    QPushButton,
     QShortcut,
-    QSpinBox,
     QVBoxLayout,
     QWidget,
 )
 
-from ...labels import VERDICTS, LabelStore, default_path
+from ...errors import DatabaseAuthError
+from ...labels import LabelStore, default_path
+from ...labels.db import is_server_url
 from ._common import get_session, keep_alive, load_settings, notify_error, save_settings
+
+
+class VerdictChoice(enum.Enum):
+    """The verdicts a reader gives (values as stored)."""
+
+    clinical = "clinical"
+    spurious = "spurious"
+    unsure = "unsure"
+
 
 KEYS = {"1": "clinical", "2": "spurious", "3": "unsure", "]": +1, "[": -1}
 KEY_NAMES = {"1": "clinical", "2": "spurious", "3": "unsure", "]": "next", "[": "previous"}
@@ -142,8 +161,16 @@ def _viewer_key(key: str, viewer: Any) -> None:
         w.key_action(key)
 
 
+def ask_password(parent: QWidget, question: str) -> str | None:
+    """A masked password prompt (None when cancelled). Kept in memory only, never saved."""
+    text, ok = QInputDialog.getText(
+        parent, "Database password", question, QLineEdit.EchoMode.Password
+    )
+    return text if ok and text else None
+
+
 class LabellingWidget(QWidget):
-    """Dock widget: rater, neuron, verdict buttons + note, history, agreement, CSV export/import."""
+    """Dock widget: database, rater, neuron, verdict buttons + note, study queue, history, agreement."""
 
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -151,35 +178,91 @@ class LabellingWidget(QWidget):
         self.session = get_session(napari_viewer)
         settings = load_settings()
         self.worker: Any = None
-        self.db_path = QLineEdit(settings.get("label_db", str(default_path())))
-        self.db_path.setToolTip("SQLite file the verdicts are saved to (created when missing)")
-        db_browse = QPushButton("...")
-        db_browse.setMaximumWidth(28)
-        self.rater = QLineEdit(settings.get("rater", ""))
-        self.rater.setPlaceholderText("your name or initials")
-        self.sae = QLineEdit(self.session.sae_hash)
-        self.sae.setPlaceholderText("from the explorer, or paste a hash / pick the SAE file")
-        sae_browse = QPushButton("...")
-        sae_browse.setMaximumWidth(28)
-        sae_browse.setToolTip("hash an SAE weights file (model.safetensors or a .pt)")
-        self.neuron = QSpinBox()
-        self.neuron.setRange(0, 1 << 20)
-        self.neuron.setKeyboardTracking(False)
-        if self.session.neuron is not None:
-            self.neuron.setValue(int(self.session.neuron))
-        self.per_image = QCheckBox("about this image only")
-        self.per_image.setToolTip(
+        self.reader: Any = None  # labels.study.StudyReader while a study is open
+        self._password: str | None = None  # typed at the prompt; memory only
+        self._ops: collections.deque = collections.deque()
+        self._op_worker: Any = None
+
+        # --- the form (magicgui) -----------------------------------------------------------------
+        self.form_db = LineEdit(
+            value=settings.get("label_db", str(default_path())), label="database"
+        )
+        self.form_db.tooltip = (
+            "SQLite file the verdicts are saved to (created when missing), or a study server: "
+            "postgresql://USER@HOST:PORT/DATABASE (no password in it)"
+        )
+        db_browse = PushButton(text="...")
+        db_browse.max_width = 28
+        self.form_rater = LineEdit(value=settings.get("rater", ""), label="rater")
+        self.form_study = LineEdit(value=settings.get("study", ""), label="study")
+        self.form_study.tooltip = (
+            "a reading study's id (from the coordinator); empty: free labelling"
+        )
+        open_study = PushButton(text="open study")
+        close_study = PushButton(text="close")
+        self.form_sae = LineEdit(value=self.session.sae_hash, label="SAE")
+        sae_browse = PushButton(text="...")
+        sae_browse.max_width = 28
+        sae_browse.tooltip = "hash an SAE weights file (model.safetensors or a .pt)"
+        prev_b, next_b = PushButton(text="[ prev"), PushButton(text="next ]")
+        self.form_neuron = SpinBox(value=0, min=0, max=1 << 20, label="neuron")
+        self.form_per_image = CheckBox(text="about this image only", value=False)
+        self.form_per_image.tooltip = (
             "store the verdict for the explorer's current image (its SOPInstanceUID) instead of "
             "for the neuron as a whole"
         )
-        self.note = QLineEdit()
+        self.form_note = LineEdit(label="note")
+        self.verdict_buttons = {
+            v: PushButton(text=f"{KEYS_BY_VERDICT[v.value]}  {v.value}") for v in VerdictChoice
+        }
+        self.form_progress = Label(value="")
+        export = PushButton(text="export CSV...")
+        import_ = PushButton(text="import CSV...")
+
+        def row(*widgets, label=""):
+            return Container(widgets=list(widgets), layout="horizontal", labels=False, label=label)
+
+        self.form = Container(
+            widgets=[
+                row(self.form_db, db_browse, label="database"),
+                self.form_rater,
+                row(self.form_study, open_study, close_study, label="study"),
+                row(self.form_sae, sae_browse, label="SAE"),
+                row(prev_b, self.form_neuron, next_b, label="neuron"),
+                self.form_per_image,
+                self.form_note,
+                row(*self.verdict_buttons.values(), label="verdict"),
+                self.form_progress,
+            ]
+        )
+        for c in self.form:
+            if isinstance(c, Container):
+                c.margins = (0, 0, 0, 0)
+        self.io = Container(widgets=[export, import_], layout="horizontal", labels=False)
+        self.io.margins = (0, 0, 0, 0)
+
+        # Qt handles the rest of the code (and older scripts and tests) use
+        self.db_path = self.form_db.native
+        self.rater = self.form_rater.native
+        self.rater.setPlaceholderText("your name or initials (a study server: your login)")
+        self.study_id = self.form_study.native
+        self.sae = self.form_sae.native
+        self.sae.setPlaceholderText("from the explorer, or paste a hash / pick the SAE file")
+        self.neuron = self.form_neuron.native
+        self.neuron.setKeyboardTracking(False)
+        if self.session.neuron is not None:
+            self.neuron.setValue(int(self.session.neuron))
+        self.per_image = self.form_per_image.native
+        self.note = self.form_note.native
         self.note.setPlaceholderText("optional note")
-        self.buttons = {
-            v: QPushButton(f"{i + 1}  {v}") for i, v in enumerate(VERDICTS)
-        }  # fmt: skip
+        self.buttons = {v.value: b.native for v, b in self.verdict_buttons.items()}
         for v, b in self.buttons.items():
             b.setStyleSheet(f"QPushButton {{ border-left: 4px solid {VERDICT_COLOURS[v]}; }}")
             b.setToolTip(f"record '{v}' for the current neuron (key {KEYS_BY_VERDICT[v]})")
+        self.progress = self.form_progress.native
+        self.progress.setWordWrap(True)
+
+        # plain Qt: status, the read-only history list, the agreement text
         self.saved = QLabel("")
         self.saved.setWordWrap(True)
         self.history = QListWidget()
@@ -187,52 +270,27 @@ class LabellingWidget(QWidget):
         self.agreement = QLabel("")
         self.agreement.setWordWrap(True)
         self.agreement.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        export = QPushButton("export CSV...")
-        import_ = QPushButton("import CSV...")
-        prev_b, next_b = QPushButton("[ prev"), QPushButton("next ]")
 
-        form = QFormLayout()
-        db_row = QHBoxLayout()
-        db_row.addWidget(self.db_path)
-        db_row.addWidget(db_browse)
-        form.addRow("database", db_row)
-        form.addRow("rater", self.rater)
-        sae_row = QHBoxLayout()
-        sae_row.addWidget(self.sae)
-        sae_row.addWidget(sae_browse)
-        form.addRow("SAE", sae_row)
-        nav = QHBoxLayout()
-        nav.addWidget(prev_b)
-        nav.addWidget(self.neuron, 1)
-        nav.addWidget(next_b)
-        form.addRow("neuron", nav)
-        form.addRow("", self.per_image)
-        form.addRow("note", self.note)
-        row = QHBoxLayout()
-        for b in self.buttons.values():
-            row.addWidget(b)
-        io = QHBoxLayout()
-        io.addWidget(export)
-        io.addWidget(import_)
         layout = QVBoxLayout(self)
-        layout.addLayout(form)
-        layout.addLayout(row)
+        layout.addWidget(self.form.native)
         layout.addWidget(self.saved)
         layout.addWidget(QLabel("<b>history of this neuron</b>"))
         layout.addWidget(self.history)
         layout.addWidget(QLabel("<b>agreement</b>"))
         layout.addWidget(self.agreement)
-        layout.addLayout(io)
+        layout.addWidget(self.io.native)
         layout.addStretch(1)
 
-        for verdict, b in self.buttons.items():
-            b.clicked.connect(lambda _=False, v=verdict: self.record(v))
-        prev_b.clicked.connect(lambda: self.step(-1))
-        next_b.clicked.connect(lambda: self.step(+1))
-        export.clicked.connect(self._export_dialog)
-        import_.clicked.connect(self._import_dialog)
-        db_browse.clicked.connect(self._db_dialog)
-        sae_browse.clicked.connect(self._sae_dialog)
+        for verdict, b in self.verdict_buttons.items():
+            b.changed.connect(lambda _=None, v=verdict: self.record(v))
+        prev_b.changed.connect(lambda _=None: self.step(-1))
+        next_b.changed.connect(lambda _=None: self.step(+1))
+        export.changed.connect(lambda _=None: self._export_dialog())
+        import_.changed.connect(lambda _=None: self._import_dialog())
+        db_browse.changed.connect(lambda _=None: self._db_dialog())
+        sae_browse.changed.connect(lambda _=None: self._sae_dialog())
+        open_study.changed.connect(lambda _=None: self.open_study())
+        close_study.changed.connect(lambda _=None: self.close_study())
         self.neuron.valueChanged.connect(self._spin_changed)
         self.sae.editingFinished.connect(self.refresh)
         self.per_image.toggled.connect(lambda _on: self.refresh())
@@ -241,8 +299,10 @@ class LabellingWidget(QWidget):
         self.session.neuron_changed.connect(self._neuron_changed)
         self.session.analysis_changed.connect(self._analysis_changed)
         self.session.verdicts_changed.connect(self.refresh)
+        self._flush_timer = QTimer(self)
+        self._flush_timer.setInterval(3000)
+        self._flush_timer.timeout.connect(self._flush_outbox)
         self._bind_keys()
-        _warm_up_kappa()
         self._db_changed()
 
     # --- keys -----------------------------------------------------------------------------------
@@ -267,8 +327,13 @@ class LabellingWidget(QWidget):
             self.step(action)
 
     def step(self, step: int) -> int:
-        """Next (+1) / previous (-1) neuron: of the explorer's top list, else the next id."""
-        if self.session.top_neurons:
+        """Next (+1) / previous (-1) neuron: the study queue, else the explorer's list, else ids."""
+        if self.reader is not None:
+            order = self.reader.order
+            cur = self.neuron.value()
+            i = order.index(cur) if cur in order else -1
+            self.neuron.setValue(order[(i + step) % len(order)])
+        elif self.session.top_neurons:
             self.session.step_neuron(step)
         else:
             self.neuron.setValue(max(0, self.neuron.value() + step))
@@ -276,8 +341,18 @@ class LabellingWidget(QWidget):
 
     # --- state ----------------------------------------------------------------------------------
     def sae_hash(self) -> str:
-        """The SAE key verdicts are stored under (the field, else the explorer's)."""
+        """The SAE key verdicts are stored under (the study's, the field, else the explorer's)."""
+        if self.reader is not None:
+            return self.reader.design.sae_hash
         return self.sae.text().strip() or self.session.sae_hash
+
+    def target(self) -> str | Path:
+        """The database: a postgresql:// URL as typed, or the SQLite file."""
+        text = self.db_path.text().strip()
+        return text if is_server_url(text) else Path(text or default_path())
+
+    def is_server(self) -> bool:
+        return is_server_url(str(self.target()))
 
     def image_uid(self) -> str | None:
         """SOPInstanceUID of the explorer's current image when 'this image only' is ticked."""
@@ -292,14 +367,16 @@ class LabellingWidget(QWidget):
         return uid or None
 
     def _analysis_changed(self, _session: Any = None) -> None:
-        if self.session.sae_hash:
+        if self.session.sae_hash and self.reader is None:
             self.sae.setText(self.session.sae_hash)
         self.refresh()
 
     def _db_changed(self) -> None:
-        path = Path(self.db_path.text().strip() or default_path())
-        self.session.label_db = path
-        save_settings(label_db=str(path))
+        target = self.target()
+        if self.reader is not None and str(target) != str(self.session.label_db):
+            self.close_study()
+        self.session.label_db = target
+        save_settings(label_db=str(target))  # a URL without password, or a path
         self.session.verdicts_changed.emit()  # this widget and the explorer's table re-read it
 
     def _spin_changed(self, value: int) -> None:
@@ -316,10 +393,182 @@ class LabellingWidget(QWidget):
 
     def store(self) -> LabelStore:
         """The label database (StoreError when it cannot be opened)."""
-        return LabelStore(self.session.label_db or default_path())
+        return LabelStore(self.target(), password=self._password)
 
-    def record(self, verdict: str) -> int | None:
-        """Save a verdict on the current neuron; returns the row id (None when refused)."""
+    # --- background operations (study / server): one at a time, in order --------------------------
+    def _submit(self, fn: Any, on_done: Any, on_error: Any = None) -> None:
+        self._ops.append((fn, on_done, on_error))
+        if self._op_worker is None:
+            self._next_op()
+
+    def _next_op(self) -> None:
+        self._op_worker = None
+        if not self._ops:
+            return
+        from napari.qt.threading import create_worker
+
+        fn, on_done, on_error = self._ops.popleft()
+        worker = create_worker(fn, _ignore_errors=True)  # errors go to on_error, not re-raised
+        worker.returned.connect(on_done)
+        worker.errored.connect(on_error or self._op_failed)
+        worker.finished.connect(self._next_op)
+        keep_alive(worker)
+        self._op_worker = worker
+        worker.start()
+
+    def _op_failed(self, exc: BaseException) -> None:
+        self.saved.setText(f"<span style='color:#ff453a'>{_html(str(exc))}</span>")
+        notify_error(str(exc))
+
+    def busy(self) -> bool:
+        """Whether database work is queued or running (tests and scripts wait on it)."""
+        return self._op_worker is not None or bool(self._ops)
+
+    # --- study mode -------------------------------------------------------------------------------
+    def open_study(self, study_id: str | None = None) -> None:
+        """Open a reading study in the background: the reader's queue replaces the neuron list."""
+        study_id = (study_id if study_id is not None else self.study_id.text()).strip()
+        if not study_id:
+            self.saved.setText("type the study id the coordinator gave you, then open it")
+            return
+        self.study_id.setText(study_id)
+        save_settings(study=study_id)
+        target, reader = self.target(), self.rater.text().strip() or None
+        password = self._password
+        self.progress.setText(f"opening study {study_id}...")
+
+        def work():
+            from ...labels.outbox import Outbox
+            from ...labels.study import StudyReader
+
+            store = LabelStore(target, password=password)
+            try:
+                return StudyReader(store, study_id, Outbox(), reader=reader)
+            except BaseException:
+                store.close()
+                raise
+
+        def failed(exc: BaseException) -> None:
+            if isinstance(exc, DatabaseAuthError) and self.is_server():
+                self.saved.setText(f"<span style='color:#ff453a'>{_html(str(exc))}</span>")
+                pw = ask_password(self, f"password for {self.db_path.text().strip()}")
+                if pw:
+                    self._password = pw
+                    self.open_study(study_id)
+                    return
+            self.progress.setText("no study open")
+            self._op_failed(exc)
+
+        self._submit(work, self._study_opened, failed)
+
+    def _study_opened(self, reader: Any) -> None:
+        from ...labels.study import StudyConsensus
+
+        self.close_study(quiet=True)
+        self.reader = reader
+        design = reader.design
+        self.rater.setText(reader.reader)
+        self.rater.setReadOnly(True)  # the study's reader is the database login
+        self.sae.setText(design.sae_hash)
+        self.sae.setReadOnly(True)
+        self.per_image.setChecked(False)
+        self.per_image.setEnabled(False)
+        self.session.concept = design.concept or self.session.concept
+        self.session.study = StudyConsensus(reader.store, design.id, design.sae_hash)
+        self._flush_timer.start()
+        nxt = reader.remaining()
+        self.neuron.setValue(nxt[0] if nxt else reader.order[0])
+        self._show_progress()
+        self.saved.setText(f"study {design.id} open: {len(design.neurons)} neurons, blinded")
+        self.refresh()
+
+    def close_study(self, quiet: bool = False) -> None:
+        """Leave study mode (verdicts still queued stay in the outbox for next time)."""
+        if self.reader is None:
+            return
+        reader, self.reader = self.reader, None
+        self._flush_timer.stop()
+        self.session.study = None
+        self.rater.setReadOnly(False)
+        self.sae.setReadOnly(False)
+        self.per_image.setEnabled(True)
+        waiting = reader.waiting()
+        self._submit(reader.store.close, lambda _r: None)
+        if not quiet:
+            self.progress.setText(
+                "study closed" + (f"; {waiting} verdicts wait in the outbox" if waiting else "")
+            )
+
+    def _show_progress(self) -> None:
+        if self.reader is None:
+            return
+        done, total = self.reader.progress()
+        waiting = self.reader.waiting()
+        text = f"<b>{done} of {total}</b> neurons in study {self.reader.design.id}"
+        if waiting:
+            text += f" - {waiting} queued, will be sent when the server is back"
+        elif done == total:
+            text += " - all done, thank you"
+        self.progress.setText(text)
+
+    def _record_in_study(self, verdict: str) -> None:
+        reader, neuron, note = self.reader, self.neuron.value(), self.note.text()
+        if neuron not in reader.design.neurons:
+            self.saved.setText(f"NOT saved: neuron {neuron} is not in this study - use [ and ]")
+            return
+        self.saved.setText(f"sending neuron {neuron} {verdict}...")
+        self.note.clear()
+
+        def done(result: tuple[str, str]) -> None:
+            status, _uid = result
+            when = datetime.now(UTC).strftime("%H:%M:%S")
+            colour = VERDICT_COLOURS[verdict]
+            if status == "saved":
+                self.saved.setToolTip("")
+                self.saved.setText(
+                    f"<span style='color:{colour}'>&#10003;</span> saved {when} UTC: neuron "
+                    f"{neuron} {verdict} by {reader.reader}"
+                )
+            else:
+                self.saved.setText(
+                    f"<span style='color:#ff9f0a'>&#8987;</span> queued, will be sent: neuron "
+                    f"{neuron} {verdict} - the server cannot take it now; it waits on this "
+                    "computer and goes out, in order, when the server is back"
+                )
+                self.saved.setToolTip(reader.last_error)
+            if self.reader is reader:
+                nxt = reader.remaining()
+                if nxt and self.neuron.value() == neuron:
+                    self.neuron.setValue(nxt[0])  # on to the reader's next neuron
+                self._show_progress()
+            self.session.verdicts_changed.emit()
+
+        self._submit(lambda: reader.record(neuron, verdict, note), done)
+
+    def _flush_outbox(self) -> None:
+        reader = self.reader
+        if reader is None or self.busy() or not reader.waiting():
+            return
+
+        def done(result: Any) -> None:
+            if result.sent:
+                self.saved.setText(f"sent {len(result.sent)} queued verdicts; {result.left} left")
+                self.session.verdicts_changed.emit()
+            self._show_progress()
+
+        self._submit(reader.flush, done, lambda exc: self._show_progress())
+
+    # --- recording --------------------------------------------------------------------------------
+    def record(self, verdict: str | VerdictChoice) -> int | None:
+        """Save a verdict on the current neuron; returns the row id (None when refused).
+
+        In study mode (or against a server) the verdict is sent in the background and this
+        returns None; the status line says "saved" or "queued, will be sent" when it is done.
+        """
+        verdict = verdict.value if isinstance(verdict, VerdictChoice) else verdict
+        if self.reader is not None:
+            self._record_in_study(verdict)
+            return None
         rater = self.rater.text().strip()
         save_settings(rater=rater)
         neuron, uid = self.neuron.value(), self.image_uid()
@@ -327,17 +576,29 @@ class LabellingWidget(QWidget):
             self.saved.setText("NOT saved: no analysed image - untick 'about this image only'")
             notify_error("verdict not saved: run the explorer on an image for per-image verdicts")
             return None
+        args = (self.sae_hash(), neuron, verdict, rater, self.note.text())
+        kwargs = {"image_uid": uid, "concept": self.session.concept}
+        if self.is_server():
+            self.saved.setText(f"sending neuron {neuron} {verdict}...")
+
+            def send() -> int:
+                with self.store() as store:
+                    return store.add(*args, **kwargs)
+
+            self._submit(send, lambda _row: self._saved(verdict, neuron, uid, rater),
+                         lambda exc: self._not_saved(exc))  # fmt: skip
+            return None
         try:
             with self.store() as store:
-                row = store.add(
-                    self.sae_hash(), neuron, verdict, rater, self.note.text(), image_uid=uid,
-                    concept=self.session.concept,
-                )  # fmt: skip
+                row = store.add(*args, **kwargs)
         except Exception as exc:  # StoreError: shown, never raised into the viewer
-            self.saved.setText(f"<span style='color:#ff453a'>NOT saved: {exc}</span>")
-            notify_error(f"verdict not saved: {exc}")
+            self._not_saved(exc)
             return None
         # add() returned: the row is committed and synced (synchronous=FULL)
+        self._saved(verdict, neuron, uid, rater)
+        return row
+
+    def _saved(self, verdict: str, neuron: int, uid: str | None, rater: str) -> None:
         where = " (this image)" if uid else ""
         self.saved.setText(
             f"<span style='color:{VERDICT_COLOURS[verdict]}'>&#10003;</span> saved "
@@ -346,25 +607,72 @@ class LabellingWidget(QWidget):
         )
         self.note.clear()
         self.session.verdicts_changed.emit()  # refreshes this widget and the explorer's table
-        return row
 
+    def _not_saved(self, exc: BaseException) -> None:
+        self.saved.setText(f"<span style='color:#ff453a'>NOT saved: {_html(str(exc))}</span>")
+        notify_error(f"verdict not saved: {exc}")
+
+    # --- history and agreement ----------------------------------------------------------------------
     def refresh(self) -> None:
-        """Redraw history and agreement from the database."""
-        self.history.clear()
+        """Redraw history and agreement from the database (in the background for a server)."""
         sae = self.sae_hash()
         if not sae:
+            self.history.clear()
             self.agreement.setText("no SAE yet: run the neuron explorer or enter the SAE")
+            return
+        neuron = self.neuron.value()
+        if self.reader is not None:
+            reader = self.reader
+            self._submit(lambda: self._texts(reader.store, sae, neuron, reader), self._show_texts,
+                         lambda exc: self.agreement.setText(f"label database unavailable: {exc}"))  # fmt: skip
+            return
+        if self.is_server():
+
+            def work():
+                with self.store() as store:
+                    return self._texts(store, sae, neuron, None)
+
+            self._submit(work, self._show_texts,
+                         lambda exc: self.agreement.setText(f"label database unavailable: {exc}"))  # fmt: skip
             return
         try:
             with self.store() as store:
-                for v in reversed(store.history(sae, self.neuron.value())):
-                    note = f" - {v.note}" if v.note else ""
-                    where = f" [image ...{v.image_uid[-8:]}]" if v.image_uid else ""
-                    when = v.created_utc[:16].replace("T", " ") + " UTC"
-                    self.history.addItem(f"{when}  {v.rater}: {v.verdict}{where}{note}")
-                self.agreement.setText(self._agreement_text(store, sae))
+                self._show_texts(self._texts(store, sae, neuron, None))
         except Exception as exc:  # a bad path must not break the widget
+            self.history.clear()
             self.agreement.setText(f"label database unavailable: {exc}")
+
+    def _texts(self, store: LabelStore, sae: str, neuron: int, reader: Any) -> tuple:
+        """(history lines, agreement text) - runs in a worker for a server."""
+        lines = []
+        for v in reversed(store.history(sae, neuron)):
+            note = f" - {v.note}" if v.note else ""
+            where = f" [image ...{v.image_uid[-8:]}]" if v.image_uid else ""
+            when = v.created_utc[:16].replace("T", " ") + " UTC"
+            lines.append(f"{when}  {v.rater}: {v.verdict}{where}{note}")
+        if reader is not None:
+            return lines, self._study_agreement_text(store, reader)
+        return lines, self._agreement_text(store, sae)
+
+    def _show_texts(self, texts: tuple) -> None:
+        lines, agreement = texts
+        self.history.clear()
+        for line in lines:
+            self.history.addItem(line)
+        self.agreement.setText(agreement)
+
+    def _study_agreement_text(self, store: LabelStore, reader: Any) -> str:
+        from ...labels.study import study_agreement
+
+        _design, stats = study_agreement(store, reader.design.id, n_bootstrap=200)
+        lines = [
+            "blinded: colleagues' verdicts show only on neurons you have rated",
+            f"Fleiss' kappa {stats.fleiss.text()}",
+            f"Krippendorff's alpha {stats.krippendorff.text()}",
+        ]
+        if stats.cohen is not None:
+            lines.append(f"Cohen's kappa {stats.cohen.text()}")
+        return "\n".join(lines)
 
     def _agreement_text(self, store: LabelStore, sae: str) -> str:
         counts = store.counts(sae)
@@ -394,8 +702,9 @@ class LabellingWidget(QWidget):
 
     # --- dialogs --------------------------------------------------------------------------------
     def _db_dialog(self) -> None:
+        start = "" if self.is_server() else self.db_path.text()
         path, _ = QFileDialog.getSaveFileName(
-            self, "Label database", self.db_path.text(), "SQLite (*.sqlite *.db)",
+            self, "Label database", start, "SQLite (*.sqlite *.db)",
             options=QFileDialog.Option.DontConfirmOverwrite,
         )  # fmt: skip
         if path:
@@ -445,7 +754,7 @@ class LabellingWidget(QWidget):
             self.import_csv(path)
 
     def export_csv(self, path: str | Path) -> int:
-        """Export every verdict of this database; returns the row count."""
+        """Export every verdict of this database (that this user may read); returns the count."""
         try:
             with self.store() as store:
                 n = store.export_csv(path)
@@ -471,15 +780,10 @@ class LabellingWidget(QWidget):
 KEYS_BY_VERDICT = {v: k for k, v in KEYS.items() if isinstance(v, str)}
 
 
-def _warm_up_kappa() -> None:
-    """Import scikit-learn's metrics off the GUI thread (about 1 s the first time)."""
-    import sys
-    import threading
+def _html(text: str) -> str:
+    import html
 
-    if "sklearn.metrics" not in sys.modules:
-        threading.Thread(
-            target=__import__, args=("sklearn.metrics",)
-        ).start()  # not daemon: an import cut off at exit can crash
+    return html.escape(text, quote=False)
 
 
 def _fmt(value: float) -> str:
