@@ -144,4 +144,4 @@ def test_probe_file_belongs_to_the_sae(chain):
     assert find_probe(root, sha, "calcification") == root / "probe.npz"
     result = load_probe(root / "probe.npz")
     assert len(result.rankings["class_mean"][1]) == 10
-    assert set(result.scores) == {"class_mean", "class_centred", "logit"}
+    assert set(result.scores) == {"class-mean", "class-centred", "logit"}  # the one spelling
