@@ -364,3 +364,30 @@ def test_table2_values_equal_an_independent_recomputation(setup, fake_sae, tmp_p
     assert max(want_paper) > 0 and want_whole != want_paper
     assert t2["ap_finding_images"] == pytest.approx(want_paper, nan_ok=True)
     assert t2["ap_whole_split"] == pytest.approx(want_whole, nan_ok=True)
+
+
+def test_evaluate_with_an_empty_class_reports_table1_and_says_why_the_rest_is_missing(
+    setup, fake_sae, tmp_path, monkeypatch
+):
+    from napari_mammo_sae.analysis.ranking import ClassMeans
+
+    real = evaluate.summarise_store
+
+    def no_positives(*args, **kw):
+        summary = real(*args, **kw)
+        means = summary.means["calcification"]
+        sums = np.nan_to_num(means.mean) * means.count[:, None]
+        summary.means["calcification"] = ClassMeans.from_sums(sums, [means.count[0], 0])
+        return summary
+
+    monkeypatch.setattr(evaluate, "summarise_store", no_positives)
+    out = tmp_path / "report"
+    rc = main(["evaluate", "--store", str(setup / "store.h5"), "--sae", str(setup / "sae"),
+               "--heads", str(setup / "head"), "--data", str(setup / "data"), "--out", str(out),
+               "--bootstrap", "0", "--k", "0,5"])  # fmt: skip
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["table1"]) == 1
+    assert results["figure2"] == results["table2"] == results["figure4"] == []
+    (note,) = results["notes"]
+    assert "0 positive" in note and "undefined" in note
