@@ -71,8 +71,8 @@ def _gallery(viewer, root, store=True):
     from napari_mammo_sae._napari.widgets.gallery import NeuronGallery
 
     g = NeuronGallery(viewer)
-    g.data_dir.setText(str(root / "data"))
-    g.store_path.setText(str(root / "store.h5") if store else "")
+    g.data_dir.value = root / "data"
+    g.store_path.value = root / "store.h5" if store else None
     return g
 
 
@@ -99,8 +99,8 @@ def test_tiles_show_the_neurons_map_around_its_strongest_cell(
     neuron = _neuron(result)
     g = _gallery(viewer, root, store=store)
     s.set_neuron(neuron)
-    assert g.neuron.value() == neuron
-    g.count.setValue(4)
+    assert g.neuron.value == neuron
+    g.count.value = 4
     analyzer = s.models.analyzer
     calls = []
     original = analyzer.analyse
@@ -120,7 +120,7 @@ def test_tiles_show_the_neurons_map_around_its_strongest_cell(
         assert y0 <= r0 < r1 <= y1 + 1 and x0 <= c0 < c1 <= x1 + 1  # the cell is in the crop
         assert tile.crop.shape == (-(-(y1 - y0) // tile.step), -(-(x1 - x0) // tile.step))
     assert len(g.figure.axes) == len(tiles)
-    assert f"neuron {neuron}: {len(tiles)} images" in g.status.text()
+    assert f"neuron {neuron}: {len(tiles)} images" in g.status.value
 
 
 def test_clicking_a_crop_opens_the_image_with_the_overlay_on_the_cell(viewer, probed, qtbot):
@@ -148,8 +148,8 @@ def test_standalone_with_probe_file_and_store_only(viewer, probed, qtbot):
     root, result = probed
     neuron = _neuron(result)
     g = _gallery(viewer, root)
-    g.probe_path.setText(str(root / "probes" / "calc.npz"))
-    g.neuron.setValue(neuron)
+    g.probe_path.value = root / "probes" / "calc.npz"
+    g.neuron.value = neuron
     tiles = _load(g, qtbot)  # no explorer: crops with the strongest cell, no heatmap
     assert len(tiles) == min(12, len(result.top_images[neuron]))
     assert all(t.heat is None for t in tiles)
@@ -159,14 +159,14 @@ def test_standalone_with_probe_file_and_store_only(viewer, probed, qtbot):
 def test_refusals_are_explained_not_raised(viewer, probed, qtbot):
     root, result = probed
     g = _gallery(viewer, root, store=False)
-    assert g.load() is None and "no probe result" in g.status.text()
-    g.probe_path.setText(str(root / "probes" / "calc.npz"))
+    assert g.load() is None and "no probe result" in g.status.value
+    g.probe_path.value = root / "probes" / "calc.npz"
     missing = max(result.top_images) + 1000
-    g.neuron.setValue(missing)
-    assert g.load() is None and f"neuron {missing} is not among them" in g.status.text()
-    g.neuron.setValue(_neuron(result))
-    assert g.load() is None and "run the neuron explorer" in g.status.text()
-    g.data_dir.setText(str(root / "nowhere"))
-    assert g.load() is None and "choose the dataset folder" in g.status.text()
-    g.probe_path.setText(str(root / "data"))  # a folder without probes, and no SAE known
-    assert g.load() is None and "probe" in g.status.text()
+    g.neuron.value = missing
+    assert g.load() is None and f"neuron {missing} is not among them" in g.status.value
+    g.neuron.value = _neuron(result)
+    assert g.load() is None and "run the neuron explorer" in g.status.value
+    g.data_dir.value = root / "nowhere"
+    assert g.load() is None and "choose the dataset folder" in g.status.value
+    g.probe_path.value = root / "data"  # a folder without probes, and no SAE known
+    assert g.load() is None and "probe" in g.status.value

@@ -57,7 +57,7 @@ def test_class_means_with_top_neurons_marked_and_auc_curves(viewer, tmp_path):
     s.probe, s.variant, s.concept = _probe(), "pretrained", "calcification"
     pw = PlotsWidget(viewer)
     assert pw.draw() == {"means": 2, "marked": 10, "curves": 0}
-    pw.report.setText(str(_report(tmp_path / "report")))
+    pw.report.value = _report(tmp_path / "report")
     assert pw.draw() == {"means": 2, "marked": 10, "curves": 2}
     means_ax, auc_ax = pw.figure.axes
     lines = [ln for ln in means_ax.get_lines() if ln.get_visible()]
@@ -69,12 +69,11 @@ def test_class_means_with_top_neurons_marked_and_auc_curves(viewer, tmp_path):
     labels = [t.get_text() for t in means_ax.texts]
     assert labels == [str(n) for n in sorted(marked[:5])]  # the top 5, left to right
     # the session's model (pretrained) is the one whose curves are shown
-    assert pw.curves.currentText() == "pretrained · calcification"
+    assert pw.curves.current_choice == "pretrained · calcification"
     curves = [ln for ln in auc_ax.get_lines() if len(ln.get_xdata()) == 4]
     assert [list(c.get_ydata()) for c in curves] == [[0.5, 0.7, 0.85, 0.9], [0.9, 0.8, 0.6, 0.5]]
     assert list(curves[0].get_xdata()) == [0, 2, 17, M]
-    pw.curves.setCurrentIndex(0)
-    pw.curves.activated.emit(0)
+    pw.curves.value = pw.curves.choices[0]  # choosing another model redraws
     assert "finetuned" in auc_ax.figure.axes[1].get_title()
 
 
@@ -102,24 +101,24 @@ def test_standalone_probe_file_report_means_and_bad_files(viewer, tmp_path):
     path = save_probe(probe, tmp_path / "p.npz")
     pw = PlotsWidget(viewer)
     assert pw.draw() == {"means": 0, "marked": 0, "curves": 0}
-    assert "no probe result" in pw.status.text()
-    pw.probe_path.setText(str(path))
+    assert "no probe result" in pw.status.value
+    pw.probe_path.value = path
     assert pw.draw()["means"] == 2
     np.testing.assert_allclose(pw.figure.axes[0].get_lines()[1].get_ydata(),
                                probe.class_means[1], rtol=1e-6)  # fmt: skip
     # no probe at all: the class means of an evaluation report (figure4 CSV)
-    pw.probe_path.setText("")
-    pw.report.setText(str(_report(tmp_path / "r", means=probe.class_means)))
+    pw.probe_path.value = None
+    pw.report.value = _report(tmp_path / "r", means=probe.class_means)
     assert pw.draw() == {"means": 2, "marked": 10, "curves": 2}
     np.testing.assert_allclose(pw.figure.axes[0].get_lines()[0].get_ydata(),
                                probe.class_means[0], rtol=1e-6)  # fmt: skip
     seen = []
     notification_manager.notification_ready.connect(seen.append)
     (tmp_path / "bad.npz").write_bytes(b"not a probe")
-    pw.probe_path.setText(str(tmp_path / "bad.npz"))
+    pw.probe_path.value = tmp_path / "bad.npz"
     assert pw.draw() == {"means": 0, "marked": 0, "curves": 0}
     notification_manager.notification_ready.disconnect(seen.append)
-    assert "cannot draw" in pw.status.text() and "not a probe file" in pw.status.text()
+    assert "cannot draw" in pw.status.value and "not a probe file" in pw.status.value
     assert any("plots" in str(n.message) for n in seen)
 
 
@@ -130,12 +129,12 @@ def test_a_hidden_plots_dock_draws_when_shown(viewer, qtbot):
 
     s = get_session(viewer)
     pw = PlotsWidget(viewer)
-    qtbot.addWidget(pw)
-    assert not pw.isVisible() and pw._means is None  # drawn once at creation: nothing to show
+    qtbot.addWidget(pw.native)
+    assert not pw.native.isVisible() and pw._means is None  # drawn once at creation: nothing to show
     s.probe = _probe()
     s.analysis_changed.emit(s)
     assert pw._means is None  # hidden: not redrawn yet
-    pw.show()
+    pw.native.show()
     qtbot.waitUntil(lambda: pw._means is not None, timeout=5000)
     np.testing.assert_allclose(pw._means, s.probe.class_means)
     s.set_neuron(7)  # visible now: the marker moves at once

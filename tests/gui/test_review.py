@@ -350,7 +350,7 @@ def test_plots_draw_class_means_and_auc_curves(viewer, tmp_path):
              "k": [0, 1, 10, "all"], "auroc": [0.5, 0.6, 0.8, 0.9]} for m in ("activated", "deactivated")]  # fmt: skip
     (report / "results.json").write_text(json.dumps({"figure2": rows}))
     pw = PlotsWidget(viewer)
-    pw.report.setText(str(report))
+    pw.report.value = report
     drawn = pw.draw()
     assert drawn == {"means": 2, "marked": 10, "curves": 2}
 

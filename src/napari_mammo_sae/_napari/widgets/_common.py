@@ -33,6 +33,27 @@ def choices(enum: Any, labels: dict | None = None) -> list[tuple[str, Any]]:
     return [((labels or {}).get(m, m.value), m) for m in enum]
 
 
+def path_text(edit: Any) -> str:
+    """The path in a magicgui FileEdit as text ('' when empty)."""
+    value = edit.value
+    return "" if value is None or str(value).strip() in ("", ".") else str(value)
+
+
+def on_show(widget: Any, callback: Any) -> Any:
+    """Call ``callback()`` each time the Qt ``widget`` is shown (a dock tab raised, reopened)."""
+    from qtpy.QtCore import QEvent, QObject
+
+    class _Filter(QObject):
+        def eventFilter(self, obj: Any, event: Any) -> bool:  # noqa: N802 - Qt override
+            if event.type() == QEvent.Type.Show:
+                callback()
+            return False
+
+    widget._show_filter = _Filter(widget)  # parented and referenced: lives as long as the widget
+    widget.installEventFilter(widget._show_filter)
+    return widget._show_filter
+
+
 def load_settings() -> dict:
     """Remembered settings ({} when none or unreadable)."""
     try:

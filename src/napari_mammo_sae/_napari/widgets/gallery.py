@@ -6,7 +6,8 @@ The gallery reads those images from the dataset folder (VinDr layout) and draws 
 cell with the neuron's heatmap over it, cell edges on the model's crop box. The heatmap comes from
 the feature store the probe was made from (the SAE encodes the stored map: no backbone run) or,
 without a store, from the explorer's model (one cached backbone run per image). Loading happens in
-a worker thread; click a crop to open that image in the viewer with the neuron's overlay.
+a worker thread; click a crop to open that image in the viewer with the neuron's overlay. The
+controls are magicgui widgets; the image grid is a matplotlib canvas (magicgui has no image grid).
 """
 
 from __future__ import annotations
@@ -16,17 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from qtpy.QtWidgets import (
-    QFileDialog,
-    QFormLayout,
-    QHBoxLayout,
-    QLabel,
-    QLineEdit,
-    QPushButton,
-    QSpinBox,
-    QVBoxLayout,
-    QWidget,
-)
+from magicgui.widgets import Container, FileEdit, Label, PushButton, SpinBox
 
 from ._common import (
     get_session,
@@ -34,6 +25,7 @@ from ._common import (
     load_settings,
     notify_error,
     notify_info,
+    path_text,
     save_settings,
 )
 
@@ -221,89 +213,61 @@ def draw_tiles(figure: Any, neuron: int, tiles: list[Tile]) -> list[Any]:
     return axes
 
 
-class NeuronGallery(QWidget):
+class NeuronGallery(Container):
     """Dock widget: the current neuron's top-activating crops across a probed dataset."""
 
-    def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
+    def __init__(self, napari_viewer: Any) -> None:
+        super().__init__(labels=True)
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
         from matplotlib.figure import Figure
 
         self.viewer = napari_viewer
         self.session = get_session(napari_viewer)
         settings = load_settings()
-        self.data_dir = QLineEdit(settings.get("gallery_data", ""))
-        self.data_dir.setPlaceholderText("dataset folder (VinDr layout) the probe was made on")
-        self.probe_path = QLineEdit(settings.get("gallery_probe", ""))
-        self.probe_path.setPlaceholderText("probe .npz or its folder (default: the explorer's)")
-        self.store_path = QLineEdit(settings.get("gallery_store", ""))
-        self.store_path.setPlaceholderText("feature store .h5 (optional: no backbone reruns)")
-        self.neuron = QSpinBox()
-        self.neuron.setRange(0, 1 << 20)
-        self.neuron.setKeyboardTracking(False)
-        if self.session.neuron is not None:
-            self.neuron.setValue(int(self.session.neuron))
-        self.count = QSpinBox()
-        self.count.setRange(1, 16)
-        self.count.setValue(12)
-        self.show_button = QPushButton("show gallery")
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
+
+        def path(label: str, key: str, mode: str, tip: str, **kw: Any) -> FileEdit:
+            edit = FileEdit(label=label, mode=mode, nullable=True, tooltip=tip, **kw)
+            edit.value = settings.get(key) or None
+            return edit
+
+        self.data_dir = path("dataset", "gallery_data", "d",
+                             "dataset folder (VinDr layout) the probe was made on")  # fmt: skip
+        self.probe_path = path("probe", "gallery_probe", "r",
+                               "probe .npz or its folder (default: the explorer's)", filter="*.npz")  # fmt: skip
+        self.store_path = path("store", "gallery_store", "r",
+                               "feature store .h5 (optional: no backbone reruns)", filter="*.h5 *.hdf5")  # fmt: skip
+        self.neuron = SpinBox(
+            label="neuron", min=0, max=1 << 20, value=int(self.session.neuron or 0)
+        )
+        self.neuron.native.setKeyboardTracking(False)
+        self.count = SpinBox(label="crops", min=1, max=16, value=12)
+        self.show_button = PushButton(text="show gallery")
+        self.status = Label(label="", value="")
+        self.status.native.setWordWrap(True)
         self.figure = Figure(figsize=(4, 3.4), facecolor="#262930")
         self.canvas = FigureCanvasQTAgg(self.figure)
         self.canvas.setMinimumHeight(300)
-
-        form = QFormLayout()
-        for label, edit, kind in (
-            ("dataset", self.data_dir, "dir"), ("probe", self.probe_path, "probe"),
-            ("store", self.store_path, "store"),
-        ):  # fmt: skip
-            row = QHBoxLayout()
-            row.addWidget(edit)
-            browse = QPushButton("...")
-            browse.setMaximumWidth(28)
-            browse.clicked.connect(lambda _=False, e=edit, k=kind: self._browse(e, k))
-            row.addWidget(browse)
-            form.addRow(label, row)
-        controls = QHBoxLayout()
-        controls.addWidget(QLabel("neuron"))
-        controls.addWidget(self.neuron, 1)
-        controls.addWidget(QLabel("crops"))
-        controls.addWidget(self.count)
-        controls.addWidget(self.show_button)
-        layout = QVBoxLayout(self)
-        layout.addLayout(form)
-        layout.addLayout(controls)
-        layout.addWidget(self.status)
-        layout.addWidget(self.canvas, 1)
+        self.extend([self.data_dir, self.probe_path, self.store_path, self.neuron, self.count,
+                     self.show_button, self.status])  # fmt: skip
+        self.native.layout().addWidget(self.canvas, 1)
         self.tiles: list[Tile] = []
         self.worker: Any = None
         self.last_error: str | None = None
         self._shown_neuron: int | None = None
-        self.show_button.clicked.connect(self.load)
+        self.show_button.changed.connect(self.load)
         self.session.neuron_changed.connect(self._neuron_changed)
         self.canvas.mpl_connect("button_press_event", self._clicked)
 
-    # --- inputs ---------------------------------------------------------------------------------
-    def _browse(self, edit: QLineEdit, kind: str) -> None:
-        if kind == "dir":
-            path = QFileDialog.getExistingDirectory(self, "Dataset folder")
-        else:
-            pattern = "Probe (*.npz)" if kind == "probe" else "Feature store (*.h5 *.hdf5)"
-            path, _ = QFileDialog.getOpenFileName(self, f"{kind} file", "", pattern)
-        if path:
-            edit.setText(path)
-
     def _neuron_changed(self, neuron: int) -> None:
-        if self.neuron.value() != neuron:
-            self.neuron.setValue(int(neuron))
-        if self.isVisible() and neuron != self._shown_neuron:
+        if self.neuron.value != neuron:
+            self.neuron.value = int(neuron)
+        if self.native.isVisible() and neuron != self._shown_neuron:
             self.load()
 
     def probe(self) -> Any:
         """The probe result to use: the explorer's, else the file or folder given (by SAE hash)."""
         s = self.session
-        text = self.probe_path.text().strip()
+        text = path_text(self.probe_path)
         if not text:
             return s.probe
         from ...pipeline.probe import find_probe, load_probe
@@ -322,14 +286,14 @@ class NeuronGallery(QWidget):
         return result
 
     # --- loading --------------------------------------------------------------------------------
-    def load(self) -> Any:
+    def load(self, *_: Any) -> Any:
         """Load the neuron's tiles in a worker; returns the worker (None when refused)."""
         from napari.qt.threading import create_worker
 
         from ...errors import MammoSAEError
 
         s = self.session
-        neuron = int(self.neuron.value())
+        neuron = int(self.neuron.value)
         try:
             probe = self.probe()
         except (_Refused, MammoSAEError) as exc:
@@ -344,25 +308,25 @@ class NeuronGallery(QWidget):
                 f"the probe keeps galleries for its top neurons only ({listed}...); "
                 f"neuron {neuron} is not among them"
             )
-        data = Path(self.data_dir.text().strip())
-        if not self.data_dir.text().strip() or not (data / "images").is_dir():
+        data = Path(path_text(self.data_dir))
+        if not path_text(self.data_dir) or not (data / "images").is_dir():
             return self._refuse("choose the dataset folder (it holds images/<study>/<image>)")
         analyzer = s.models.analyzer if s.models is not None else None
-        store = self.store_path.text().strip() or None
+        store = path_text(self.store_path) or None
         if analyzer is None and store is None:
             return self._refuse(
                 "run the neuron explorer (its SAE draws the heatmaps), or choose the feature "
                 "store the probe was made from (crops with the strongest cell, no heatmap)"
             )
-        save_settings(gallery_data=str(data), gallery_probe=self.probe_path.text().strip(),
+        save_settings(gallery_data=str(data), gallery_probe=path_text(self.probe_path),
                       gallery_store=store or "")  # fmt: skip
         if self.worker is not None:
             self.worker.quit()
         self.last_error = None
-        self.status.setText(f"loading neuron {neuron}...")
+        self._say(f"loading neuron {neuron}...")
         self._shown_neuron = neuron
         self.worker = create_worker(
-            gallery_tiles, neuron, probe, data, self.count.value(), analyzer=analyzer,
+            gallery_tiles, neuron, probe, data, self.count.value, analyzer=analyzer,
             store_path=store, _progress={"desc": f"gallery: neuron {neuron}"},
         )  # fmt: skip
         worker = self.worker
@@ -372,11 +336,14 @@ class NeuronGallery(QWidget):
         worker.start()
         return worker
 
+    def _say(self, text: str) -> None:
+        self.status.value = text
+
     def _refuse(self, message: str) -> None:
         if self.worker is not None:  # a pending load of another neuron must not draw over this
             self.worker.quit()
             self.worker = None
-        self.status.setText(message)
+        self._say(message)
         self.last_error = message
         return None
 
@@ -384,7 +351,7 @@ class NeuronGallery(QWidget):
         if worker is self.worker:
             self.worker = None
         self.last_error = str(exc)
-        self.status.setText(f"gallery failed: {exc}")
+        self._say(f"gallery failed: {exc}")
         notify_error(f"gallery: {exc}")
 
     def _draw(self, neuron: int, tiles: list[Tile], worker: Any = None) -> None:
@@ -395,9 +362,9 @@ class NeuronGallery(QWidget):
         draw_tiles(self.figure, neuron, tiles)
         self.canvas.draw()  # synchronous: no deferred draw can outlive a closed viewer
         if not tiles:
-            self.status.setText(f"neuron {neuron}: none of its top images are in this folder")
+            self._say(f"neuron {neuron}: none of its top images are in this folder")
         else:
-            self.status.setText(f"neuron {neuron}: {len(tiles)} images - click one to open it")
+            self._say(f"neuron {neuron}: {len(tiles)} images - click one to open it")
 
     # --- opening ----------------------------------------------------------------------------------
     def _clicked(self, event: Any) -> None:

@@ -3,7 +3,8 @@
 The class means come from a probe file (``napari-mammo-sae probe``): the explorer's, or one chosen
 by path; without one, from the ``figure4_*.csv`` of an evaluation report. The AUROC-versus-k curves
 come from an evaluation report folder (``napari-mammo-sae evaluate``: ``results.json``), chosen by
-path. The explorer's current neuron is marked on the class means.
+path. The explorer's current neuron is marked on the class means. The controls are magicgui
+widgets; the plots are a matplotlib canvas.
 """
 
 from __future__ import annotations
@@ -14,19 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from qtpy.QtWidgets import (
-    QComboBox,
-    QFileDialog,
-    QFormLayout,
-    QHBoxLayout,
-    QLabel,
-    QLineEdit,
-    QPushButton,
-    QVBoxLayout,
-    QWidget,
-)
+from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton
 
-from ._common import get_session, load_settings, notify_error, save_settings
+from ._common import get_session, load_settings, notify_error, on_show, path_text, save_settings
 
 POSITIVE, NEGATIVE = "#d62728", "#1f77b4"
 N_MARKED, N_LABELLED = 10, 5
@@ -57,79 +48,56 @@ def report_class_means(folder: Path, variant: str, concept: str) -> np.ndarray |
     return np.stack([neg, pos])
 
 
-class PlotsWidget(QWidget):
+class PlotsWidget(Container):
     """Dock widget with a matplotlib canvas: Figure 4 and Figure 2 analogues."""
 
-    def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
+    def __init__(self, napari_viewer: Any) -> None:
+        super().__init__(labels=True)
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
         from matplotlib.figure import Figure
 
         self.viewer = napari_viewer
         self.session = get_session(napari_viewer)
         settings = load_settings()
-        self.probe_path = QLineEdit(settings.get("plots_probe", ""))
-        self.probe_path.setPlaceholderText("probe .npz (default: the explorer's)")
-        self.report = QLineEdit(settings.get("report_dir", ""))
-        self.report.setPlaceholderText("evaluation report folder (optional)")
-        self.curves = QComboBox()
-        self.curves.setToolTip("which model's AUROC-vs-k curves to show")
-        redraw = QPushButton("redraw")
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
+        self.probe_path = FileEdit(label="probe", mode="r", filter="*.npz", nullable=True,
+                                   tooltip="probe .npz (default: the explorer's)")  # fmt: skip
+        self.report = FileEdit(label="report", mode="d", nullable=True,
+                               tooltip="evaluation report folder (optional)")  # fmt: skip
+        self.probe_path.value = settings.get("plots_probe") or None
+        self.report.value = settings.get("report_dir") or None
+        self.curves = ComboBox(label="curves", choices=[],
+                               tooltip="which model's AUROC-vs-k curves to show")  # fmt: skip
+        redraw = PushButton(text="redraw")
+        self.status = Label(label="", value="")
+        self.status.native.setWordWrap(True)
         # constrained layout keeps the legends under the axes clear of the labels
         self.figure = Figure(figsize=(4.2, 6.0), facecolor="white", layout="constrained")
         self.canvas = FigureCanvasQTAgg(self.figure)
         self.canvas.setMinimumHeight(520)
-        form = QFormLayout()
-        for label, edit, kind in (("probe", self.probe_path, "probe"),
-                                  ("report", self.report, "report")):  # fmt: skip
-            row = QHBoxLayout()
-            row.addWidget(edit)
-            browse = QPushButton("...")
-            browse.setMaximumWidth(28)
-            browse.clicked.connect(lambda _=False, e=edit, k=kind: self._browse(e, k))
-            row.addWidget(browse)
-            form.addRow(label, row)
-        row = QHBoxLayout()
-        row.addWidget(self.curves, 1)
-        row.addWidget(redraw)
-        form.addRow("curves", row)
-        layout = QVBoxLayout(self)
-        layout.addLayout(form)
-        layout.addWidget(self.status)
-        layout.addWidget(self.canvas, 1)
+        self.extend([self.probe_path, self.report, self.curves, redraw, self.status])
+        self.native.layout().addWidget(self.canvas, 1)
         self._probe_cache: tuple[tuple, Any] | None = None
         self._current_line: Any = None
         self._means: np.ndarray | None = None
         self._stale = False  # something changed while the dock was hidden
-        redraw.clicked.connect(self.draw)
-        self.report.editingFinished.connect(self.draw)
-        self.probe_path.editingFinished.connect(self.draw)
-        self.curves.activated.connect(lambda _i: self.draw())
+        redraw.changed.connect(self.draw)
+        self.report.changed.connect(self.draw)
+        self.probe_path.changed.connect(self.draw)
+        self.curves.changed.connect(self.draw)
         self.session.analysis_changed.connect(self._analysis_changed)
         self.session.neuron_changed.connect(self._neuron_changed)
+        on_show(self.native, self._shown)
         self.draw()
-
-    def _browse(self, edit: QLineEdit, kind: str) -> None:
-        if kind == "probe":
-            path, _ = QFileDialog.getOpenFileName(self, "Probe file", "", "Probe (*.npz)")
-        else:
-            path = QFileDialog.getExistingDirectory(self, "Evaluation report folder")
-        if path:
-            edit.setText(path)
-            self.draw()
 
     def _analysis_changed(self, _session: Any = None) -> None:
         # a matplotlib redraw costs the GUI thread 0.1-0.3 s: only when the dock can be seen
-        if self.isVisible():
+        if self.native.isVisible():
             self.draw()
         else:
             self._stale = True
 
-    def showEvent(self, event: Any) -> None:  # noqa: N802 - Qt override
+    def _shown(self) -> None:
         """Draw what changed while the dock was hidden (a tab behind another, or closed)."""
-        super().showEvent(event)
         if self._stale:
             self._stale = False
             self.draw()
@@ -137,7 +105,7 @@ class PlotsWidget(QWidget):
     # --- data -----------------------------------------------------------------------------------
     def probe(self) -> Any:
         """The probe result: the file chosen here, else the explorer's (None when neither)."""
-        text = self.probe_path.text().strip()
+        text = path_text(self.probe_path)
         if not text:
             return self.session.probe
         from ...pipeline.probe import load_probe
@@ -150,39 +118,35 @@ class PlotsWidget(QWidget):
 
     def figure2_rows(self) -> list[dict]:
         """Figure-2 rows of the report for the chosen model (variant, concept)."""
-        rows = read_report(self.report.text().strip()).get("figure2", [])
+        rows = read_report(path_text(self.report)).get("figure2", [])
         models = sorted({(r["variant"], r["concept"]) for r in rows})
-        chosen = self.curves.currentData()
-        self.curves.blockSignals(True)
-        self.curves.clear()
-        for variant, concept in models:
-            self.curves.addItem(f"{variant} · {concept}", (variant, concept))
-        self.curves.blockSignals(False)
+        chosen = self.curves.value
         if not models:
             return []
-        s = self.session
         if chosen not in models:
-            wanted = (s.variant, s.concept)
+            wanted = (self.session.variant, self.session.concept)
             chosen = wanted if wanted in models else models[0]
-        self.curves.setCurrentIndex(models.index(chosen))
+        with self.curves.changed.blocked():
+            self.curves.choices = [(f"{v} · {c}", (v, c)) for v, c in models]
+            self.curves.value = chosen
         return [r for r in rows if (r["variant"], r["concept"]) == chosen]
 
     # --- drawing --------------------------------------------------------------------------------
-    def draw(self) -> dict:
+    def draw(self, *_: Any) -> dict:
         """Redraw; returns what was drawn: {'means': lines, 'marked': top neurons, 'curves': n}."""
         try:
             return self._draw()
         except Exception as exc:  # noqa: BLE001 - a bad file must not break the dock
             self.figure.clear()
             self.canvas.draw()  # synchronous: no deferred draw can outlive a closed viewer
-            self.status.setText(f"cannot draw: {exc}")
+            self.status.value = f"cannot draw: {exc}"
             notify_error(f"plots: {exc}")
             return {"means": 0, "marked": 0, "curves": 0}
 
     def _draw(self) -> dict:
         s = self.session
-        save_settings(report_dir=self.report.text().strip(),
-                      plots_probe=self.probe_path.text().strip())  # fmt: skip
+        report = path_text(self.report)
+        save_settings(report_dir=report, plots_probe=path_text(self.probe_path))
         self.figure.clear()
         self._current_line = None
         drawn = {"means": 0, "marked": 0, "curves": 0}
@@ -194,8 +158,8 @@ class PlotsWidget(QWidget):
             means, counts = np.asarray(probe.class_means), np.asarray(probe.class_counts)
             split = probe.meta.get("split", "training")
             title = f"class-wise mean latents\n{probe.concept} · {split} split"
-        elif self.report.text().strip():
-            means = report_class_means(Path(self.report.text().strip()), s.variant, s.concept)
+        elif report:
+            means = report_class_means(Path(report), s.variant, s.concept)
             title = f"class-wise mean latents\n{s.concept} · {s.variant} (report)"
         self._means = means
         notes = []
@@ -209,10 +173,10 @@ class PlotsWidget(QWidget):
             notes.append("no probe result loaded")
         if rows:
             drawn["curves"] = self._draw_curves(self.figure.add_subplot(2, 1, 2), rows)
-        elif self.report.text().strip():
+        elif report:
             notes.append("the report folder has no AUROC-vs-k results (results.json figure2)")
         self.canvas.draw()  # synchronous: no deferred draw can outlive a closed viewer
-        self.status.setText("; ".join(notes))
+        self.status.value = "; ".join(notes)
         return drawn
 
     def _draw_means(self, ax: Any, means: np.ndarray, counts: Any, title: str) -> dict:
@@ -293,7 +257,7 @@ class PlotsWidget(QWidget):
             return
         line.set_xdata([neuron, neuron])
         line.set_visible(0 <= neuron < self._means.shape[1])
-        if self.isVisible():
+        if self.native.isVisible():
             self.canvas.draw()  # synchronous: no deferred draw can outlive a closed viewer
         else:
             self._stale = True
