@@ -130,7 +130,8 @@ def test_a_hidden_plots_dock_draws_when_shown(viewer, qtbot):
     s = get_session(viewer)
     pw = PlotsWidget(viewer)
     qtbot.addWidget(pw.native)
-    assert not pw.native.isVisible() and pw._means is None  # drawn once at creation: nothing to show
+    # drawn once at creation: nothing to show
+    assert not pw.native.isVisible() and pw._means is None
     s.probe = _probe()
     s.analysis_changed.emit(s)
     assert pw._means is None  # hidden: not redrawn yet
