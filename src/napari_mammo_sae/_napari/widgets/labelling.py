@@ -22,6 +22,7 @@ session) or alone: type a neuron id and paste an SAE hash or pick the SAE weight
 from __future__ import annotations
 
 import collections
+import contextlib
 import enum
 import functools
 import math
@@ -182,6 +183,8 @@ class LabellingWidget(QWidget):
         self._password: str | None = None  # typed at the prompt; memory only
         self._ops: collections.deque = collections.deque()
         self._op_worker: Any = None
+        self._store: LabelStore | None = None
+        self._store_key: tuple = ()
 
         # --- the form (magicgui) -----------------------------------------------------------------
         self.form_db = LineEdit(
@@ -391,9 +394,21 @@ class LabellingWidget(QWidget):
         else:
             self.refresh()
 
-    def store(self) -> LabelStore:
-        """The label database (StoreError when it cannot be opened)."""
-        return LabelStore(self.target(), password=self._password)
+    def store(self) -> Any:
+        """The label database, as a context manager (StoreError when it cannot be opened).
+
+        Kept open between verdicts (per database and password): opening a file for each verdict
+        would checkpoint its WAL on every close, and a server login costs a round trip.
+        """
+        key = (str(self.target()), self._password)
+        if self._store is None or self._store_key != key:
+            old, self._store = self._store, None
+            if old is not None:
+                old.close()
+            self._store = LabelStore(self.target(), password=self._password)
+            self._store_key = key
+            weakref.finalize(self, self._store.close)
+        return contextlib.nullcontext(self._store)
 
     # --- background operations (study / server): one at a time, in order --------------------------
     def _submit(self, fn: Any, on_done: Any, on_error: Any = None) -> None:
