@@ -37,6 +37,11 @@ MAX_FRACTIONAL_VALUE = 255  # segment fractions are stored as round(f * 255) / 2
 SC_MAX_SIDE = 2048  # the Secondary Capture's long side, pixels (the overlay is for viewing)
 SCHEME = "99MSAE"  # private coding scheme of this package's concepts
 SERIES_NUMBERS = {"SEG": 9101, "SR": 9102, "SC": 9103}
+#: Type 2 attributes of the Patient and General Study modules (empty when the source lacks them)
+TYPE2_COPIED = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+    "ReferringPhysicianName", "StudyID", "AccessionNumber",
+)  # fmt: skip
 CAPTION = "NOT FOR DIAGNOSIS - research overlay (Mammo-SAE)"
 
 
@@ -162,12 +167,16 @@ def read_source_header(path: str | Path):
     import pydicom
 
     try:
-        return pydicom.dcmread(str(path), stop_before_pixels=True)
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True)
     except (OSError, pydicom.errors.InvalidDicomError) as exc:
         raise ExportError(
             f"{Path(path).name}: the source image is needed to export (its header is copied into "
             f"the exported objects) but could not be read ({type(exc).__name__})"
         ) from None
+    for keyword in TYPE2_COPIED:  # required, may be empty: a source without them still exports
+        if keyword not in ds:
+            setattr(ds, keyword, "")
+    return ds
 
 
 def patient_orientation(header: Any, record: Any) -> tuple[str, str] | None:
@@ -441,6 +450,15 @@ def build_capture(header: Any, rgb: np.ndarray, orientation, laterality):
     return sc
 
 
+def _redact(text: str, header: Any) -> str:
+    """``text`` with the source's patient-identifying values cut out."""
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber"):
+        value = str(header.get(keyword, "") or "")
+        if len(value) > 1:
+            text = text.replace(value, "<hidden>")
+    return text[:300]
+
+
 # --- one image -------------------------------------------------------------------------------------
 def export_analysis(inp: ExportInput, out_dir: str | Path) -> ExportResult:
     """Write the Segmentation, SR and Secondary Capture of one analysed image into ``out_dir``."""
@@ -475,12 +493,18 @@ def export_analysis(inp: ExportInput, out_dir: str | Path) -> ExportResult:
     # highdicom warns about odd values by quoting them - patient names included: keep them quiet.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        seg = build_segmentation(header, frac, neurons, scales, inp)
-        if orientation is not None:
-            seg.PatientOrientation = list(orientation)
-        sr = build_report(header, inp, neurons, scores, scales, seg)
-        rgb = overlay_rgb(record, frac[..., 0], caption)
-        sc = build_capture(header, rgb, orientation, laterality)
+        try:
+            seg = build_segmentation(header, frac, neurons, scales, inp)
+            if orientation is not None:
+                seg.PatientOrientation = list(orientation)
+            sr = build_report(header, inp, neurons, scores, scales, seg)
+            rgb = overlay_rgb(record, frac[..., 0], caption)
+            sc = build_capture(header, rgb, orientation, laterality)
+        except (AttributeError, ValueError, TypeError) as exc:
+            raise ExportError(
+                f"{source.name}: highdicom refused to build the objects from this source "
+                f"({type(exc).__name__}: {_redact(str(exc), header)})"
+            ) from None
 
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 # dicomweb-client and urllib3 log request URLs with their query strings (accession numbers) at
 # DEBUG level: keep them quiet even when our own command line runs with -vv.
-for _name in ("dicomweb_client", "urllib3.connectionpool"):
+for _name in ("dicomweb_client", "urllib3.connectionpool", "retrying"):
     if logging.getLogger(_name).getEffectiveLevel() < logging.WARNING:
         logging.getLogger(_name).setLevel(logging.WARNING)
 
@@ -200,16 +200,19 @@ class PacsClient:
         creds = credentials if credentials is not None else resolve_credentials(server, prompt)
         session = requests.Session()
         session.verify = server.verify_tls
+        if not server.verify_tls:
+            # requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE override session.verify=False
+            # (psf/requests#3829); the environment is ignored for a server the user exempted.
+            session.trust_env = False
         if creds.token:
             session.headers["Authorization"] = f"Bearer {creds.token}"
         elif creds.username:
             session.auth = requests.auth.HTTPBasicAuth(creds.username, creds.password or "")
         self._session = session
         self._client = DICOMwebClient(server.url, session=session, timeout=server.timeout_s)
-        self._client.set_http_retry_params(
-            retry=True, max_attempts=2, wait_exponential_multiplier=200,
-            retriable_error_codes=(http.HTTPStatus.SERVICE_UNAVAILABLE,),
-        )  # fmt: skip
+        # no automatic retries: they would also repeat refused connections and log the failing
+        # URL (with its query) through the 'retrying' logger; the user retries instead.
+        self._client.set_http_retry_params(retry=False)
         self.cache = cache if isinstance(cache, InstanceCache) else InstanceCache(cache)
 
     def __repr__(self) -> str:
@@ -227,6 +230,11 @@ class PacsClient:
             yield
         except PacsError:
             raise
+        except requests.exceptions.JSONDecodeError:
+            raise PacsResponseError(
+                f"{name} sent an answer that is not valid DICOMweb while trying to {what} "
+                "(not JSON)"
+            ) from None
         except requests.HTTPError as exc:
             status = exc.response.status_code if exc.response is not None else 0
             raise _http_message(status, what, name) from None
