@@ -279,9 +279,17 @@ def test_study_mode_walks_the_readers_queue_with_progress(make_napari_viewer, se
     _key(viewer, "[", qtbot)
     assert w.neuron.value() == order[0]
     w.neuron.setValue(8)
+    _wait(w, qtbot)
+    assert w.history.count() == 0  # blinded: bob's verdict on 8 is not shown before ann's own
     _key(viewer, "2", qtbot)
     _wait(w, qtbot)
     assert "2 of 5" in w.progress.text()
+    w.neuron.setValue(8)
+    _wait(w, qtbot)
+    assert sorted(w.history.item(i).text().split("  ")[1] for i in range(w.history.count())) == [
+        "ann: spurious",
+        "bob: clinical",
+    ]
     # the interventions dock's seam: bob clinical + ann spurious on 8 is disputed; only ann on
     # order[0] says spurious -> a majority of one
     assert w.session.study is not None

@@ -660,7 +660,12 @@ class LabellingWidget(QWidget):
     def _texts(self, store: LabelStore, sae: str, neuron: int, reader: Any) -> tuple:
         """(history lines, agreement text) - runs in a worker for a server."""
         lines = []
-        for v in reversed(store.history(sae, neuron)):
+        rows = store.history(sae, neuron)
+        if reader is not None and not any(v.rater == reader.reader for v in rows):
+            # blinded: nothing of colleagues' before one's own verdict (the server enforces this
+            # for PostgreSQL studies; a local file cannot, so the dock does)
+            rows = []
+        for v in reversed(rows):
             note = f" - {v.note}" if v.note else ""
             where = f" [image ...{v.image_uid[-8:]}]" if v.image_uid else ""
             when = v.created_utc[:16].replace("T", " ") + " UTC"
@@ -681,7 +686,8 @@ class LabellingWidget(QWidget):
 
         _design, stats = study_agreement(store, reader.design.id, n_bootstrap=200)
         lines = [
-            "blinded: colleagues' verdicts show only on neurons you have rated",
+            "blinded: colleagues' verdicts on a neuron show once you have given yours"
+            + ("" if store.target.is_server else " (a local file: the dock hides them)"),
             f"Fleiss' kappa {stats.fleiss.text()}",
             f"Krippendorff's alpha {stats.krippendorff.text()}",
         ]
