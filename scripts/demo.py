@@ -81,7 +81,12 @@ def run_analysis(viewer, weights: Path) -> str:
     dock = viewer.window._dock_widgets.get("Neuron explorer")
     if dock is not None:
         dock.raise_()
-    return f"{summary}; showing {best.layer_name}, top neuron {int(best.neurons[0])}"
+    # the fast path: ONNX Runtime on a CPU (models/runtime.py, `auto`), PyTorch on a GPU
+    runtime = getattr(best.analysis, "runtime", "") or "unknown"
+    return (
+        f"{summary}; showing {best.layer_name}, top neuron {int(best.neurons[0])}; "
+        f"backbone runtime {runtime}"
+    )
 
 
 def write_overlays(viewer, out: Path) -> list[Path]:
