@@ -185,7 +185,7 @@ def test_study_create_takes_the_top_k_of_each_class_from_a_probe(tmp_path, capsy
     scores = np.zeros((2, m))
     scores[1, [11, 12, 13]] = [3.0, 2.0, 1.0]  # class 1 (e.g. mass present): 11, 12, 13
     scores[0, [20, 21, 22]] = [3.0, 2.0, 1.0]
-    probe = ProbeResult(SAE, "mass", np.zeros((2, m)), np.array([5, 5]), {"class_mean": scores},
+    probe = ProbeResult(SAE, "mass", np.zeros((2, m)), np.array([5, 5]), {"class-mean": scores},
                         {}, {})  # fmt: skip
     path = save_probe(probe, tmp_path / "probe.npz")
     db = str(tmp_path / "p.sqlite")
@@ -199,3 +199,24 @@ def test_study_create_takes_the_top_k_of_each_class_from_a_probe(tmp_path, capsy
     }  # fmt: skip
     assert sum(s == "control" for s in design.neurons.values()) == 3
     assert all(n < m for n in design.neurons)
+
+
+def test_study_create_from_the_bundled_probe(tmp_path, capsys):
+    from pathlib import Path
+
+    probe = Path(__file__).parents[1] / "weights" / "probes" / "calcification.npz"
+    db = str(tmp_path / "b.sqlite")
+    assert main(["study", "create", "--db", db, "--study", "calc", "--probe", str(probe),
+                 "--top-k", "5", "--controls", "5", "--concept", "calcification",
+                 "--reader", "ann", "--reader", "bob"]) == 0  # fmt: skip
+    assert "study calc in b.sqlite" in capsys.readouterr().out
+    with LabelStore(db) as store:
+        design = open_study(store, "calc")
+    from napari_mammo_sae.pipeline.probe import load_probe
+
+    p = load_probe(probe)
+    assert design.sae_hash == p.sae_sha256
+    assert {n for n, s in design.neurons.items() if s == "top class 1"} == set(
+        p.top(1, "class-mean", 5)
+    )
+    assert sum(s == "control" for s in design.neurons.values()) == 5

@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--sae-dir", default=None, help="or the SAE folder to hash")
     p.add_argument("--concept", required=True, help="the concept the neurons are read for")
     p.add_argument("--probe", default=None, help="probe .npz: take the top-k of each class")
-    p.add_argument("--method", default="class_mean", help="probe ranking method (class_mean)")
+    p.add_argument("--method", default="class-mean", help="probe ranking (class-mean, ...)")
     p.add_argument("--top-k", type=int, default=10, help="top neurons per class from the probe")
     p.add_argument("--controls", type=int, default=0, help="random control neurons to add")
     p.add_argument("--n-latents", type=int, default=None, help="SAE width (given a probe: its)")
@@ -111,13 +111,15 @@ def _create(args, store) -> int:
     sae = args.sae
     top, n_latents = {}, args.n_latents
     if args.probe:
+        from ..analysis.ranking import ranking_name
         from ..pipeline.probe import load_probe
 
         probe = load_probe(args.probe)
-        if args.method not in probe.scores:
+        method = args.method if args.method in probe.scores else ranking_name(args.method)
+        if method not in probe.scores:
             raise StudyError(f"the probe has no ranking {args.method!r}: {sorted(probe.scores)}")
-        top = {c: probe.top(c, args.method, args.top_k) for c in (1, 0)}
-        n_latents = n_latents or int(probe.scores[args.method].shape[1])
+        top = {c: probe.top(c, method, args.top_k) for c in (1, 0)}
+        n_latents = n_latents or int(probe.scores[method].shape[1])
         if sae and sae != probe.sae_sha256:
             raise StudyError("--sae and the probe's SAE differ: the probe ranks another SAE")
         sae = sae or probe.sae_sha256
