@@ -244,9 +244,28 @@ def test_a_single_reader_file_is_migrated_and_imported_into_a_study(study, tmp_p
     with LabelStore(old) as store:  # migrated in place on first open
         assert store.verdict_of(SAE, 2, "alice") == "spurious"
         store.export_csv(tmp_path / "alice.csv")
+    from napari_mammo_sae.cli import main
+
+    server, name = study
+    os.environ["NAPARI_MAMMO_SAE_DB_PASSWORD"] = COORD_PW
+    try:
+        url = server.url("coordinator", name)
+        args = ["study", "import", "--db", url, "--study", "s1", str(tmp_path / "alice.csv")]
+        assert main(args) == 0
+        assert main(args) == 0  # again: nothing new
+    finally:
+        del os.environ["NAPARI_MAMMO_SAE_DB_PASSWORD"]
     with coordinator(study) as coord:
-        assert coord.import_csv(tmp_path / "alice.csv", study="s1") == 3
-        assert coord.import_csv(tmp_path / "alice.csv", study="s1") == 0
+        imported = [
+            v
+            for v in coord.verdicts(SAE, rater="alice", study="s1")
+            if v.created_utc < "2026-11-21"
+        ]
+        assert [(v.neuron, v.verdict) for v in imported] == [
+            (2, "clinical"),
+            (2, "spurious"),
+            (3, "unsure"),
+        ]
     with reader_store(study, "alice") as alice:
         reader = StudyReader(alice, "s1", Outbox(tmp_path / "a.sqlite"))
         assert {2, 3} <= reader.done()
@@ -361,3 +380,43 @@ def test_eight_readers_killed_at_random_lose_nothing_and_store_nothing_twice(stu
         assert sorted(neurons) == list(range(200)), r  # every verdict, none twice
         assert saved[r] <= {v.uid for v in by_reader[r]}  # every "saved" one is there
     assert len({v.uid for v in rows}) == len(rows) == 1600
+
+
+def test_concurrent_first_use_on_the_server_creates_the_schema_once(study, tmp_path):
+    server, _ = study
+    name = f"fresh_{os.getpid()}_{random.randrange(1 << 30)}"
+    server.sql(f"CREATE DATABASE {name} OWNER coordinator")
+    go = tmp_path / "go"
+    code = textwrap.dedent(
+        f"""
+        import os, sys, time
+        from napari_mammo_sae.labels import LabelStore
+        while not os.path.exists({str(go)!r}):
+            time.sleep(0.005)
+        LabelStore(sys.argv[1]).close()
+        """
+    )
+    env = dict(os.environ, NAPARI_MAMMO_SAE_DB_PASSWORD=COORD_PW)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, server.url("coordinator", name)],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for _ in range(3)
+    ]
+    time.sleep(1.0)
+    go.touch()
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
+    import psycopg
+
+    with psycopg.connect(host=str(server.socket_dir), port=server.port, user="postgres",
+                         dbname=name) as conn:  # fmt: skip
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0003",)]
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+        assert conn.execute(
+            "SELECT relrowsecurity FROM pg_class WHERE relname = 'verdicts'"
+        ).fetchone() == (True,)

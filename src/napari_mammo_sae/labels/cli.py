@@ -30,7 +30,7 @@ def _open(args):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register ``study create|status|export|init``."""
+    """Register ``study create|status|export|import|init``."""
     sub = parser.add_subparsers(dest="study_command", metavar="ACTION", required=True)
     db_help = (
         f"postgresql://USER@HOST:PORT/DATABASE or an SQLite file (default: ${URL_ENV}, else the "
@@ -72,6 +72,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
     p.add_argument("--seed", type=int, default=0)
 
+    p = sub.add_parser(
+        "import",
+        help="bring verdicts exported from a single-reader file into a study (coordinator)",
+    )
+    common(p)
+    p.add_argument("--study", required=True)
+    p.add_argument("csv", help="a verdict CSV (the labelling dock's 'export CSV...')")
+
     p = sub.add_parser("init", help="create or upgrade the database schema (coordinator)")
     common(p)
 
@@ -86,6 +94,11 @@ def run(args: argparse.Namespace) -> int:
             return 0
         if args.study_command == "create":
             return _create(args, store)
+        if args.study_command == "import":
+            design = st.open_study(store, args.study)
+            added = store.import_csv(args.csv, study=design.id)
+            print(f"imported {added} new verdicts into study {design.id}")
+            return 0
         if args.study_command == "status":
             if not args.study:
                 names = st.list_studies(store)
