@@ -303,6 +303,34 @@ def test_analyzer_never_runs_a_stale_export_after_the_weights_change(analyser_pa
     assert _rel(torch.as_tensor(after.features), torch.as_tensor(ref.features)) <= 1e-4
 
 
+@pytest.mark.parametrize("runtime", ["onnx", "torch"])
+def test_analysing_an_exam_at_once_gives_each_view_its_own_analysis(
+    analyser_parts, tmp_path, runtime
+):
+    """analyse_many (batched backbone, one SAE encode) == analyse per view, and shares the cache."""
+    clf, sae, record = analyser_parts
+    other = read_mammogram(
+        write_mammogram(tmp_path / "b.dcm", pixels=breast_image(rows=200, cols=150, seed=9))
+    )
+    records = [record, other, record]  # a repeated view is analysed once
+    many_an = Analyzer(clf, sae, size=(192, 128), device="cpu", runtime=runtime)
+    many = many_an.analyse_many(records, neurons=[1, 2], batch_size=2)
+    one_an = Analyzer(clf, sae, size=(192, 128), device="cpu", runtime=runtime)
+    single = [one_an.analyse(r, neurons=[1, 2]) for r in records]
+    assert [a.runtime for a in many] == [runtime] * 3 and many_an.cache_len == 2
+    for a, b in zip(many, single, strict=True):
+        assert a.probability == pytest.approx(b.probability, abs=1e-5)
+        assert a.reconstruction_logit == pytest.approx(b.reconstruction_logit, abs=1e-4)
+        np.testing.assert_allclose(a.pooled_latents, b.pooled_latents, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(a.cam, b.cam, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(a.heatmaps[2], b.heatmaps[2], rtol=1e-4, atol=1e-6)
+        assert a.geometry == b.geometry and a.timings["backbone"] > 0
+    assert not np.allclose(many[0].pooled_latents, many[1].pooled_latents)
+    again = many_an.analyse_many(records[:2])  # served from the cache, no backbone
+    assert all(a.cached and a.timings["backbone"] == 0.0 for a in again)
+    assert many_an.analyse(other).cached
+
+
 def test_analyzer_rejects_half_precision_on_cpu(analyser_parts):
     clf, sae, _ = analyser_parts
     for dtype in ("float16", "bfloat16"):
