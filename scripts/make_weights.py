@@ -2,7 +2,9 @@
 
 The recipe (issue 7), every step a ``napari-mammo-sae`` subcommand run as a subprocess:
 
-1. ``phantom``     - a phantom screening dataset, VinDr-Mammo layout, planted confounder in training.
+1. ``phantom``     - a phantom screening dataset, VinDr-Mammo layout, planted cues in training: the
+                     skin marker (calcification) and the realistic shortcuts of issue 12 - a lead
+                     marker near masses, a biopsy clip (calcification), a site effect (mass).
 2. ``train-head``  - pretext: a ``tf_efficientnet_b0``-class backbone (TinyNet-D) trained end to end
                      as a lesion patch classifier (crops on the findings vs breast tissue; the role
                      Mammo-CLIP's report supervision plays for its backbone).
@@ -10,9 +12,13 @@ The recipe (issue 7), every step a ``napari-mammo-sae`` subcommand run as a subp
                      backbone.
 4. ``train-head``  - 'finetuned' variant: backbone + head end to end, one model per concept.
 5. ``extract``     - feature stores of the pretext backbone and of each finetuned backbone.
-6. ``train``       - ONE SAE (the paper's ReLU + L1 recipe) on the finetuned calcification features.
+   ``extract --hook stage3`` - the same finetuned backbones at their stride-16 stage (48 x 30 at
+                     768 x 480: a cell of about 6 mm, where a clip or a lead edge is its own object).
+6. ``train``       - ONE SAE (the paper's ReLU + L1 recipe) on the finetuned calcification features;
+                     and one small SAE per finetuned model at stage3 (64 channels, 512 latents).
 7. ``probe``       - class-wise mean latents, rankings and galleries for the bundled SAE.
-8. ``evaluate``    - the paper's analyses on the test split -> docs/evaluation/.
+8. ``shortcuts``   - the shortcut report (every cue x concept x layer) -> docs/evaluation/shortcuts.csv.
+9. ``evaluate``    - the paper's analyses on the test split -> docs/evaluation/.
 
 Weights are stored in float16 to keep ``weights/`` under 40 MB; the pretrained-variant folders hold
 only their linear head and name the pretext folder their backbone comes from. Features, probes and
@@ -43,12 +49,24 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
+#: issue 12's realistic shortcuts besides the skin marker, at the marker's rates (POS,NEG in
+#: training, TEST in every test image); the site is decided per study
+CUES = [
+    arg
+    for cue in (
+        "lead@mass:0.6,0.05,0.3",
+        "clip@calcification:0.6,0.05,0.3",
+        "site@mass:0.6,0.15,0.3",
+    )
+    for arg in ("--cue", cue)
+]
+
 #: the recipe; --quick swaps in the small values
 RECIPE = {
     "seed": 20261124,
     "phantom": {
         "studies": 160,
-        "extra": ["--mass-rate", "0.3", "--calc-rate", "0.3", "--size", "medium"],
+        "extra": ["--mass-rate", "0.3", "--calc-rate", "0.3", "--size", "medium", *CUES],
     },
     "backbone": "tinynet_d",  # EfficientNet-B0 rescaled (TinyNet): B0 blocks, width 0.54, depth 0.695
     "input_size": "768x480",
@@ -71,6 +89,19 @@ RECIPE = {
         "fraction": 1.0,
         "resample_every_epochs": 3,
     },
+    # SAEs beyond the last layer (issue 12): one per finetuned model at each hook point; small
+    # inputs (64 channels at tinynet_d's stage3), so expansion 8 and a few epochs cost minutes
+    "hooks": ["stage3"],
+    "sae_hook": {
+        "d_latent": 512,
+        "l1_coefficient": 8e-4,
+        "lr": 5e-4,
+        "batch_size": 4096,
+        "epochs": 5,
+        "fraction": 1.0,
+        "resample_every_epochs": 2,
+    },
+    "shortcut_k": 10,  # the report's top-k, the same for every cue and layer
     "probe_top_k": 50,
     "bootstrap": 1000,
 }
@@ -78,7 +109,7 @@ RECIPE = {
 QUICK = {
     "phantom": {
         "studies": 10,
-        "extra": ["--mass-rate", "0.4", "--calc-rate", "0.4", "--size", "small"],
+        "extra": ["--mass-rate", "0.4", "--calc-rate", "0.4", "--size", "small", *CUES],
     },
     "backbone": "test_efficientnet",
     "input_size": "128x96",
@@ -94,6 +125,16 @@ QUICK = {
         "fraction": 1.0,
         "resample_every_epochs": 1,
     },
+    "sae_hook": {
+        "d_latent": 64,
+        "l1_coefficient": 3e-5,
+        "lr": 5e-4,
+        "batch_size": 256,
+        "epochs": 1,
+        "fraction": 1.0,
+        "resample_every_epochs": 1,
+    },
+    "shortcut_k": 5,
     "probe_top_k": 5,
     "bootstrap": 50,
 }
@@ -172,16 +213,17 @@ class Recipe:
             args.append("--resume")
         self.cli(*args, done=out / "model.safetensors", name=name)
 
-    def extract(self, name: str, weights: Path, store: Path) -> None:
+    def extract(self, name: str, weights: Path, store: Path, hook: str = "head") -> None:
         self.cli(
             "extract", "--data", self.data, "--weights", weights, "--out", store,
             "--workers", self.workers, "--device", self.device, "--dtype", "fp16",
             "--preprocess", self.r["preprocess"], "--input-size", self.r["input_size"],
+            *(["--hook", hook] if hook != "head" else []),
             done=store, name=name,
         )  # fmt: skip
 
-    def sae(self, store: Path, run_dir: Path) -> None:
-        s = self.r["sae"]
+    def sae(self, store: Path, run_dir: Path, *, key: str = "sae", name: str = "train SAE") -> None:
+        s = self.r[key]
         args = [
             "train", "--store", store, "--out", run_dir, "--split", "training",
             "--kind", "relu", "--d-latent", s["d_latent"], "--l1-coefficient", s["l1_coefficient"],
@@ -191,7 +233,7 @@ class Recipe:
         ]  # fmt: skip
         if (run_dir / "checkpoint").exists() and not (run_dir / "model.safetensors").exists():
             args.append("--resume")
-        self.cli(*args, done=run_dir / "model.safetensors", name="train SAE")
+        self.cli(*args, done=run_dir / "model.safetensors", name=name)
 
 
 def find_sae_weights(run_dir: Path) -> Path:
@@ -326,6 +368,20 @@ def main(argv: list[str] | None = None) -> int:
             if (sae_run / name).exists():
                 shutil.copy2(sae_run / name, sae_dir / name)
 
+    # SAEs beyond the last layer: each finetuned backbone at each hook point, one SAE per store
+    hooked = {}  # (concept, hook) -> (store, shipped SAE folder)
+    for hook in recipe.get("hooks", []):
+        for concept in CONCEPTS:
+            store = stores / f"finetuned-{concept}-{hook}.h5"
+            r.extract(f"extract finetuned {concept} at {hook}", out / f"finetuned-{concept}", store,
+                      hook=hook)  # fmt: skip
+            run_dir = work / f"sae-run-{concept}-{hook}"
+            r.sae(store, run_dir, key="sae_hook", name=f"train SAE {concept} {hook}")
+            shipped = out / f"sae-finetuned-{concept}-{hook}"
+            if not (shipped / "model.safetensors").exists():
+                store_fp16(find_sae_weights(run_dir), shipped)
+            hooked[(concept, hook)] = (store, shipped)
+
     probes = out / "probes"
     probes.mkdir(exist_ok=True)
     for concept in CONCEPTS:
@@ -336,6 +392,17 @@ def main(argv: list[str] | None = None) -> int:
               done=probes / f"{concept}.npz", name=f"probe {concept}")  # fmt: skip
 
     report = args.report.resolve()
+    # the shortcut report: every cue x concept x layer, the same rule and k everywhere (the last
+    # layer reads the one bundled SAE, as evaluate does; each hook point its own SAE)
+    runs = []
+    for concept in CONCEPTS:
+        runs += ["--run", store_ft[concept], sae_dir, out / f"finetuned-{concept}"]
+        for hook in recipe.get("hooks", []):
+            store, shipped = hooked[(concept, hook)]
+            runs += ["--run", store, shipped, out / f"finetuned-{concept}"]
+    r.cli("shortcuts", "--data", r.data, *runs, "--out", report / "shortcuts.csv",
+          "--k", recipe["shortcut_k"], "--quiet",
+          done=report / "shortcuts.csv", name="shortcuts")  # fmt: skip
     heads = [out / f"{v}-{c}" for v in ("pretrained", "finetuned") for c in CONCEPTS]
     r.cli("evaluate", "--store", store_pre, store_ft["mass"], store_ft["calcification"],
           "--sae", sae_dir, "--heads", *heads, "--data", r.data, "--out", report,
