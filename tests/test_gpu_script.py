@@ -40,6 +40,7 @@ def test_gpu_script_dry_run_produces_every_figure(tmp_path):
         assert math.isfinite(first[key]) and first[key] > 0, key
     assert first["compiled_max_rel_diff"] < 0.05  # bf16: a few digits, not garbage
     assert figures["analysis"]["probability_finite"] and figures["analysis"]["ratio"] > 0
+    assert figures["analysis"]["exam_per_view_s"] > 0  # four views at once (analyse_many)
     sae = figures["sae"]
     assert sae["tokens_per_s_bf16"] > 0 and sae["matmul_peak_tflops"] > 0
     assert math.isfinite(sae["loss_bf16"]) and math.isfinite(sae["loss_fp32"])
