@@ -4,7 +4,7 @@ Usage::
 
     .venv/bin/python benchmarks/bench_analysis.py [--file PATH.dcm] [--runs 2] [--backbone
         tf_efficientnet_b5] [--size 1520x912] [--latents 16384] [--device auto] [--dtype float32]
-        [--append BENCHMARKS.md]
+        [--runtime auto] [--append BENCHMARKS.md]
 
 Models have random weights (timm ``pretrained=False``; the B5 built with Mammo-CLIP's static
 padding, as a converted checkpoint is), the SAE d = 2048 -> 16,384 latents. Two SAEs are timed:
@@ -15,7 +15,8 @@ case), and the same SAE with its encoder bias set so that ~2% of latents fire, l
 Per run the cache is cleared, then ``Analyzer.analyse_path(file, neurons=<10 neurons>)`` runs end to
 end: decode (read_mammogram), preprocess (Mammo-CLIP), backbone, SAE (encode, pooling, compact
 storage), heatmaps (reconstruction CAM, contributions, 10 latent maps). The reference is the bare
-compute on the same preprocessed tensor: ``forward_features`` + ``sae.encode`` alone, timed in separate
+compute on the same preprocessed tensor: the backbone run by the same runtime as the Analyzer's
+(``--runtime``, default auto: ONNX Runtime on a CPU) + ``sae.encode`` alone, timed in separate
 runs interleaved with the analyses; and, least sensitive to other processes on a shared machine, each
 call's own end to end time over its own backbone + SAE encoder time (``timings["sae_encode"]``). Medians over
 ``--runs`` runs after one warm-up, bare and end-to-end runs interleaved (default 2 runs: the B5 takes
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latents", type=int, default=16384)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--runtime", default="auto", choices=("auto", "torch", "onnx"))
     ap.add_argument("--append", default=None)
     args = ap.parse_args(argv)
 
@@ -98,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     clf = ConceptClassifier(backbone).eval()
     d = clf.feature_dim
     sae = SparseAutoencoder(d, args.latents, generator=torch.Generator().manual_seed(0)).eval()
-    an = Analyzer(clf, sae, size=size, device=args.device, dtype=args.dtype)
+    an = Analyzer(clf, sae, size=size, device=args.device, dtype=args.dtype, runtime=args.runtime)
+    backbone = an.prepare_runtime()  # the first use of a model exports it (not timed here)
     dev = an.device
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
@@ -111,10 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         def bare() -> tuple[float, float]:
             sync()
             t0 = time.perf_counter()
+            f = backbone(x)[0].to(dev)
+            sync()
+            t1 = time.perf_counter()
             with torch.inference_mode(), an._autocast():
-                f = clf.forward_features(x)[0]
-                sync()
-                t1 = time.perf_counter()
                 z = sae.encode(f.reshape(f.shape[0], -1).T)
                 z.sum().item()  # wait for the device
             t2 = time.perf_counter()
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def calibrate_sparse(target: float = 0.02) -> None:
             with torch.inference_mode():
-                f = clf.forward_features(x)[0].float()
+                f = backbone(x)[0].float().to(dev)
                 pre = sae.pre_activation(f.reshape(f.shape[0], -1).T)
                 thr = torch.quantile(pre.flatten()[:: max(1, pre.numel() // 1_000_000)], 1 - target)
             with torch.no_grad():
@@ -187,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     row = (
         f"| analysis of one image ({label}), {args.backbone} {size[0]}x{size[1]}, {args.latents} latents, "
-        f"{args.dtype}, {dev_name}, median of {args.runs} | "
+        f"{args.dtype}, runtime {backbone.name}, {dev_name}, median of {args.runs} | "
         + "; ".join(parts)
         + f" | <= 1.15x | `{cmd.strip()}` |"
     )
