@@ -15,6 +15,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 _HOME = tempfile.mkdtemp(prefix="napari-mammo-sae-tests-")
 os.environ["XDG_CONFIG_HOME"] = os.path.join(_HOME, "config")
 os.environ["XDG_DATA_HOME"] = os.path.join(_HOME, "data")
+os.environ["XDG_CACHE_HOME"] = os.path.join(_HOME, "cache")  # the PACS instance cache
 # ... and a throw-away cache (ONNX exports of the backbone: models/runtime.py)
 os.environ["XDG_CACHE_HOME"] = os.path.join(_HOME, "cache")
 

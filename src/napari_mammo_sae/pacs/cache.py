@@ -38,8 +38,7 @@ class InstanceCache:
     """DICOM files by SOP Instance UID under ``root`` (default: the user cache folder)."""
 
     def __init__(self, root: str | Path | None = None) -> None:
-        self.root = Path(root) if root is not None else default_cache_dir()
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = Path(root) if root is not None else default_cache_dir()  # made on first write
 
     def path(self, sop_instance_uid: str) -> Path:
         uid = check_uid(sop_instance_uid)

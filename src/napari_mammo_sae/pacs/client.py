@@ -398,6 +398,16 @@ class PacsClient:
         )  # fmt: skip
         return [self.cache.path(r.sop_instance_uid) for r in refs]
 
+    def iter_retrieve(self, refs: Sequence[InstanceRef]) -> Iterator[tuple[int, int, Path]]:
+        """Fetch the given instances one by one (cached ones are not fetched again), yielding
+        (done, total, path) after each: a caller that stops iterating stops the retrieve."""
+        for i, ref in enumerate(refs, start=1):
+            if self.cache.has(ref.sop_instance_uid):
+                path = self.cache.path(ref.sop_instance_uid)
+            else:
+                path = self.retrieve_instance(ref)
+            yield i, len(refs), path
+
     def retrieve_instance(self, ref: InstanceRef) -> Path:
         """Fetch one instance as stored on the server (any transfer syntax) into the cache."""
         with self._guard("retrieve an image"):
