@@ -7,7 +7,8 @@ PIP := $(PY) -m pip
 SYSTEM_PACKAGES := xvfb xauth libgl1 libegl1 libxkbcommon-x11-0 libxcb-cursor0 libxcb-icccm4 \
 	libxcb-image0 libxcb-keysyms1 libxcb-randr0 libxcb-render-util0 libxcb-shape0 libxcb-xfixes0 \
 	libxcb-xinerama0 libxcb-xinput0 libdbus-1-3 libfontconfig1 \
-	postgresql
+	postgresql \
+	orthanc orthanc-dicomweb dicom3tools dcmtk
 export OMP_NUM_THREADS ?= 2
 
 .PHONY: demo test system-deps venv lint format screenshots benchmarks weights clean
