@@ -39,8 +39,9 @@ def main() -> int:
     from qtpy.QtWidgets import QApplication
 
     import napari_mammo_sae._napari  # noqa: F401 - triton guard
+    from napari_mammo_sae._napari.model_choice import Source
     from napari_mammo_sae._napari.widgets.explorer import NeuronExplorer
-    from napari_mammo_sae._napari.widgets.intervention import InterventionWidget
+    from napari_mammo_sae._napari.widgets.intervention import InterventionWidget, Mode
     from napari_mammo_sae.models.backbone import create_backbone
     from napari_mammo_sae.models.classifier import ConceptClassifier
     from napari_mammo_sae.models.sae import SparseAutoencoder
@@ -70,11 +71,11 @@ def main() -> int:
     for _ in range(100):  # let the window lay out and paint the docks before anything is timed
         QApplication.processEvents()
         time.sleep(0.01)
-    w.source.setCurrentIndex(1)
-    w.classifier_path.setText(str(tmp / "clf"))
-    w.sae_path.setText(str(tmp / "sae"))
-    w.device.setCurrentText("cpu")
-    w.k.setValue(10)
+    w.source.value = Source.files
+    w.classifier_path.value = tmp / "clf"
+    w.sae_path.value = tmp / "sae"
+    w.device.value = "cpu"
+    w.k.value = 10
 
     if os.environ.get("BENCH_PROFILE"):
         import cProfile
@@ -178,7 +179,7 @@ def main() -> int:
     if w.last_error:
         print("error:", w.last_error)
         return 1
-    base = viewer.layers[w.image.currentText()]
+    base = w.image.value
     overlays = [lay for lay in viewer.layers if "mammo_sae" in lay.metadata]
     ratio = sum(np.asarray(o.data).nbytes for o in overlays) / np.asarray(base.data).nbytes
     stall_ms = 1000 * max(gaps)
@@ -192,20 +193,20 @@ def main() -> int:
             for a, b, what in inside:
                 print(f"    {1000 * (b - a):6.1f} ms  {what}")
 
-    iw.mode.setCurrentText("top-k deactivated")
+    iw.mode.value = Mode.topk_remove
     for _ in range(50):  # the CAM layer is added over a few event-loop turns
         if any("mammo_sae_cam" in lay.metadata for lay in viewer.layers):
             break
         QApplication.processEvents()
         time.sleep(0.01)
     cam_layer = next(lay for lay in viewer.layers if "mammo_sae_cam" in lay.metadata)
-    iw.parentWidget().raise_()  # the interventions dock in front: its texts repaint
+    iw.native.parentWidget().raise_()  # the interventions dock in front: its texts repaint
 
     def slider_steps() -> list[float]:
         out = []
         for k in [1, 2, 5, 10, 20, 50, 100] * 5:
             t = time.perf_counter()
-            iw.k.setValue(k)  # valueChanged -> update(): closed form + CAM layer + texts
+            iw.k.value = k  # changed -> recompute(): closed form + CAM layer + texts
             QApplication.processEvents()
             out.append(time.perf_counter() - t)
         return out
@@ -219,11 +220,10 @@ def main() -> int:
     QApplication.processEvents()
     own = []
     for k in [1, 2, 5, 10, 20, 50, 100] * 5:
-        iw.k.blockSignals(True)
-        iw.k.setValue(k)
-        iw.k.blockSignals(False)
+        with iw.k.changed.blocked():
+            iw.k.value = k
         t = time.perf_counter()
-        iw.update()  # closed form + CAM + layer data set, without napari's repaint
+        iw.recompute()  # closed form + CAM + layer data set, without napari's repaint
         own.append(time.perf_counter() - t)
         QApplication.processEvents()
     own_ms = 1000 * statistics.median(own)
@@ -236,7 +236,7 @@ def main() -> int:
         prof = cProfile.Profile()
         prof.enable()
         for k in [1, 2, 5, 10, 20, 50, 100] * 2:
-            iw.k.setValue(k)
+            iw.k.value = k
             QApplication.processEvents()
         prof.disable()
         cam_layer.visible = False
@@ -269,7 +269,7 @@ def main() -> int:
         viewer = napari.Viewer(show=True)
         viewer.window._qt_window.resize(*WINDOW)
         w = NeuronExplorer(viewer)
-        w.device.setCurrentText("cpu")
+        w.device.value = "cpu"
         viewer.open(str(path), plugin="napari-mammo-sae")
         w._refresh_images()
         w.run_blocking()  # warm: the models load once per session

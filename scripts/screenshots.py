@@ -36,10 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     from qtpy.QtWidgets import QApplication
 
     import napari_mammo_sae._napari  # noqa: F401 - triton guard first
+    from napari_mammo_sae._napari.model_choice import Ranking, Source
     from napari_mammo_sae._napari.sample_phantom import phantom_exam_sample
     from napari_mammo_sae._napari.widgets.explorer import NeuronExplorer
     from napari_mammo_sae._napari.widgets.gallery import NeuronGallery
-    from napari_mammo_sae._napari.widgets.intervention import InterventionWidget
+    from napari_mammo_sae._napari.widgets.intervention import InterventionWidget, Mode
     from napari_mammo_sae._napari.widgets.labelling import LabellingWidget
     from napari_mammo_sae._napari.widgets.plots import PlotsWidget
 
@@ -62,16 +63,16 @@ def main(argv: list[str] | None = None) -> int:
     viewer.window.add_dock_widget(explorer, name="Neuron explorer", area="right")
     viewer.window.add_dock_widget(intervention, name="Interventions", area="right", tabify=True)
     viewer.window.add_dock_widget(labelling, name="Neuron labelling", area="right", tabify=True)
-    explorer.source.setCurrentIndex(1)
+    explorer.source.value = Source.files
     w = args.weights
-    explorer.classifier_path.setText(str(w / f"finetuned-{args.concept}"))
-    explorer.sae_path.setText(str(w / "sae-finetuned-calcification"))
+    explorer.classifier_path.value = w / f"finetuned-{args.concept}"
+    explorer.sae_path.value = w / "sae-finetuned-calcification"
     probe = w / "probes" / f"{args.concept}.npz"
-    explorer.probe_path.setText(str(probe) if probe.exists() else "")
-    explorer.ranking.setCurrentText("class mean" if probe.exists() else "logit contribution")
-    explorer.all_views.setChecked(True)
+    explorer.probe_path.value = probe if probe.exists() else None
+    explorer.ranking.value = Ranking.class_mean if probe.exists() else Ranking.logit
+    explorer.all_views.value = True
     status = explorer.run_blocking()
-    print("explorer:", status, explorer.status.text())
+    print("explorer:", status, explorer.status.value)
     if explorer.last_error:
         print("error:", explorer.last_error)
         return 1
@@ -97,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         print("wrote", path)
 
     save("review_explorer.png")
-    intervention.mode.setCurrentText("top-k deactivated")
-    intervention.k.setValue(10)
+    magnifier_shot(viewer, best, save)
+    intervention.mode.value = Mode.topk_remove
+    intervention.k.value = 10
     cam = f"{best.layer_name} · CAM (intervened)"
     for _ in range(200):  # the CAM layer is added over a few event-loop turns
         if cam in viewer.layers:
@@ -123,13 +125,16 @@ def main(argv: list[str] | None = None) -> int:
     plots = PlotsWidget(viewer)
     report = ROOT / "docs" / "evaluation"
     if report.exists():
-        plots.report.setText(str(report))
+        plots.report.value = report
     plots.draw()
     gallery = NeuronGallery(viewer)
-    gallery.data_dir.setText(str(args.data))
+    gallery.data_dir.value = args.data
     viewer.window.add_dock_widget(plots, name="Plots", area="left")
     viewer.window.add_dock_widget(gallery, name="Neuron gallery", area="left", tabify=True)
-    labelling.rater.setText("demo")
+    if hasattr(labelling.rater, "setText"):  # a Qt line edit, or a magicgui one
+        labelling.rater.setText("demo")
+    else:
+        labelling.rater.value = "demo"
     dock = viewer.window._dock_widgets.get("Neuron labelling")
     if dock is not None:
         dock.raise_()
@@ -141,7 +146,10 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.05)
     for _ in range(20):
         QApplication.processEvents()
-    save("review_gallery_labelling.png")
+    if gallery.tiles:
+        save("review_gallery_labelling.png")
+    else:  # keep the committed one rather than replace it with an empty grid
+        print(f"gallery: no tiles ({gallery.status.value}); review_gallery_labelling.png kept")
     dock = viewer.window._dock_widgets.get("Plots")
     if dock is not None:
         dock.raise_()
@@ -150,6 +158,36 @@ def main(argv: list[str] | None = None) -> int:
     save("review_plots.png")
     viewer.close()
     return 0
+
+
+def magnifier_shot(viewer, best, save) -> None:
+    """The view with the calcification finding large (F-key), its top neuron shown, and the
+    magnifier over the finding's cluster: ``magnifier_calcification.png``."""
+    import numpy as np
+    from qtpy.QtWidgets import QApplication
+
+    from napari_mammo_sae._napari.viewing import install
+
+    ws = install(viewer)
+    ws.show_view(best.layer_name)
+    box = best.annotations[0] if best.annotations else None
+    if box is None:
+        print("no finding box on", best.layer_name, "- magnifier screenshot skipped")
+        ws.show_hanging()
+        return
+    x0, y0, x1, y1 = box
+    centre = best.placement.edge_to_world(np.array([[(y0 + y1) / 2, (x0 + x1) / 2]]))[0]
+    ws.toggle_magnifier()
+    ws.magnify(centre)
+    viewer.status = (
+        f"{best.layer_name}: magnifier x{ws.magnification:g} over the calcification cluster"
+    )
+    for _ in range(20):
+        QApplication.processEvents()
+    save("magnifier_calcification.png")
+    ws.toggle_magnifier()
+    ws.show_hanging()
+    viewer.reset_view()
 
 
 if __name__ == "__main__":

@@ -121,6 +121,7 @@ def test_explorer_layers_sit_on_the_crop_box_and_rerun_updates_them(viewer, exam
 def test_model_paths_are_remembered_unless_gone(viewer, exam, qtbot, tmp_path):
     import json
 
+    from napari_mammo_sae._napari.model_choice import Source
     from napari_mammo_sae._napari.widgets.explorer import NeuronExplorer
 
     w = _explorer(viewer, exam, qtbot, k=2)
@@ -135,6 +136,12 @@ def test_model_paths_are_remembered_unless_gone(viewer, exam, qtbot, tmp_path):
     settings.write_text(json.dumps(data))
     later = NeuronExplorer(viewer)
     assert later.sae_path.value is None and later.classifier_path.value == exam / "clf"
+    # the probe is a file, taken as chosen; classifier/SAE: a file in a weights folder is the folder
+    probe = tmp_path / "p.npz"
+    probe.write_bytes(b"")
+    later.source.value = Source.files
+    later.probe_path.value, later.sae_path.value = probe, exam / "sae" / "model.safetensors"
+    assert later.choice().probe == probe and later.choice().sae == exam / "sae"
 
 
 def test_explorer_stack_option_and_all_views(viewer, exam, qtbot):

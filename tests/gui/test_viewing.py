@@ -237,6 +237,28 @@ def test_magnifier_shows_full_resolution_pixels_enlarged_about_the_cursor(viewer
     assert loupe.data[r, c] == image.data[40, 30] == 4000
     assert loupe.data.dtype == image.data.dtype and loupe.interpolation2d == "nearest"
     assert tuple(loupe.contrast_limits) == tuple(image.contrast_limits)
+    # a visible neuron heatmap of this view is magnified with it, sampled at the loupe's pixels
+    heat = np.zeros((6, 4), np.float32)
+    heat[2, 1] = 5.0
+    cell = np.abs(np.asarray(image.scale)) * 16  # one heatmap cell = 16 x 16 image pixels
+    overlay = viewer.add_image(
+        heat, name="R CC · #1 n3", scale=image.scale * 16, units="mm", blending="additive",
+        translate=image.data_to_world((7.5, 7.5)), metadata={"mammo_sae": {"image": "R CC"}},
+    )  # fmt: skip
+    assert cell.min() > 0
+    at = overlay.data_to_world((2, 1))  # the heatmap cell's centre
+    ws.magnify(at)
+    copy = viewer.layers[f"magnifier · {overlay.name}"]
+    assert viewer.layers[-1] is copy and viewer.layers[-2] is loupe
+    assert copy.data.shape == loupe.data.shape and np.allclose(copy.scale, loupe.scale)
+    r, c = np.round(copy.world_to_data(tuple(at))).astype(int)
+    # bilinear, as napari draws the heatmap: the peak sits on the cursor (within a pixel)
+    assert copy.data[r, c] > 4.3 and copy.data.max() <= 5.0
+    peak = np.unravel_index(np.argmax(copy.data), copy.data.shape)
+    assert abs(peak[0] - r) <= 1 and abs(peak[1] - c) <= 1
+    overlay.visible = False
+    ws.magnify(at)
+    assert not copy.visible
     # moving the mouse moves the loupe; off the images it hides
     other = viewer.layers["L CC"]
     _wait(0.012)

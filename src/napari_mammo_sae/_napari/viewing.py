@@ -86,6 +86,7 @@ class Workstation:
         self._hidden_overlays: list[Any] = []
         self._windows: dict[int, tuple[float, float]] = {}  # mammogram id -> limits before insert
         self.magnifier: Any = None
+        self._loupe_heat: dict[int, Any] = {}  # overlay id -> its magnified copy in the loupe
         viewer.mouse_drag_callbacks.append(self._drag)
         viewer.mouse_move_callbacks.append(self._moved)
         keys = {
@@ -268,7 +269,7 @@ class Workstation:
             features=layer.features.iloc[mine].reset_index(drop=True),
             text={"string": text.string, "color": text.color, "size": text.size,
                   "anchor": text.anchor} if text.visible and len(layer.features.columns) else None,
-            opacity=layer.opacity, metadata={VIEW_COPY: True},
+            opacity=layer.opacity, metadata={VIEW_COPY: True}, units=layer.units,
             scale=layer.scale, translate=layer.translate,
         )  # fmt: skip
         return [copy]
@@ -290,15 +291,17 @@ class Workstation:
     def toggle_magnifier(self) -> bool:
         """Show or hide the loupe; True when it is on."""
         if self.magnifier is not None:
-            if self.magnifier in self.viewer.layers:
-                self.viewer.layers.remove(self.magnifier)
-            self.magnifier = None
+            for lay in [self.magnifier, *self._loupe_heat.values()]:
+                if lay in self.viewer.layers:
+                    self.viewer.layers.remove(lay)
+            self.magnifier, self._loupe_heat = None, {}
             return False
         from napari.layers import Image
 
         self.magnifier = Image(
             np.zeros((2, 2), np.float32), name="magnifier", interpolation2d="nearest",
             blending="translucent_no_depth", metadata={MAGNIFIER: True}, visible=False,
+            units=("mm", "mm"),
         )  # fmt: skip
         self.magnifier.bounding_box.visible = True
         self.magnifier.bounding_box.points = False
@@ -319,8 +322,9 @@ class Workstation:
         loupe = self.magnifier
         layer = self.layer_at(position) if loupe is not None else None
         if layer is None:
-            if loupe is not None and loupe.visible:
-                loupe.visible = False
+            for lay in [loupe, *self._loupe_heat.values()] if loupe is not None else []:
+                if lay.visible:
+                    lay.visible = False
             return False
         zoom = float(self.viewer.scene.camera.zoom)  # screen pixels per world unit (mm)
         spacing = np.abs(np.asarray(layer.scale[-2:], dtype=float))
@@ -338,9 +342,62 @@ class Workstation:
         loupe.contrast_limits = layer.contrast_limits
         if not loupe.visible:
             loupe.visible = True
-        if self.viewer.layers.index(loupe) != len(self.viewer.layers) - 1:
-            self.viewer.layers.move(self.viewer.layers.index(loupe), len(self.viewer.layers))
+        rows_cols = (np.arange(r0, r0 + patch.shape[0]), np.arange(c0, c0 + patch.shape[1]))
+        heat = self._magnify_heat(layer, rows_cols, scale, translate)
+        top = [loupe, *heat]  # the loupe on top, its heatmaps above it
+        if list(self.viewer.layers)[-len(top) :] != top:  # moving repaints the layer list
+            for lay in top:
+                self.viewer.layers.move(self.viewer.layers.index(lay), len(self.viewer.layers))
         return True
+
+    def _magnify_heat(self, layer: Any, rows_cols: tuple, scale: Any, translate: Any) -> list:
+        """The visible neuron/CAM heatmaps of ``layer`` in the loupe: each sampled (bilinear, as
+        napari draws them) at the patch's pixels, so they are clipped to the loupe exactly."""
+        from scipy.ndimage import map_coordinates
+
+        wanted = [
+            o for o in self.overlays()
+            if o.visible and o._type_string == "image" and o.ndim == 2
+            and self._owner(o, [layer]) is layer
+        ]  # fmt: skip
+        t, sc = np.asarray(layer.translate[-2:], float), np.asarray(layer.scale[-2:], float)
+        wy, wx = t[0] + sc[0] * rows_cols[0], t[1] + sc[1] * rows_cols[1]  # patch pixel centres
+        out = []
+        for o in wanted:
+            ot, os_ = np.asarray(o.translate[-2:], float), np.asarray(o.scale[-2:], float)
+            gy, gx = np.meshgrid((wy - ot[0]) / os_[0], (wx - ot[1]) / os_[1], indexing="ij")
+            data = np.asarray(o.data, dtype=np.float32)
+            sampled = map_coordinates(data, [gy, gx], order=1, mode="nearest")
+            inside = (
+                (gy >= -0.5)
+                & (gy <= data.shape[0] - 0.5)
+                & (gx >= -0.5)
+                & (gx <= data.shape[1] - 0.5)
+            )
+            sampled = np.where(inside, sampled, 0).astype(np.float32)
+            copy = self._loupe_heat.get(id(o))
+            if copy is None or copy not in self.viewer.layers:
+                from napari.layers import Image
+
+                copy = Image(sampled, name=f"magnifier · {o.name}", colormap=o.colormap,
+                             blending=o.blending, opacity=o.opacity, units=("mm", "mm"),
+                             contrast_limits=o.contrast_limits, metadata={MAGNIFIER: True},
+                             interpolation2d="nearest", scale=scale, translate=translate)  # fmt: skip
+                self._loupe_heat[id(o)] = copy
+                from .widgets._common import append_without_selecting
+
+                append_without_selecting(self.viewer, copy)
+            else:
+                copy.data = sampled
+                copy.scale, copy.translate = scale, translate
+                copy.contrast_limits = o.contrast_limits
+                copy.visible = True
+            out.append(copy)
+        shown = {id(c) for c in out}
+        for copy in self._loupe_heat.values():
+            if id(copy) not in shown and copy.visible:
+                copy.visible = False
+        return out
 
 
 def install(viewer: Any) -> Workstation:

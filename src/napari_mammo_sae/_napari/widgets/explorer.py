@@ -30,6 +30,7 @@ from magicgui.widgets import (
     Table,
     create_widget,
 )
+from qtpy.QtWidgets import QStyledItemDelegate
 
 from .. import layers as L
 from ..model_choice import (
@@ -54,6 +55,7 @@ from ._common import (
     keep_alive,
     load_settings,
     notify_error,
+    path_text,
     save_settings,
 )
 
@@ -194,6 +196,7 @@ class NeuronExplorer(Container):
         qt_table = self.table.native
         qt_table.verticalHeader().setVisible(False)
         qt_table.setSelectionBehavior(qt_table.SelectionBehavior.SelectRows)
+        qt_table.setItemDelegate(QStyledItemDelegate(qt_table))  # our texts as written (no 3e-02)
         self.show_all = PushButton(text="show all")
         self.hide_all = PushButton(text="hide all")
         self.remove_all = PushButton(text="remove overlays")
@@ -261,7 +264,7 @@ class NeuronExplorer(Container):
         clf, sae = weights_path(self.classifier_path.value), weights_path(self.sae_path.value)
         if clf is None or sae is None:
             raise ConfigError("choose a classifier and an SAE (or use the bundled demo weights)")
-        probe = weights_path(self.probe_path.value)
+        probe = Path(path_text(self.probe_path)) if path_text(self.probe_path) else None
         save_settings(classifier_path=str(clf), sae_path=str(sae),
                       probe_path=str(probe) if probe else "")  # fmt: skip
         return ModelChoice(clf, sae, probe, self.trust.value, device)
