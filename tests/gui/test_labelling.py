@@ -298,6 +298,21 @@ def test_study_mode_walks_the_readers_queue_with_progress(make_napari_viewer, se
     assert w.session.study is None and not w.sae.isReadOnly()
 
 
+def test_a_password_typed_into_the_url_is_never_kept(make_napari_viewer, settings):
+    import json
+
+    from napari_mammo_sae._napari.widgets import _common
+
+    w = _widget(make_napari_viewer(), settings / "x.sqlite")
+    w.db_path.setText("postgresql://ann:Hunter2-secret@127.0.0.1:5999/study")
+    w._db_changed()
+    assert w.db_path.text() == "postgresql://ann@127.0.0.1:5999/study"
+    assert "taken out of the database URL" in w.saved.text()
+    saved = json.loads(_common.settings_path().read_text())
+    assert saved["label_db"] == "postgresql://ann@127.0.0.1:5999/study"
+    assert "Hunter2-secret" not in _common.settings_path().read_text()
+
+
 def test_a_reader_outside_the_study_is_told_so(make_napari_viewer, settings, qtbot):
     from napari_mammo_sae.labels.study import create_study
 

@@ -241,6 +241,15 @@ def describe(exc: BaseException, target: Target, secret: str | None = None) -> L
 
 PasswordPrompt = Callable[[str], "str | None"]
 
+# Passwords that logged in during this process (typed at a prompt), by server/user/database, so
+# the other docks of the same viewer reach the study's database too. Memory only, never written.
+_LOGGED_IN: dict[tuple, str] = {}
+
+
+def _login_key(target: Target) -> tuple:
+    u = target.url
+    return (u.host, u.port, u.database, target.user)
+
 
 def connect_checked(
     target: Target, password: str | None = None, prompt: PasswordPrompt | None = None
@@ -252,15 +261,21 @@ def connect_checked(
     :class:`LabelDatabaseError`.
     """
     asked = False
+    if target.is_server and not password:
+        password = _LOGGED_IN.get(_login_key(target))
     while True:
         engine = make_engine(target, password)
         try:
             with engine.connect() as conn:
                 conn.exec_driver_sql("SELECT 1")
+            if target.is_server and password:
+                _LOGGED_IN[_login_key(target)] = password
             return engine, password
         except sa.exc.DBAPIError as exc:
             engine.dispose()
             err = describe(exc, target, password)
+            if isinstance(err, DatabaseAuthError):
+                _LOGGED_IN.pop(_login_key(target), None)  # changed on the server: ask again
             if isinstance(err, DatabaseAuthError) and prompt is not None and not asked:
                 asked = True
                 password = prompt(f"password for {target.user} on {target.display}")

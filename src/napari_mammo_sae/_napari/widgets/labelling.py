@@ -375,6 +375,21 @@ class LabellingWidget(QWidget):
         self.refresh()
 
     def _db_changed(self) -> None:
+        text = self.db_path.text().strip()
+        if is_server_url(text):
+            from sqlalchemy.engine import make_url
+
+            try:
+                url = make_url(text)
+            except Exception:  # noqa: BLE001 - parse_target says what is wrong when it is used
+                url = None
+            if url is not None and url.password is not None:
+                # never kept in the field or the settings: ask for it instead when connecting
+                self.db_path.setText(url._replace(password=None).render_as_string(hide_password=False))
+                self.saved.setText(
+                    "the password was taken out of the database URL: it is asked for when needed "
+                    "and kept in memory only"
+                )
         target = self.target()
         if self.reader is not None and str(target) != str(self.session.label_db):
             self.close_study()
