@@ -220,3 +220,36 @@ def test_study_create_from_the_bundled_probe(tmp_path, capsys):
         p.top(1, "class-mean", 5)
     )
     assert sum(s == "control" for s in design.neurons.values()) == 5
+
+
+def test_the_outbox_sends_in_order_and_keeps_what_the_store_refuses(tmp_path):
+    from napari_mammo_sae.labels.store import new_uid, now_utc
+
+    outbox = Outbox(tmp_path / "outbox.sqlite")
+
+    def row(neuron, verdict):
+        return {"sae_hash": SAE, "neuron": neuron, "verdict": verdict, "rater": "ann", "note": "",
+                "image_uid": "", "concept": "mass", "uid": new_uid(), "study": "",
+                "created_utc": now_utc()}  # fmt: skip
+
+    rows = [row(1, "clinical"), row(2, "maybe"), row(3, "spurious"), row(1, "unsure")]
+    for r in rows:
+        outbox.put("here", r)
+    outbox.put("here", rows[0])  # the same verdict queued twice: kept once
+    assert [r["neuron"] for r in outbox.pending("here")] == [1, 2, 3, 1]
+    with LabelStore(tmp_path / "s.sqlite") as store:
+        result = outbox.flush(store, "here")
+        assert result.sent == [rows[0]["uid"], rows[2]["uid"], rows[3]["uid"]]
+        assert result.refused == 1 and result.left == 0
+        assert [(v.neuron, v.verdict) for v in store.verdicts(SAE)] == [
+            (1, "clinical"), (3, "spurious"), (1, "unsure")
+        ]  # fmt: skip
+        assert store.verdict_of(SAE, 1, "ann") == "unsure"  # the newer one, sent later
+    ((kept, why),) = outbox.refused("here")
+    assert kept["uid"] == rows[1]["uid"] and "unknown verdict 'maybe'" in why
+    assert outbox.pending("here") == []
+    with pytest.raises(StudyError, match="enter your reader name"):
+        with LabelStore(tmp_path / "s.sqlite") as store:
+            create_study(store, "s1", sae_hash=SAE, concept="mass", neurons={1: "given"},
+                         readers=["ann"])  # fmt: skip
+            StudyReader(store, "s1", outbox)

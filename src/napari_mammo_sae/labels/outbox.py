@@ -132,13 +132,17 @@ class Outbox:
     @_locked
     def _refuse(self, target: str, row: dict, reason: str) -> None:
         self._db.execute("BEGIN IMMEDIATE")
-        self._db.execute(
-            "INSERT INTO refused (seq, target, uid, row, reason, refused_utc) "
-            "SELECT seq, target, uid, row, ?, ? FROM pending WHERE uid = ?",
-            (reason, now_utc(), row["uid"]),
-        )
-        self._remove(row["uid"])
-        self._db.execute("COMMIT")
+        try:
+            self._db.execute(
+                "INSERT INTO refused (seq, target, uid, row, reason, refused_utc) "
+                "SELECT seq, target, uid, row, ?, ? FROM pending WHERE uid = ?",
+                (reason, now_utc(), row["uid"]),
+            )
+            self._db.execute("DELETE FROM pending WHERE uid = ?", (row["uid"],))
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")  # the row stays pending: nothing lost
+            raise
 
     def flush(self, store, target: str | None = None) -> FlushResult:
         """Send waiting rows to ``store`` (a LabelStore), oldest first; stop at the first outage."""

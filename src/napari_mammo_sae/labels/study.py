@@ -256,6 +256,8 @@ class StudyReader:
     ) -> None:
         self.store, self.outbox = store, outbox
         self.reader = (reader or store.user or "").strip()
+        if not self.reader:
+            raise StudyError("enter your reader name (on a study server it is your login)")
         self.design = open_study(store, study_id)
         if self.reader not in self.design.readers:
             raise StudyError(
