@@ -70,6 +70,8 @@ def test_class_means_with_top_neurons_marked_and_auc_curves(viewer, tmp_path):
     assert labels == [str(n) for n in sorted(marked[:5])]  # the top 5, left to right
     # the session's model (pretrained) is the one whose curves are shown
     assert pw.curves.current_choice == "pretrained · calcification"
+    pw.reset_choices()  # napari does this to a docked widget whenever layers change
+    assert pw.curves.current_choice == "pretrained · calcification" and len(pw.curves.choices) == 2
     curves = [ln for ln in auc_ax.get_lines() if len(ln.get_xdata()) == 4]
     assert [list(c.get_ydata()) for c in curves] == [[0.5, 0.7, 0.85, 0.9], [0.9, 0.8, 0.6, 0.5]]
     assert list(curves[0].get_xdata()) == [0, 2, 17, M]

@@ -352,7 +352,8 @@ class Workstation:
 
     def _magnify_heat(self, layer: Any, rows_cols: tuple, scale: Any, translate: Any) -> list:
         """The visible neuron/CAM heatmaps of ``layer`` in the loupe: each sampled (bilinear, as
-        napari draws them) at the patch's pixels, so they are clipped to the loupe exactly."""
+        napari draws them) at the patch's pixels, clipped to the loupe, at half opacity so the
+        magnified tissue (calcifications) stays readable under them."""
         from scipy.ndimage import map_coordinates
 
         wanted = [
@@ -380,7 +381,7 @@ class Workstation:
                 from napari.layers import Image
 
                 copy = Image(sampled, name=f"magnifier · {o.name}", colormap=o.colormap,
-                             blending=o.blending, opacity=o.opacity, units=("mm", "mm"),
+                             blending=o.blending, opacity=0.5 * o.opacity, units=("mm", "mm"),
                              contrast_limits=o.contrast_limits, metadata={MAGNIFIER: True},
                              interpolation2d="nearest", scale=scale, translate=translate)  # fmt: skip
                 self._loupe_heat[id(o)] = copy

@@ -65,7 +65,9 @@ class PlotsWidget(Container):
                                tooltip="evaluation report folder (optional)")  # fmt: skip
         self.probe_path.value = settings.get("plots_probe") or None
         self.report.value = settings.get("report_dir") or None
-        self.curves = ComboBox(label="curves", choices=[],
+        self._models: list[tuple[str, str]] = []  # (variant, concept) pairs of the report
+        # choices from a callable: napari resets a docked widget's choices when layers change
+        self.curves = ComboBox(label="curves", choices=self._curve_choices,
                                tooltip="which model's AUROC-vs-k curves to show")  # fmt: skip
         redraw = PushButton(text="redraw")
         self.status = Label(label="", value="")
@@ -116,19 +118,21 @@ class PlotsWidget(Container):
             self._probe_cache = (key, load_probe(path))
         return self._probe_cache[1]
 
+    def _curve_choices(self, _widget: Any = None) -> list[tuple[str, tuple[str, str]]]:
+        return [(f"{v} · {c}", (v, c)) for v, c in self._models]
+
     def figure2_rows(self) -> list[dict]:
         """Figure-2 rows of the report for the chosen model (variant, concept)."""
         rows = read_report(path_text(self.report)).get("figure2", [])
         models = sorted({(r["variant"], r["concept"]) for r in rows})
-        chosen = self.curves.value
-        if not models:
-            return []
-        if chosen not in models:
+        chosen, self._models = self.curves.value, models
+        if chosen not in models and models:
             wanted = (self.session.variant, self.session.concept)
             chosen = wanted if wanted in models else models[0]
         with self.curves.changed.blocked():
-            self.curves.choices = [(f"{v} · {c}", (v, c)) for v, c in models]
-            self.curves.value = chosen
+            self.curves.reset_choices()
+            if models:
+                self.curves.value = chosen
         return [r for r in rows if (r["variant"], r["concept"]) == chosen]
 
     # --- drawing --------------------------------------------------------------------------------
