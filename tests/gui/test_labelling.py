@@ -298,6 +298,15 @@ def test_study_mode_walks_the_readers_queue_with_progress(make_napari_viewer, se
     assert w.session.study is None and not w.sae.isReadOnly()
 
 
+def test_the_database_can_be_given_on_the_shell(make_napari_viewer, settings, monkeypatch):
+    from napari_mammo_sae._napari.widgets.labelling import LabellingWidget
+
+    monkeypatch.setenv("NAPARI_MAMMO_SAE_DB", str(settings / "from-shell.sqlite"))
+    w = LabellingWidget(make_napari_viewer())
+    assert w.db_path.text() == str(settings / "from-shell.sqlite")
+    assert w.session.label_db == settings / "from-shell.sqlite"
+
+
 def test_a_password_typed_into_the_url_is_never_kept(make_napari_viewer, settings):
     import json
 
@@ -392,3 +401,12 @@ def test_server_restart_the_dock_queues_then_sends(make_napari_viewer, settings,
     with LabelStore(server.url("coordinator", name), password="coord-pw") as coord:
         rows = coord.verdicts(SAE, rater="alice", study="gui")
     assert [(v.neuron, v.verdict) for v in rows] == [(first, "clinical"), (second, "spurious")]
+    # outside the study the same server takes free verdicts too (sent in the background)
+    w.close_study()
+    w.sae.setText(SAE)
+    w.neuron.setValue(40)
+    _key(viewer, "3", qtbot)
+    _wait(w, qtbot)
+    assert "saved" in w.saved.text() and "neuron 40 unsure by alice" in w.saved.text()
+    with LabelStore(server.url("coordinator", name), password="coord-pw") as coord:
+        assert [(v.study, v.verdict) for v in coord.verdicts(SAE, neuron=40)] == [("", "unsure")]

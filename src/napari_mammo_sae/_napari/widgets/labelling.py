@@ -26,6 +26,7 @@ import contextlib
 import enum
 import functools
 import math
+import os
 import weakref
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,7 +48,7 @@ from qtpy.QtWidgets import (
 
 from ...errors import DatabaseAuthError
 from ...labels import LabelStore, default_path
-from ...labels.db import is_server_url
+from ...labels.db import URL_ENV, is_server_url
 from ._common import get_session, keep_alive, load_settings, notify_error, save_settings
 
 
@@ -187,9 +188,9 @@ class LabellingWidget(QWidget):
         self._store_key: tuple = ()
 
         # --- the form (magicgui) -----------------------------------------------------------------
-        self.form_db = LineEdit(
-            value=settings.get("label_db", str(default_path())), label="database"
-        )
+        # $NAPARI_MAMMO_SAE_DB (set on the shell before starting napari) wins over the remembered one
+        db = os.environ.get(URL_ENV) or settings.get("label_db") or str(default_path())
+        self.form_db = LineEdit(value=db, label="database")
         self.form_db.tooltip = (
             "SQLite file the verdicts are saved to (created when missing), or a study server: "
             "postgresql://USER@HOST:PORT/DATABASE (no password in it)"
@@ -385,7 +386,9 @@ class LabellingWidget(QWidget):
                 url = None
             if url is not None and url.password is not None:
                 # never kept in the field or the settings: ask for it instead when connecting
-                self.db_path.setText(url._replace(password=None).render_as_string(hide_password=False))
+                self.db_path.setText(
+                    url._replace(password=None).render_as_string(hide_password=False)
+                )
                 self.saved.setText(
                     "the password was taken out of the database URL: it is asked for when needed "
                     "and kept in memory only"
