@@ -17,8 +17,10 @@ weights - the time does not depend on the values. One image:
   interventions dock uses), with a ``--head-latents`` SAE on the head features;
 * for scale: one full backbone forward.
 
-Medians over ``--repeats`` runs after a warm-up, PyTorch eager on the CPU with the threads torch
-picks (OMP_NUM_THREADS=2 unless set). Prints a table and one markdown line for BENCHMARKS.md.
+The three are timed interleaved (one of each per round, ``--repeats`` rounds after a warm-up), so
+a machine that other jobs load slows them alike; medians, and the median per-round ratio of the
+intermediate step to the full forward. PyTorch eager on the CPU (OMP_NUM_THREADS=2 unless set).
+Prints a table and one markdown line for BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -33,14 +35,17 @@ import time
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
-def _median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def _interleaved_ms(fns, repeats: int) -> list[list[float]]:
+    """Per function, its times in ms over ``repeats`` rounds of one call each (after a warm-up)."""
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - t0)
-    return 1000.0 * statistics.median(times)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for k, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(1000.0 * (time.perf_counter() - t0))
+    return times
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,9 +107,11 @@ def main(argv: list[str] | None = None) -> int:
         with torch.inference_mode():
             model(x)
 
-    t_mid = _median_ms(intermediate_step, args.repeats)
-    t_closed = _median_ms(closed_form_step, args.repeats)
-    t_full = _median_ms(full_forward, max(3, args.repeats // 4))
+    mid, closed, full = _interleaved_ms(
+        [intermediate_step, closed_form_step, full_forward], args.repeats
+    )
+    t_mid, t_closed, t_full = (statistics.median(t) for t in (mid, closed, full))
+    share = statistics.median(a / b for a, b in zip(mid, full, strict=True))
     print(f"{args.backbone} at {h}x{w}, hook {point.name} ({c} channels, {gh}x{gw} grid), "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor()}")  # fmt: skip
     print(f"  intermediate-layer step (decode + rest of backbone + head): {t_mid:8.2f} ms")
@@ -112,12 +119,13 @@ def main(argv: list[str] | None = None) -> int:
         f"  last-layer closed form (pooled latents, m={args.head_latents}):     {t_closed:8.3f} ms"
     )
     print(f"  full backbone forward, for scale:                           {t_full:8.2f} ms")
+    print(f"  intermediate step / full forward (median per round):        {share:8.3f}")
     cmd = ".venv/bin/python benchmarks/bench_hook.py " + " ".join(
         argv if argv is not None else sys.argv[1:]
     )
     print(
         f"| {args.backbone} {h}x{w}, {point.name} ({gh}x{gw}x{c}, {args.latents} latents) | "
-        f"{t_mid:.1f} ms | {t_closed:.3f} ms | {t_mid / t_closed:.0f}x | {t_full:.0f} ms | "
+        f"{t_mid:.1f} ms | {t_closed:.3f} ms | {t_full:.0f} ms | {share:.3f} | "
         f"`{cmd.strip()}` |"
     )
     return 0
