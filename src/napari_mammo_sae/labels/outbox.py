@@ -146,7 +146,7 @@ class Outbox:
 
     def flush(self, store, target: str | None = None) -> FlushResult:
         """Send waiting rows to ``store`` (a LabelStore), oldest first; stop at the first outage."""
-        target = target or store.display
+        target = target or store.key
         sent: list[str] = []
         refused = 0
         rows = self.pending(target)

@@ -118,6 +118,11 @@ class LabelStore:
         return self.target.display
 
     @property
+    def key(self) -> str:
+        """The database as a stable key (full path, or the URL without password): outbox rows."""
+        return self.target.url.render_as_string(hide_password=True)
+
+    @property
     def user(self) -> str:
         """The database user (PostgreSQL role) verdicts are written as ('' for a file)."""
         return self.target.user if self.target.is_server else ""

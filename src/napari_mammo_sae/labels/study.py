@@ -272,7 +272,8 @@ class StudyReader:
 
     @property
     def target(self) -> str:
-        return self.store.display
+        """The outbox key of this reader's database (path or password-free URL)."""
+        return self.store.key
 
     def _reload_done(self) -> None:
         try:
