@@ -489,26 +489,14 @@ def report_markdown(design: StudyDesign, stats: Agreement, n_rows: int) -> str:
 
 
 def _html(md: str, title: str) -> str:
-    body = []
-    for line in md.splitlines():
-        if line.startswith("# "):
-            body.append(f"<h1>{html.escape(line[2:])}</h1>")
-        elif line.startswith("## "):
-            body.append(f"<h2>{html.escape(line[3:])}</h2>")
-        elif line.startswith("| statistic") or line.startswith("|---"):
-            continue
-        elif line.startswith("| "):
-            cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
-            body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-        elif line.startswith("- "):
-            body.append(f"<li>{html.escape(line[2:])}</li>")
-        elif line.strip():
-            body.append(f"<p>{html.escape(line)}</p>")
-    text = "\n".join(body)
-    text = re.sub(r"((?:<tr>.*</tr>\n?)+)", r"<table border='1'>\n\1</table>\n", text)
+    """The Markdown report as a standalone HTML page (markdown-it, with tables; no raw HTML)."""
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(md)
     return (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        f"</head><body>\n{text}\n</body></html>\n"
+        "<style>table{border-collapse:collapse}td,th{border:1px solid #999;padding:2px 8px}"
+        f"</style></head><body>\n{body}</body></html>\n"
     )
 
 
