@@ -225,6 +225,20 @@ def test_store_row_at_the_last_layer_by_hand(tmp_path):
     # clean images: negatives at sig(-2), the positive at logit 4 * 0.5 - 2 = 0
     assert row.auroc_clean_before == row.auroc_clean_after == 1.0 and row.isolated is True
     assert (row.n_cue_negatives, row.n_clean_negatives) == (2, 2)  # the training image left out
+    # one encoding of the split serves every cue: the same row, and another cue on top of it
+    from napari_mammo_sae.pipeline.shortcuts import encode_split
+
+    enc = encode_split(view, _identity_sae(), "calcification", [1, 0, 2])
+    kw = dict(concept="calcification", top_neurons=[1, 0, 2], encoded=enc)
+    again = shortcut_report_row(view, _identity_sae(), (np.array([4.0, 4.0]), -2.0), boxes,
+                                cue="clip", **kw)  # fmt: skip
+    assert again.as_dict() == row.as_dict()
+    none = shortcut_report_row(view, _identity_sae(), (np.array([4.0, 4.0]), -2.0), {},
+                               cue="lead", **kw)  # fmt: skip
+    assert none.shares == [0.0, 0.0, 0.0] and none.cue_neurons == [] and math.isnan(none.reliance)
+    with pytest.raises(ConfigError, match="other top neurons"):
+        shortcut_report_row(view, _identity_sae(), (np.array([4.0, 4.0]), -2.0), boxes,
+                            cue="clip", concept="calcification", top_neurons=[0], encoded=enc)  # fmt: skip
 
 
 def test_store_row_at_an_intermediate_layer_reruns_the_backbone(tmp_path):

@@ -17,6 +17,7 @@ differ only by the deactivation.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,46 @@ def store_hook(view: Any) -> str:
     return str(meta.get("hook") or "head")
 
 
+@dataclass
+class EncodedSplit:
+    """What every cue's row of one run shares: the split's images, their labels, the top neurons'
+    activations per cell, the pooled latents and (once computed) the probabilities before any
+    deactivation - so a report over several cues encodes the split, and at an intermediate layer
+    re-runs the backbone for "before", once."""
+
+    hook: str
+    rows: list[int]
+    labels: np.ndarray
+    top: np.ndarray
+    acts: list[np.ndarray]  # per image (cells, k)
+    pooled: np.ndarray  # (N, m)
+    before: np.ndarray | None = None
+    cells: dict[int, Any] = field(default_factory=dict)  # row -> geometry (read once)
+
+
+def encode_split(
+    view: Any, sae: Any, concept: str, top_neurons: Sequence[int], split: str = "test"
+) -> EncodedSplit:
+    """Encode a split of the store once for :func:`shortcut_report_row` (images with an unknown
+    label are left out)."""
+    import torch
+
+    rows = [int(r) for r in view.rows(split) if view.labels(concept)[int(r)] >= 0]
+    if not rows:
+        raise ConfigError(f"the store has no {split} images with a known {concept} label")
+    top = np.asarray(list(top_neurons), dtype=np.int64)
+    labels = np.array([int(view.labels(concept)[r]) for r in rows])
+    param = next(sae.parameters())
+    acts, pooled = [], []
+    with torch.inference_mode():
+        for r in rows:
+            tokens = torch.as_tensor(view.tokens(r), dtype=param.dtype, device=param.device)
+            z = sae.encode(tokens)
+            acts.append(z[:, torch.as_tensor(top, device=z.device)].float().cpu().numpy())
+            pooled.append(z.mean(dim=0).double().cpu().numpy())
+    return EncodedSplit(store_hook(view), rows, labels, top, acts, np.stack(pooled))
+
+
 def shortcut_report_row(
     view: Any,
     sae: Any,
@@ -43,51 +84,46 @@ def shortcut_report_row(
     concept: str,
     top_neurons: Sequence[int],
     split: str = "test",
+    encoded: EncodedSplit | None = None,
 ) -> ShortcutRow:
     """The report row of one cue and concept at the store's layer (see the module docstring).
 
     ``cue_boxes`` maps image id -> the cue's boxes (original pixels); ``top_neurons`` are the top-k
     class-1 neurons in rank order; ``model`` is the concept classifier the store was extracted with
-    (its head; at an intermediate layer its backbone too). Images with an unknown label are left out.
+    (its head; at an intermediate layer its backbone too); ``encoded`` (:func:`encode_split`, same
+    concept and neurons) spares re-encoding the split for every cue.
     """
-    import torch
-
     from ..analysis.interventions import intervened_logits, sigmoid
 
-    hook = store_hook(view)
-    rows = [int(r) for r in view.rows(split) if view.labels(concept)[int(r)] >= 0]
-    if not rows:
-        raise ConfigError(f"the store has no {split} images with a known {concept} label")
-    top = np.asarray(list(top_neurons), dtype=np.int64)
+    if encoded is None:
+        encoded = encode_split(view, sae, concept, top_neurons, split)
+    elif list(encoded.top) != [int(n) for n in top_neurons]:
+        raise ConfigError("the encoded split was made for other top neurons")
+    rows, hook = encoded.rows, encoded.hook
     grid = tuple(int(v) for v in view.grid)
-    labels = np.array([int(view.labels(concept)[r]) for r in rows])
-    has_cue = np.array([bool(cue_boxes.get(str(view.index.image_id[r]))) for r in rows])
-    param = next(sae.parameters())
-    acts, masks, pooled = [], [], []
-    with torch.inference_mode():
-        for r in rows:
-            tokens = torch.as_tensor(view.tokens(r), dtype=param.dtype, device=param.device)
-            z = sae.encode(tokens)
-            acts.append(z[:, torch.as_tensor(top, device=z.device)].float().cpu().numpy())
-            pooled.append(z.mean(dim=0).double().cpu().numpy())
-            boxes = cue_boxes.get(str(view.index.image_id[r]))
-            masks.append(cue_cells(view.geometry(r), boxes, grid).reshape(-1))
-    shares = cue_shares(acts, masks)
-    pooled_z = np.stack(pooled)
+    ids = [str(view.index.image_id[r]) for r in rows]
+    has_cue = np.array([bool(cue_boxes.get(i)) for i in ids])
+    masks = []
+    for r, image_id in zip(rows, ids, strict=True):
+        if r not in encoded.cells:
+            encoded.cells[r] = view.geometry(r)
+        masks.append(cue_cells(encoded.cells[r], cue_boxes.get(image_id), grid).reshape(-1))
+    shares = cue_shares(encoded.acts, masks)
 
-    if hook == "head":
-
-        def probabilities(off: list[int] | None) -> np.ndarray:
-            return sigmoid(intervened_logits(pooled_z, sae, model, off, "remove"))
-
-    else:
-
-        def probabilities(off: list[int] | None) -> np.ndarray:
-            return _rerun_probabilities(view, rows, sae, model, hook, off)
+    def probabilities(off: list[int] | None) -> np.ndarray:
+        if not off and encoded.before is not None:
+            return encoded.before
+        if hook == "head":
+            p = sigmoid(intervened_logits(encoded.pooled, sae, model, off, "remove"))
+        else:
+            p = _rerun_probabilities(view, rows, sae, model, hook, off)
+        if not off:
+            encoded.before = p
+        return p
 
     return shortcut_row(
-        cue=cue, concept=concept, layer=hook, labels=labels, has_cue=has_cue,
-        probabilities=probabilities(None), top_neurons=[int(n) for n in top],
+        cue=cue, concept=concept, layer=hook, labels=encoded.labels, has_cue=has_cue,
+        probabilities=probabilities(None), top_neurons=[int(n) for n in encoded.top],
         shares=shares, deactivate=probabilities,
     )  # fmt: skip
 
@@ -155,13 +191,15 @@ def shortcut_rows(
         progress.set_total(len(runs) * len(cue_boxes))
     for view, sae, model, concept in runs:
         top = class1_top_neurons(view, sae, concept, k)
+        encoded = encode_split(view, sae, concept, top)
         for cue, boxes in cue_boxes.items():
             check_cancelled(progress)
             rows.append(
                 shortcut_report_row(
-                    view, sae, model, boxes, cue=cue, concept=concept, top_neurons=top
+                    view, sae, model, boxes, cue=cue, concept=concept, top_neurons=top,
+                    encoded=encoded,
                 )
-            )
+            )  # fmt: skip
             if progress is not None:
                 progress.update(1)
     return rows
