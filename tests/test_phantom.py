@@ -16,6 +16,7 @@ import pytest
 from napari_mammo_sae.annotations import load_confounders, load_vindr
 from napari_mammo_sae.cli import main
 from napari_mammo_sae.dicom import chest_wall_side, chest_wall_side_from_pixels, read_mammogram
+from napari_mammo_sae.errors import ConfigError
 from napari_mammo_sae.phantom.cues import CueSpec, load_cue_boxes
 from napari_mammo_sae.phantom.dataset import PhantomConfig, plan_dataset, render_image
 
@@ -474,6 +475,13 @@ def test_cue_files_and_metadata(tmp_path):
     plain = _phantom(tmp_path / "p", "--studies", "1", "--seed", "4", "--workers", "1", *SMALL)
     assert set(json.loads((plain / "phantom.json").read_text())["cues"]) == {"marker"}
     assert not list(plain.glob("lead_annotations.csv"))
+    # a dataset written before phantom.json existed still yields its marker boxes
+    marker = load_cue_boxes(plain)["marker"]
+    (plain / "phantom.json").unlink()
+    assert load_cue_boxes(plain) == {"marker": marker} and marker
+    (plain / "phantom.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="phantom.json is not a phantom metadata file"):
+        load_cue_boxes(plain)
 
 
 @pytest.mark.parametrize(
