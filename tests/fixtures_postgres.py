@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
+_DB_COUNTER = iter(range(1, 1_000_000))
 
 
 @dataclass
@@ -50,6 +51,17 @@ class PostgresServer:
         ) as conn:  # fmt: skip
             for s in statements:
                 conn.execute(s)
+
+    def new_database(self, prefix: str = "study", coordinator_password: str = "coord-pw") -> str:
+        """A fresh database owned by the ``coordinator`` role (created once, CREATEROLE)."""
+        name = f"{prefix}_{os.getpid()}_{next(_DB_COUNTER)}"
+        self.sql(
+            "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'coordinator') THEN "
+            f"CREATE ROLE coordinator LOGIN CREATEROLE PASSWORD '{coordinator_password}'; "
+            "END IF; END $$",
+            f"CREATE DATABASE {name} OWNER coordinator",
+        )
+        return name
 
     def pg_ctl(self, action: str, timeout: float = 30.0) -> None:
         """Start, stop or restart the server (waits until it is done)."""
@@ -121,18 +133,3 @@ def postgres_server():
         except Exception:  # noqa: BLE001 - the folder goes anyway
             pass
         shutil.rmtree(root, ignore_errors=True)
-
-
-_DB_COUNTER = iter(range(1, 1_000_000))
-
-
-@pytest.fixture
-def study_db(postgres_server):
-    """A fresh database owned by a coordinator role (password 'coord-pw'); yields its name."""
-    name = f"study{next(_DB_COUNTER)}_{os.getpid()}"
-    postgres_server.sql(
-        "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'coordinator') THEN "
-        "CREATE ROLE coordinator LOGIN CREATEROLE PASSWORD 'coord-pw'; END IF; END $$",
-        f"CREATE DATABASE {name} OWNER coordinator",
-    )
-    return name

@@ -43,12 +43,7 @@ COORD_PW = "coord-pw"
 def study(postgres_server):
     """(server, database name): study s1 (neurons 0..11, readers alice and bob; alice never
     rates 10 and 11)."""
-    name = f"studies_{os.getpid()}_{random.randrange(1 << 30)}"
-    postgres_server.sql(
-        "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'coordinator') THEN "
-        f"CREATE ROLE coordinator LOGIN CREATEROLE PASSWORD '{COORD_PW}'; END IF; END $$",
-        f"CREATE DATABASE {name} OWNER coordinator",
-    )
+    name = postgres_server.new_database("studies", COORD_PW)
     with LabelStore(postgres_server.url("coordinator", name), password=COORD_PW) as coord:
         create_study(
             coord, "s1", sae_hash=SAE, concept="mass", neurons=choose_neurons(given=range(12)),
@@ -384,8 +379,7 @@ def test_eight_readers_killed_at_random_lose_nothing_and_store_nothing_twice(stu
 
 def test_concurrent_first_use_on_the_server_creates_the_schema_once(study, tmp_path):
     server, _ = study
-    name = f"fresh_{os.getpid()}_{random.randrange(1 << 30)}"
-    server.sql(f"CREATE DATABASE {name} OWNER coordinator")
+    name = server.new_database("fresh", COORD_PW)
     go = tmp_path / "go"
     code = textwrap.dedent(
         f"""

@@ -341,17 +341,9 @@ def test_a_reader_outside_the_study_is_told_so(make_napari_viewer, settings, qtb
 @pytest.fixture
 def pg_study(postgres_server, monkeypatch):
     """A PostgreSQL database with study 'gui' (neurons 0..5) read by alice."""
-    import os
-    import random
-
     from napari_mammo_sae.labels.study import choose_neurons, create_study
 
-    name = f"gui_{os.getpid()}_{random.randrange(1 << 30)}"
-    postgres_server.sql(
-        "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'coordinator') THEN "
-        "CREATE ROLE coordinator LOGIN CREATEROLE PASSWORD 'coord-pw'; END IF; END $$",
-        f"CREATE DATABASE {name} OWNER coordinator",
-    )
+    name = postgres_server.new_database("gui", "coord-pw")
     with LabelStore(postgres_server.url("coordinator", name), password="coord-pw") as coord:
         create_study(coord, "gui", sae_hash=SAE, concept="mass", neurons=choose_neurons(given=range(6)),
                      readers=["alice"], reader_passwords={"alice": "alice-gui-pw"})  # fmt: skip
