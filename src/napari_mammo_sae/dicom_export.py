@@ -23,6 +23,7 @@ import logging
 import time
 import warnings
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,11 +154,10 @@ def quantised_fractions(
     maps = analysis.latent_maps([int(n) for n in neurons]).astype(np.float64)  # (k, h, w)
     scales = np.maximum(maps.reshape(len(maps), -1).max(axis=1), 0.0)
     safe = np.where(scales > 0, scales, 1.0)
-    q = np.round(np.clip(maps / safe[:, None, None], 0, 1) * MAX_FRACTIONAL_VALUE).astype(np.uint8)
+    q = np.round(np.clip(maps / safe[:, None, None], 0, 1) * MAX_FRACTIONAL_VALUE)
+    cells = np.ascontiguousarray(np.moveaxis(q / MAX_FRACTIONAL_VALUE, 0, -1), np.float32)
     ri, ci = _cell_index(analysis, shape)
-    pixels = _expand(np.ascontiguousarray(np.moveaxis(q, 0, -1)), ri, ci)  # (rows, cols, k) uint8
-    frac = pixels.astype(np.float32)
-    frac *= np.float32(1.0 / MAX_FRACTIONAL_VALUE)
+    frac = _expand(cells, ri, ci)  # (rows, cols, k) float32, exactly the quantised values
     return frac, scales
 
 
@@ -400,11 +400,12 @@ def overlay_rgb(record: Any, frac0: np.ndarray | None, caption: str) -> np.ndarr
     from matplotlib import colormaps
     from PIL import Image, ImageDraw, ImageFont
 
-    display = record.display_pixels().astype(np.float32)
+    display = record.display_pixels()
+    step = max(1, int(np.ceil(max(display.shape) / SC_MAX_SIDE)))
     lo, hi = record.display_limits()
-    grey = np.clip((display - lo) / max(float(hi - lo), 1e-6), 0, 1)
-    step = max(1, int(np.ceil(max(grey.shape) / SC_MAX_SIDE)))
-    grey = grey[::step, ::step]
+    grey = np.clip(
+        (display[::step, ::step].astype(np.float32) - lo) / max(float(hi - lo), 1e-6), 0, 1
+    )
     rgb = np.repeat(grey[..., None], 3, axis=2)
     if frac0 is not None:
         f = frac0[::step, ::step]
@@ -494,12 +495,18 @@ def export_analysis(inp: ExportInput, out_dir: str | Path) -> ExportResult:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         try:
-            seg = build_segmentation(header, frac, neurons, scales, inp)
-            if orientation is not None:
-                seg.PatientOrientation = list(orientation)
-            sr = build_report(header, inp, neurons, scores, scales, seg)
-            rgb = overlay_rgb(record, frac[..., 0], caption)
-            sc = build_capture(header, rgb, orientation, laterality)
+            # the capture does not need the segmentation: build it on the other core meanwhile
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                capture = pool.submit(
+                    lambda: build_capture(
+                        header, overlay_rgb(record, frac[..., 0], caption), orientation, laterality
+                    )
+                )
+                seg = build_segmentation(header, frac, neurons, scales, inp)
+                if orientation is not None:
+                    seg.PatientOrientation = list(orientation)
+                sr = build_report(header, inp, neurons, scores, scales, seg)
+                sc = capture.result()
         except (AttributeError, ValueError, TypeError) as exc:
             raise ExportError(
                 f"{source.name}: highdicom refused to build the objects from this source "
