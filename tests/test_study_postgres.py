@@ -344,27 +344,45 @@ def test_eight_readers_killed_at_random_lose_nothing_and_store_nothing_twice(stu
         )  # fmt: skip
 
     saved: dict[str, set[str]] = {r: set() for r in readers}
-    killed = 0
     procs = {r: start(r) for r in readers}
     victims = rng.sample(readers, 4)
-    time.sleep(rng.uniform(1.0, 2.0))
-    for r in victims:  # kill -9 four readers mid-run, at random moments
-        time.sleep(rng.uniform(0.0, 0.3))
-        procs[r].kill()
-        killed += 1
+    first_runs: dict[str, tuple[int, list[str]]] = {}
+
+    def kill_mid_run(r, after):  # kill -9 once the reader has shown "saved" `after` times
+        lines, n = [], 0
+        for line in procs[r].stdout:
+            lines.append(line)
+            n += line.startswith("SAVED")
+            if n >= after:
+                procs[r].kill()
+                break
+        procs[r].wait(timeout=60)
+        lines += procs[r].stdout.read().splitlines(keepends=True)
+        first_runs[r] = (procs[r].returncode, lines)
+
+    import threading
+
+    killers = [
+        threading.Thread(target=kill_mid_run, args=(r, rng.randint(10, 150))) for r in victims
+    ]
+    for t in killers:
+        t.start()
     deadline = time.monotonic() + 120
+    for t in killers:
+        t.join(max(1, deadline - time.monotonic()))
     for r in readers:
-        out, err = procs[r].communicate(timeout=max(1, deadline - time.monotonic()))
-        saved[r] |= {line.split()[1] for line in out.splitlines() if line.startswith("SAVED")}
-        if r in victims:  # the reader starts the viewer again: same outbox, same queue
-            again = start(r)
+        if r in victims:
+            code, lines = first_runs[r]
+            assert code == -9 and not any(line.startswith("DONE") for line in lines)  # mid-run
+            saved[r] |= {line.split()[1] for line in lines if line.startswith("SAVED")}
+            again = start(r)  # the reader starts the viewer again: same outbox, same queue
             out, err = again.communicate(timeout=max(1, deadline - time.monotonic()))
             assert again.returncode == 0, err[-2000:]
-            saved[r] |= {line.split()[1] for line in out.splitlines() if line.startswith("SAVED")}
         else:
+            out, err = procs[r].communicate(timeout=max(1, deadline - time.monotonic()))
             assert procs[r].returncode == 0, err[-2000:]
+        saved[r] |= {line.split()[1] for line in out.splitlines() if line.startswith("SAVED")}
         assert "DONE" in out
-    assert killed == 4
     with coordinator(study) as coord:
         rows = coord.verdicts(SAE, study="load")
     by_reader: dict[str, list] = {r: [] for r in readers}
