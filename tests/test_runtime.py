@@ -331,6 +331,27 @@ def test_analysing_an_exam_at_once_gives_each_view_its_own_analysis(
     assert many_an.analyse(other).cached
 
 
+def test_hooks_on_the_backbone_need_the_torch_runtime(analyser_parts):
+    """Forward hooks (and gradients) run only in PyTorch; the ONNX graph does not call them."""
+    clf, sae, record = analyser_parts
+    seen = []
+    handle = clf.backbone.conv_head.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    try:
+        Analyzer(clf, sae, size=(192, 128), device="cpu", runtime="torch").analyse(record)
+        assert len(seen) == 1
+        onnx = Analyzer(clf, sae, size=(192, 128), device="cpu", runtime="onnx")
+        onnx.prepare_runtime()  # exporting traces through the hook once
+        seen.clear()
+        onnx.analyse(record)
+        assert seen == []
+    finally:
+        handle.remove()
+    x = _image(1, (192, 128)).requires_grad_(True)
+    rt.TorchRuntime(clf.backbone)  # inference mode inside, but the module itself stays trainable
+    clf.backbone.forward_features(x).sum().backward()
+    assert x.grad is not None and float(x.grad.abs().sum()) > 0
+
+
 def test_analyzer_rejects_half_precision_on_cpu(analyser_parts):
     clf, sae, _ = analyser_parts
     for dtype in ("float16", "bfloat16"):
