@@ -206,7 +206,16 @@ def describe(exc: BaseException, target: Target, secret: str | None = None) -> L
             )
         return LabelDatabaseError(f"{text} (database {target.path})")
     user = target.user
-    if "password authentication failed" in low:
+    # the server's SQLSTATE when there is one (errors inside a session); libpq's connection
+    # failures carry none, so their message text decides below
+    state = str(getattr(orig, "sqlstate", "") or "")
+    if state == "42501":  # insufficient_privilege (also: a row-level security policy refused)
+        return PermissionRefusedError(f"the database refused: {text} (user {user!r} on {where})")
+    if state.startswith("08") or state in ("57P01", "57P02", "57P03"):  # connection, shutdown
+        return DatabaseUnavailableError(
+            f"cannot reach the database server {where} ({text}); try again when it is back"
+        )
+    if "password authentication failed" in low or state == "28P01":
         return DatabaseAuthError(
             f"wrong password for database user {user!r} on {where}: check it (set "
             f"{PASSWORD_ENV} or PGPASSWORD, fix ~/.pgpass, or type it again)"
