@@ -19,7 +19,9 @@ weights - the time does not depend on the values. One image:
 
 The three are timed interleaved (one of each per round, ``--repeats`` rounds after a warm-up), so
 a machine that other jobs load slows them alike; medians, and the median per-round ratio of the
-intermediate step to the full forward. PyTorch eager on the CPU (OMP_NUM_THREADS=2 unless set).
+intermediate step to the full forward. PyTorch eager on the CPU (OMP_NUM_THREADS=2 unless set;
+``--threads 1`` on a machine other jobs load: two OpenMP threads then spin-wait for each other and
+times swing by 10x).
 Prints a table and one markdown line for BENCHMARKS.md.
 """
 
@@ -57,10 +59,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--head-latents", type=int, default=2560, help="SAE latents at the head")
     ap.add_argument("--off", type=int, default=10, help="neurons switched off per step")
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument(
+        "--threads", type=int, default=0,
+        help="torch threads (0: torch's default); 1 avoids OpenMP spin-waits on a loaded machine",
+    )  # fmt: skip
     args = ap.parse_args(argv)
 
     import numpy as np
     import torch
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     from napari_mammo_sae.analysis.interventions import intervened_logits
     from napari_mammo_sae.models.backbone import (
