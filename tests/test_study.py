@@ -68,6 +68,8 @@ def test_bad_designs_are_refused(tmp_path):
         create_study(store, "s1", **kw)
         with pytest.raises(StudyError, match="exists already"):
             create_study(store, "s1", **kw)
+        with pytest.raises(StudyError, match="a local file has no logins"):
+            create_study(store, "s2", **kw, reader_passwords={"ann": "pw"})
 
 
 def test_a_reader_walks_their_queue_and_progress_counts(tmp_path):

@@ -402,3 +402,31 @@ def test_server_restart_the_dock_queues_then_sends(make_napari_viewer, settings,
     assert "saved" in w.saved.text() and "neuron 40 unsure by alice" in w.saved.text()
     with LabelStore(server.url("coordinator", name), password="coord-pw") as coord:
         assert [(v.study, v.verdict) for v in coord.verdicts(SAE, neuron=40)] == [("", "unsure")]
+
+
+def test_a_queued_verdict_the_server_refuses_is_kept_and_reported(make_napari_viewer, settings,
+                                                                  qtbot):  # fmt: skip
+    from napari.utils.notifications import notification_manager
+
+    from napari_mammo_sae.labels.store import new_uid, now_utc
+    from napari_mammo_sae.labels.study import create_study
+
+    db = settings / "study.sqlite"
+    with LabelStore(db) as store:
+        create_study(store, "pilot", sae_hash=SAE, concept="mass", neurons={1: "given", 2: "given"},
+                     readers=["ann"])  # fmt: skip
+    seen = []
+    notification_manager.notification_ready.connect(seen.append)
+    w = _widget(_viewer_with_image(make_napari_viewer), db, rater="ann", sae="")
+    w.open_study("pilot")
+    _wait(w, qtbot)
+    bad = {"sae_hash": SAE, "neuron": 1, "verdict": "maybe", "rater": "ann", "note": "",
+           "image_uid": "", "concept": "mass", "uid": new_uid(), "study": "pilot",
+           "created_utc": now_utc()}  # fmt: skip
+    w.reader.outbox.put(w.reader.target, bad)  # e.g. written by an older, buggier version
+    w._flush_outbox()
+    _wait(w, qtbot)
+    notification_manager.notification_ready.disconnect(seen.append)
+    assert any("refused 1 queued verdicts" in str(n.message) for n in seen)
+    ((kept, why),) = w.reader.outbox.refused(w.reader.target)
+    assert kept["uid"] == bad["uid"] and "maybe" in why

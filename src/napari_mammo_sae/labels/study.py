@@ -143,6 +143,8 @@ def create_study(
         )
     if not neurons:
         raise StudyError("the study has no neurons")
+    if reader_passwords and store.engine.dialect.name != "postgresql":
+        raise StudyError("reader passwords belong to a study server: a local file has no logins")
     design = StudyDesign(
         study_id, sae_hash, concept, int(seed), {int(n): s for n, s in neurons.items()},
         tuple(readers), store.user or "coordinator", now_utc(),

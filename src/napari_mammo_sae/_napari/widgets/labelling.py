@@ -587,6 +587,12 @@ class LabellingWidget(QWidget):
             if result.sent:
                 self.saved.setText(f"sent {len(result.sent)} queued verdicts; {result.left} left")
                 self.session.verdicts_changed.emit()
+            if result.refused:
+                (_row, why), *_ = reader.outbox.refused(reader.target)[-result.refused :]
+                notify_error(
+                    f"the server refused {result.refused} queued verdicts; they are kept in "
+                    f"{reader.outbox.path} (table 'refused'): {why}"
+                )
             self._show_progress()
 
         self._submit(reader.flush, done, lambda exc: self._show_progress())
