@@ -50,8 +50,8 @@ def test_search_lists_the_study_without_patient_names(dock, study, qtbot):
     _search(dock, qtbot, uid)
     assert dock.status.value == "1 study with MG images"
     data = dock.table.data.to_list()
-    assert data == [["2026-01-01", "-", 4, "R CC, L CC, R MLO, L MLO"]]
-    assert dock.table.column_headers == ("study date", "accession", "MG images", "views")
+    assert data == [["2026-01-01", "-", 4, "RCC, LCC, RMLO, LMLO"]]
+    assert dock.table.column_headers == ("date", "accession", "MG", "views")
     name = str(pydicom.dcmread(files[0]).PatientName)
     assert name not in str(data)
 

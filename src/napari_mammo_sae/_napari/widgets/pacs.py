@@ -33,14 +33,19 @@ from ._common import get_session, keep_alive, notify_error, notify_info
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("study date", "accession", "MG images", "views")
+COLUMNS = ("date", "accession", "MG", "views")
+
+
+def _views_text(views: tuple[str, ...]) -> str:
+    """('R CC', 'L MLO') -> 'RCC, LMLO', as radiologists write them."""
+    return ", ".join(v.replace(" ", "") for v in views) or "-"
 
 
 class PacsDock(Container):
     """Dock widget: server, search form, result list, Open (background retrieve) and Cancel."""
 
     def __init__(self, napari_viewer: Any) -> None:
-        super().__init__(labels=True)
+        super().__init__(labels=False)
         from ...pacs.settings import ENV_URL, load_settings, origin
 
         self.viewer = napari_viewer
@@ -60,15 +65,18 @@ class PacsDock(Container):
         self.date_to = LineEdit(label="to")
         self.date_to.native.setPlaceholderText("YYYY-MM-DD")
         self.search_button = PushButton(text="Search")
-        self.table = Table(value={c: [] for c in COLUMNS}, label="studies")
+        self.table = Table(value={c: [] for c in COLUMNS})
         self.open_button = PushButton(text="Open")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.progress = ProgressBar(value=0, min=0, max=1, label="retrieve")
         self.status = Label(value="")
-        self.extend([
+        form = Container(labels=True, widgets=[
             self.url, self.user, self.password, self.insecure, self.study, self.accession,
-            self.date_from, self.date_to, self.search_button, self.table, self.open_button,
-            self.cancel_button, self.progress, self.status,
+            self.date_from, self.date_to,
+        ])  # fmt: skip
+        self.extend([
+            form, self.search_button, self.table, self.open_button, self.cancel_button,
+            Container(labels=True, widgets=[self.progress]), self.status,
         ])  # fmt: skip
         self._setup_table()
         self.studies: list[Any] = []  # StudySummary per table row
@@ -85,6 +93,12 @@ class PacsDock(Container):
         view.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         view.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
         view.setMinimumHeight(140)
+        view.setMinimumWidth(340)  # date, accession, count and four views without eliding
+        view.verticalHeader().setVisible(False)
+        view.setWordWrap(False)
+        header = view.horizontalHeader()
+        header.setSectionResizeMode(header.ResizeMode.ResizeToContents)
+        header.setStretchLastSection(True)
         view.doubleClicked.connect(lambda *_: self.open_selected())
 
     # --- server ---------------------------------------------------------------------------------
@@ -156,7 +170,7 @@ class PacsDock(Container):
     def _show_results(self, studies: list) -> None:
         self.studies = list(studies)
         rows = [
-            (s.date_text, s.accession_number or "-", s.n_images, ", ".join(s.views) or "-")
+            (s.date_text, s.accession_number or "-", s.n_images, _views_text(s.views))
             for s in self.studies
         ]
         self.table.value = {c: [r[i] for r in rows] for i, c in enumerate(COLUMNS)}
