@@ -294,8 +294,16 @@ def test_study_mode_walks_the_readers_queue_with_progress(make_napari_viewer, se
     # order[0] says spurious -> a majority of one
     assert w.session.study is not None
     assert w.session.study.consensus_spurious() == [order[0]]
+    # ... which the interventions dock offers while the study is open
+    from napari_mammo_sae._napari.widgets.intervention import InterventionWidget, Mode
+
+    iw = InterventionWidget(viewer)
+    assert (
+        Mode.study_spurious in iw.mode.choices
+    )  # (it needs an analysis to apply; see test_review)
     w.close_study()
     assert w.session.study is None and not w.sae.isReadOnly()
+    assert Mode.study_spurious not in iw.mode.choices
 
 
 def test_the_database_can_be_given_on_the_shell(make_napari_viewer, settings, monkeypatch):
