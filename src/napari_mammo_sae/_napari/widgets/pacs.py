@@ -262,29 +262,35 @@ class PacsDock(Container):
 
 
 # --- export (the explorer's action) ---------------------------------------------------------------
-def _source_path(viewer: Any, result: Any) -> Path | None:
-    """The DICOM file an analysed layer came from: the PACS cache, else the layer's source path."""
+def _layer_source(viewer: Any, result: Any) -> Path | None:
+    """Where napari opened an analysed layer from (a file or a folder), if it knows."""
+    try:
+        layer = viewer.layers[result.layer_name]
+    except (KeyError, ValueError):
+        return None
+    source = getattr(getattr(layer, "source", None), "path", None)
+    return Path(source) if source else None
+
+
+def _source_path(uid: str, opened_from: Path | None) -> Path | None:
+    """The DICOM file of SOP Instance ``uid``: the PACS cache, else the file or folder it was
+    opened from (headers only; runs in the worker thread)."""
     import pydicom
 
     from ...pacs.cache import InstanceCache
 
-    uid = result.placement.record.sop_instance_uid
     try:
         cached = InstanceCache().path(uid)
         if cached.is_file():
             return cached
-    except Exception:  # noqa: BLE001 - not in the cache
+    except Exception:  # noqa: BLE001 - not a cacheable UID
         pass
-    try:
-        layer = viewer.layers[result.layer_name]
-        source = getattr(getattr(layer, "source", None), "path", None)
-    except (KeyError, ValueError):
-        source = None
-    if not source:
+    if opened_from is None:
         return None
-    source = Path(source)
     candidates = (
-        [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
+        [opened_from]
+        if opened_from.is_file()
+        else sorted(p for p in opened_from.rglob("*") if p.is_file())
     )
     for p in candidates:
         try:
@@ -338,7 +344,7 @@ def start_export(viewer: Any, folder: str | Path, stow_url: str | None = None) -
         notify_error("nothing to export: analyse an image with the Neuron explorer first")
         return None
     # read the viewer on this (GUI) thread; the worker only touches files and the network
-    sources = {r.layer_name: _source_path(viewer, r) for r in results}
+    opened_from = {r.layer_name: _layer_source(viewer, r) for r in results}
     identity = _identity(session)
     iv = getattr(session, "last_intervention", None)
     current = session.current
@@ -347,7 +353,7 @@ def start_export(viewer: Any, folder: str | Path, stow_url: str | None = None) -
     def work():
         out = []
         for r in results:
-            source = sources[r.layer_name]
+            source = _source_path(r.placement.record.sop_instance_uid, opened_from[r.layer_name])
             if source is None:
                 raise ExportError(
                     f"{r.layer_name}: its DICOM file was not found (open it from a file, a folder "
