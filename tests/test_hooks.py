@@ -110,3 +110,15 @@ def test_shortcuts_command_reports_every_cue_at_every_layer(tmp_path):
     # an SAE of another layer is refused with a message that says what to pass
     bad = ["--run", str(tmp_path / "stage3.h5"), str(tmp_path / "sae-head"), str(weights)]
     assert main(["shortcuts", "--data", str(data), *bad, "--out", str(out), "--quiet"]) == 2
+
+
+def test_an_sae_trained_on_a_stage3_store_records_the_layer(setup, tmp_path):
+    import json
+
+    assert _extract(setup, tmp_path / "s3.h5", "--hook", "stage3") == 0
+    run = tmp_path / "sae"
+    assert main(["train", "--store", str(tmp_path / "s3.h5"), "--out", str(run), "--kind", "relu",
+                 "--d-latent", "16", "--batch-size", "64", "--epochs", "1", "--device", "cpu",
+                 "--seed", "1", "--quiet"]) == 0  # fmt: skip
+    config = json.loads(next(run.rglob("config.json")).read_text())
+    assert config["training"]["hook"] == "stage3" and config["d_in"] == 48

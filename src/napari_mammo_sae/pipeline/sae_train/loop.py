@@ -282,6 +282,7 @@ def _train_loop(
                 "training": {
                     "steps": step, "tokens": step * B, "store": Path(st.path).name,
                     "backbone": st.backbone, "backbone_signature": st.backbone_signature,
+                    "hook": st.hook,  # the backbone layer it was trained on (models.backbone)
                 }
             }  # fmt: skip
             result.weights = save_sae_weights(out, sae.cpu(), extra)
