@@ -11,7 +11,7 @@ Qt-free (the widgets call it from worker threads). Sources:
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 from pathlib import Path
 from typing import Any
@@ -170,3 +170,57 @@ def load_models(choice: ModelChoice) -> LoadedModels:
         loaded = LoadedModels(choice, analyzer, sae_hash, probe, config)
         _CACHE[choice] = loaded
         return loaded
+
+
+@dataclass
+class ImageResult:
+    """One analysed image: the analysis, the ranked neurons and their maps and box agreement."""
+
+    layer_name: str
+    analysis: Any  # models.inference.Analysis
+    placement: Any  # layout.Placement
+    neurons: np.ndarray  # top-k neuron ids, best first
+    scores: np.ndarray  # their ranking scores
+    maps: np.ndarray  # (k, h, w) latent maps
+    box_iou: dict[int, float] = field(default_factory=dict)
+    annotations: list = field(default_factory=list)  # boxes in original pixels
+
+
+def analyse_layers(
+    targets: list[tuple[str, Any, Any]],
+    choice: ModelChoice,
+    *,
+    ranking: str,
+    target_class: int,
+    k: int,
+    shapes: list[np.ndarray],
+) -> tuple[Any, dict[str, ImageResult], str]:
+    """Worker body (no Qt): load models, analyse each (name, record, placement), rank, score boxes."""
+    from ..analysis.localisation import box_agreement
+    from ..errors import MammoSAEError
+    from .layers import shapes_to_boxes
+
+    try:
+        models = load_models(choice)
+    except MammoSAEError as exc:  # typed errors are shown by the widget, not raised into napari
+        return None, {}, str(exc)
+    results: dict[str, ImageResult] = {}
+    used = ranking
+    for name, record, placement in targets:
+        yield f"analysing {name}"
+        try:
+            analysis = models.analyzer.analyse(record)
+        except MammoSAEError as exc:
+            return None, {}, f"{name}: {exc}"
+        top, scores, used = rank_neurons(analysis, ranking, target_class, models.probe, k)
+        maps = analysis.latent_maps(top)
+        boxes = shapes_to_boxes(placement, shapes) if placement is not None else []
+        ious = {}
+        for n, m in zip(top, maps, strict=True):
+            ious[int(n)] = (
+                box_agreement(m, boxes, analysis.geometry).iou
+                if boxes and m.max() > 0
+                else float("nan")
+            )
+        results[name] = ImageResult(name, analysis, placement, top, scores, maps, ious, boxes)
+    return models, results, used

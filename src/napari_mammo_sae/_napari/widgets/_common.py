@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import weakref
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from psygnal import Signal
+
+from ..model_choice import ImageResult  # noqa: F401 - re-exported: the widgets share it
 
 log = logging.getLogger(__name__)
 
@@ -74,20 +75,6 @@ def save_settings(**values: Any) -> None:
         tmp.replace(path)
     except OSError as exc:  # a read-only home must not break the plugin
         log.warning("settings not saved: %s", exc)
-
-
-@dataclass
-class ImageResult:
-    """One analysed image: the analysis, the ranked neurons and their maps and box agreement."""
-
-    layer_name: str
-    analysis: Any  # models.inference.Analysis
-    placement: Any  # layout.Placement
-    neurons: np.ndarray  # top-k neuron ids, best first
-    scores: np.ndarray  # their ranking scores
-    maps: np.ndarray  # (k, h, w) latent maps
-    box_iou: dict[int, float] = field(default_factory=dict)
-    annotations: list = field(default_factory=list)  # boxes in original pixels
 
 
 class ReviewSession:

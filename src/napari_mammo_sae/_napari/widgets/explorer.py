@@ -14,52 +14,18 @@ file pickers); the neuron table is magicgui's Table, its row clicks taken from t
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from magicgui.widgets import (
-    CheckBox,
-    ComboBox,
-    Container,
-    FileEdit,
-    Label,
-    PushButton,
-    SpinBox,
-    Table,
-    create_widget,
-)
+from magicgui import widgets as mw
 from qtpy.QtWidgets import QStyledItemDelegate
 
 from .. import layers as L
-from ..model_choice import (
-    Concept,
-    ModelChoice,
-    Ranking,
-    Source,
-    TargetClass,
-    Variant,
-    bundled_choice,
-    load_models,
-    rank_neurons,
-    weights_path,
-)
+from .. import model_choice as mc
+from ..model_choice import Concept, Ranking, Source, TargetClass, Variant
 from ..viewing import VIEW_COPY, install, mammogram_layers
-from ._common import (
-    ImageResult,
-    QuietBatch,
-    append_without_selecting,
-    choices,
-    get_session,
-    keep_alive,
-    load_settings,
-    notify_error,
-    path_text,
-    save_settings,
-)
-
-log = logging.getLogger(__name__)
+from . import _common as C
 
 CLASS_LABELS = {TargetClass.present: "1 (finding present)", TargetClass.absent: "0 (absent)"}
 OVERLAY_KEY = "mammo_sae"
@@ -108,103 +74,64 @@ def annotation_shapes(viewer: Any) -> list[np.ndarray]:
     return shapes
 
 
-def analyse_layers(
-    targets: list[tuple[str, Any, Any]],
-    choice: ModelChoice,
-    *,
-    ranking: str,
-    target_class: int,
-    k: int,
-    shapes: list[np.ndarray],
-) -> tuple[Any, dict[str, ImageResult], str]:
-    """Worker body (no Qt): load models, analyse each (name, record, placement), rank, score boxes."""
-    from ...analysis.localisation import box_agreement
-    from ...errors import MammoSAEError
-
-    try:
-        models = load_models(choice)
-    except MammoSAEError as exc:  # typed errors are shown by the widget, not raised into napari
-        return None, {}, str(exc)
-    results: dict[str, ImageResult] = {}
-    used = ranking
-    for name, record, placement in targets:
-        yield f"analysing {name}"
-        try:
-            analysis = models.analyzer.analyse(record)
-        except MammoSAEError as exc:
-            return None, {}, f"{name}: {exc}"
-        top, scores, used = rank_neurons(analysis, ranking, target_class, models.probe, k)
-        maps = analysis.latent_maps(top)
-        boxes = L.shapes_to_boxes(placement, shapes) if placement is not None else []
-        ious = {}
-        for n, m in zip(top, maps, strict=True):
-            ious[int(n)] = (
-                box_agreement(m, boxes, analysis.geometry).iou
-                if boxes and m.max() > 0
-                else float("nan")
-            )
-        results[name] = ImageResult(name, analysis, placement, top, scores, maps, ious, boxes)
-    return models, results, used
-
-
-class NeuronExplorer(Container):
+class NeuronExplorer(mw.Container):
     """Dock widget: choose image, model, concept, class, k and ranking; Run; inspect the top neurons."""
 
     def __init__(self, napari_viewer: Any) -> None:
         super().__init__(labels=True)
         self.viewer = napari_viewer
-        self.session = get_session(napari_viewer)
+        self.session = C.get_session(napari_viewer)
         self.worker = None
         self._pending: list = []
         self._used = "class_mean"  # the ranking the last run used
         # the layer steps of a run go in inside one layers batch with the window's repaints held
-        self._batch = QuietBatch(napari_viewer, self.native)
+        self._batch = C.QuietBatch(napari_viewer, self.native)
         self.last_error: str | None = None
-        settings = load_settings()
+        settings = C.load_settings()
         install(napari_viewer)  # workstation viewing (window/level, magnifier, view keys)
 
-        def path(label: str, key: str, **kw: Any) -> FileEdit:
+        def path(label: str, key: str, **kw: Any) -> mw.FileEdit:
             value = _existing(settings.get(key)) or None
-            return FileEdit(label=label, mode="r", nullable=True, value=value, **kw)
+            return mw.FileEdit(label=label, mode="r", nullable=True, value=value, **kw)
 
         import napari
 
-        self.image = create_widget(annotation=napari.layers.Image, label="image",
+        self.image = mw.create_widget(annotation=napari.layers.Image, label="image",
                                    options={"choices": self._image_choices})  # fmt: skip
-        self.all_views = CheckBox(text="every view of the exam")
-        self.source = ComboBox(label="model", choices=choices(Source))
+        self.all_views = mw.CheckBox(text="every view of the exam")
+        self.source = mw.ComboBox(label="model", choices=C.choices(Source))
         tip = "a checkpoint (.pth, .pt), or any file inside one of our weights folders"
         self.classifier_path = path("classifier", "classifier_path", tooltip=tip)
         self.sae_path = path("SAE", "sae_path", tooltip=tip)
         self.probe_path = path("probe (.npz)", "probe_path", filter="*.npz")
-        self.trust = CheckBox(text="trust pickled Mammo-CLIP file (can run code)")
-        self.concept = ComboBox(label="concept", choices=choices(Concept))
-        self.variant = ComboBox(label="variant", choices=choices(Variant))
-        self.target = ComboBox(label="class", choices=choices(TargetClass, CLASS_LABELS))
-        self.k = SpinBox(label="top k", min=1, max=100, value=10)
-        self.ranking = ComboBox(label="ranking", choices=choices(Ranking))
-        self.device = ComboBox(label="device", choices=["auto", "cpu", "cuda", "mps"])
-        self.stack = CheckBox(text="one k x h x w stack (slider)")
-        self.run_button = PushButton(text="Run")
-        self.cancel_button = PushButton(text="Cancel", enabled=False)
-        self.probability = Label(value="")
+        self.trust = mw.CheckBox(text="trust pickled Mammo-CLIP file (can run code)")
+        self.concept = mw.ComboBox(label="concept", choices=C.choices(Concept))
+        self.variant = mw.ComboBox(label="variant", choices=C.choices(Variant))
+        self.target = mw.ComboBox(label="class", choices=C.choices(TargetClass, CLASS_LABELS))
+        self.k = mw.SpinBox(label="top k", min=1, max=100, value=10)
+        self.ranking = mw.ComboBox(label="ranking", choices=C.choices(Ranking))
+        self.device = mw.ComboBox(label="device", choices=["auto", "cpu", "cuda", "mps"])
+        self.stack = mw.CheckBox(text="one k x h x w stack (slider)")
+        self.run_button = mw.PushButton(text="Run")
+        self.cancel_button = mw.PushButton(text="Cancel", enabled=False)
+        self.probability = mw.Label(value="")
         self.probability.native.setStyleSheet("font-weight: bold")
-        self.status = Label(value="Open a mammogram with this plugin's reader, then Run.")
+        self.status = mw.Label(value="Open a mammogram with this plugin's reader, then Run.")
         self.status.native.setWordWrap(True)
-        self.table = Table(value=[], columns=COLUMNS)
+        self.table = mw.Table(value=[], columns=COLUMNS)
         self.table.read_only = True
         qt_table = self.table.native
         qt_table.verticalHeader().setVisible(False)
         qt_table.setSelectionBehavior(qt_table.SelectionBehavior.SelectRows)
         qt_table.setItemDelegate(QStyledItemDelegate(qt_table))  # our texts as written (no 3e-02)
-        self.show_all = PushButton(text="show all")
-        self.hide_all = PushButton(text="hide all")
-        self.remove_all = PushButton(text="remove overlays")
-        self.boxes_button = PushButton(text="boxes CSV...")
-        self.export_button = PushButton(text="Export to DICOM / send to PACS...")
+        self.show_all = mw.PushButton(text="show all")
+        self.hide_all = mw.PushButton(text="hide all")
+        self.remove_all = mw.PushButton(text="remove overlays")
+        self.boxes_button = mw.PushButton(text="boxes CSV...")
+        self.export_button = mw.PushButton(text="Export to DICOM / send to PACS...")
 
-        def row(*widgets: Any) -> Container:
-            return Container(widgets=widgets, layout="horizontal", labels=False)
+        def row(*widgets: Any) -> mw.Container:
+            return mw.Container(widgets=widgets, layout="horizontal", labels=False)
 
         self.extend([
             self.image, self.all_views, self.source, self.classifier_path, self.sae_path,
@@ -253,21 +180,21 @@ class NeuronExplorer(Container):
         for w in (self.classifier_path, self.sae_path, self.probe_path, self.trust):
             w.enabled = custom
 
-    def choice(self) -> ModelChoice:
+    def choice(self) -> mc.ModelChoice:
         """The ModelChoice of the form (ConfigError when incomplete)."""
         from ...errors import ConfigError
 
         concept = self.concept.value.name
         device = self.device.value
         if self.source.value is Source.bundled:
-            return bundled_choice(concept, self.variant.value.value, device)
-        clf, sae = weights_path(self.classifier_path.value), weights_path(self.sae_path.value)
+            return mc.bundled_choice(concept, self.variant.value.value, device)
+        clf, sae = mc.weights_path(self.classifier_path.value), mc.weights_path(self.sae_path.value)
         if clf is None or sae is None:
             raise ConfigError("choose a classifier and an SAE (or use the bundled demo weights)")
-        probe = Path(path_text(self.probe_path)) if path_text(self.probe_path) else None
-        save_settings(classifier_path=str(clf), sae_path=str(sae),
+        probe = Path(C.path_text(self.probe_path)) if C.path_text(self.probe_path) else None
+        C.save_settings(classifier_path=str(clf), sae_path=str(sae),
                       probe_path=str(probe) if probe else "")  # fmt: skip
-        return ModelChoice(clf, sae, probe, self.trust.value, device)
+        return mc.ModelChoice(clf, sae, probe, self.trust.value, device)
 
     def targets(self) -> list[tuple[str, Any, Any]]:
         """(layer name, record, placement) of the image(s) to analyse."""
@@ -285,7 +212,7 @@ class NeuronExplorer(Container):
 
         targets = self.targets()
         if not targets:
-            notify_error(
+            C.notify_error(
                 "No mammogram to analyse: open a DICOM file with the napari-mammo-sae reader"
             )
             return None
@@ -298,7 +225,7 @@ class NeuronExplorer(Container):
         s.concept, s.variant = self.concept.value.name, self.variant.value.value
         s.target_class, s.ranking = int(self.target.value), self.ranking.value.name
         self.worker = create_worker(
-            analyse_layers, targets, choice, ranking=s.ranking, target_class=s.target_class,
+            mc.analyse_layers, targets, choice, ranking=s.ranking, target_class=s.target_class,
             k=self.k.value, shapes=annotation_shapes(self.viewer),
             _progress={"desc": "Mammo-SAE analysis"},
         )  # fmt: skip
@@ -308,7 +235,7 @@ class NeuronExplorer(Container):
         self.worker.finished.connect(self._worker_finished)
         self.run_button.enabled, self.cancel_button.enabled = False, True
         self.status.value = "loading the model..."
-        keep_alive(self.worker)
+        C.keep_alive(self.worker)
         self.worker.start()
         return self.worker
 
@@ -335,7 +262,7 @@ class NeuronExplorer(Container):
     def _fail(self, message: str) -> None:
         self.last_error = message
         self.status.value = f"error: {message}"
-        notify_error(message)
+        C.notify_error(message)
 
     def run_blocking(self, timeout_s: float = 600.0) -> str:
         """Run and wait (for scripts such as the demo); returns the status line."""
@@ -413,7 +340,7 @@ class NeuronExplorer(Container):
         try:
             from .pacs import export_analysis_dialog
         except ImportError:
-            notify_error("Export to DICOM / PACS is not available in this installation yet")
+            C.notify_error("Export to DICOM / PACS is not available in this installation yet")
             return
         export_analysis_dialog(self.viewer)
 
@@ -426,7 +353,7 @@ class NeuronExplorer(Container):
                 out.append(lay)
         return out
 
-    def _layer_steps(self, results: dict[str, ImageResult]) -> list:
+    def _layer_steps(self, results: dict[str, mc.ImageResult]) -> list:
         """Small GUI-thread steps (one layer each) that bring the overlays up to date."""
         vmax = max(float(r.maps.max()) for r in results.values()) or 1.0
         stack = self.stack.value
@@ -492,7 +419,7 @@ class NeuronExplorer(Container):
 
     def _insert_layer(self, layer: Any) -> None:
         """Add a built overlay on top, leaving the user's layer selection as it was."""
-        append_without_selecting(self.viewer, layer)
+        C.append_without_selecting(self.viewer, layer)
 
     def _boxes_on_top(self) -> None:
         """Annotation boxes stay above the heatmaps."""
@@ -563,7 +490,7 @@ class NeuronExplorer(Container):
         except Exception:  # the table must render even when the database cannot be opened
             return ["?"] * len(neurons)
 
-    def _fill_table(self, res: ImageResult) -> None:
+    def _fill_table(self, res: mc.ImageResult) -> None:
         a = res.analysis
         verdicts = self._verdicts([int(n) for n in res.neurons])
         rows = []
