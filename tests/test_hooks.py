@@ -21,7 +21,8 @@ def setup(tmp_path_factory):
                  "small", "--workers", "1", "--quiet"]) == 0  # fmt: skip
     torch.manual_seed(0)
     weights = root / "clf"
-    config = {"kind": "classifier", "backbone": "test_efficientnet", "input_size": [128, 80]}
+    config = {"kind": "classifier", "backbone": "test_efficientnet", "input_size": [128, 80],
+              "concept": "calcification"}  # fmt: skip
     save_model(weights, build_classifier("test_efficientnet"), config)
     return data, weights
 
@@ -112,7 +113,7 @@ def test_shortcuts_command_reports_every_cue_at_every_layer(tmp_path):
     assert main(["shortcuts", "--data", str(data), *bad, "--out", str(out), "--quiet"]) == 2
 
 
-def test_an_sae_trained_on_a_stage3_store_records_the_layer(setup, tmp_path):
+def test_an_sae_trained_on_a_stage3_store_records_the_layer(setup, tmp_path, capsys):
     import json
 
     assert _extract(setup, tmp_path / "s3.h5", "--hook", "stage3") == 0
@@ -122,3 +123,11 @@ def test_an_sae_trained_on_a_stage3_store_records_the_layer(setup, tmp_path):
                  "--seed", "1", "--quiet"]) == 0  # fmt: skip
     config = json.loads(next(run.rglob("config.json")).read_text())
     assert config["training"]["hook"] == "stage3" and config["d_in"] == 48
+    # the shortcut report refuses to read a head store with it
+    data, weights = setup
+    assert _extract(setup, tmp_path / "head.h5") == 0
+    sae_dir = next(run.rglob("model.safetensors")).parent
+    capsys.readouterr()
+    assert main(["shortcuts", "--data", str(data), "--run", str(tmp_path / "head.h5"),
+                 str(sae_dir), str(weights), "--out", str(tmp_path / "s.csv"), "--quiet"]) == 2  # fmt: skip
+    assert "was trained at stage3" in capsys.readouterr().err

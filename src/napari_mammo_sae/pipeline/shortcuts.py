@@ -247,6 +247,12 @@ def run(args: Any) -> int:
                 "'extract --weights' made with this model"
             )
         sae = load_sae(sae_path).float()
+        trained_on = (load_model_folder(sae_path)[1].get("training") or {}).get("hook")
+        if trained_on and trained_on != view.hook:
+            raise ConfigError(
+                f"the SAE {sae_path} was trained at {trained_on}, the store {store_path} holds "
+                f"{view.hook}: pass the SAE trained on this store's layer"
+            )
         if int(sae.d_in) != int(view.feature_dim):
             raise ConfigError(
                 f"the SAE {sae_path} reads {sae.d_in} channels, the store's {view.hook} layer has "
