@@ -162,6 +162,11 @@ def test_round_trip_exports_go_back_to_the_right_study(client, seeded, analyzer,
             tmp_path / "export",
         )
     )
+    from test_export import dciodvfy_errors
+
+    for res in results:  # phantom (MG For Presentation) and CBIS-DDSM (Secondary Capture) sources
+        for path in res.paths:
+            assert dciodvfy_errors(path) == [], path.name
     assert stow(results, client) == 15
 
     series = client.series_in_study(seeded["phantom_study"])

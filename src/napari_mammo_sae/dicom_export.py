@@ -176,6 +176,11 @@ def read_source_header(path: str | Path):
     for keyword in TYPE2_COPIED:  # required, may be empty: a source without them still exports
         if keyword not in ds:
             setattr(ds, keyword, "")
+    if (
+        str(ds.get("PatientIdentityRemoved", "")).upper() == "YES"
+        and not (ds.get("DeidentificationMethod") or ds.get("DeidentificationMethodCodeSequence"))
+    ):  # the Patient module then requires a method: say it is unknown (the source file is untouched)
+        ds.DeidentificationMethod = "not recorded in the source image"
     return ds
 
 
