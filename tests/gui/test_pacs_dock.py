@@ -136,8 +136,22 @@ def test_export_action_writes_the_three_objects_of_each_analysed_image(
         analysis.logit_contributions[neurons], analysis.latent_maps(neurons),
         box_iou={int(neurons[0]): 0.5},
     )  # fmt: skip
+    from napari_mammo_sae.labels.store import LabelStore
+
+    session.sae_hash = "ab" * 32
+    session.label_db = tmp_path / "verdicts.sqlite"
+    with LabelStore(session.label_db) as store:
+        store.add(session.sae_hash, int(neurons[0]), "clinical", "ann")
+        store.add(session.sae_hash, int(neurons[0]), "spurious", "bob")
     worker = start_export(viewer, tmp_path / "out")
     with qtbot.waitSignal(worker.finished, timeout=60_000):
         pass
     written = sorted(p.name.split(".")[-2] for p in (tmp_path / "out").glob("*.dcm"))
     assert written == ["SC", "SEG", "SR"]
+    from test_export import sr_numbers, sr_texts
+
+    sr = pydicom.dcmread(next((tmp_path / "out").glob("*.SR.dcm")))
+    texts = sr_texts(sr)
+    assert texts.count("CLINICAL") == 1 and texts.count("SPURIOUS") == 1
+    assert sr_numbers(sr)["BOX-IOU"] == [0.5]
+    assert sr_numbers(sr)["P-ORIG"] == [analysis.probability]

@@ -324,8 +324,8 @@ def _verdicts(session: Any, neurons: list[int]) -> dict[int, list[str]]:
     try:
         from ...labels.store import LabelStore
 
-        store = LabelStore(session.label_db)
-        return {n: [v.verdict for v in store.latest(session.sae_hash, n)] for n in neurons}
+        with LabelStore(session.label_db) as store:
+            return {n: [v.verdict for v in store.latest(session.sae_hash, n)] for n in neurons}
     except Exception as exc:  # noqa: BLE001 - verdicts are optional in the export
         log.warning("verdicts not exported: %s", type(exc).__name__)
         return {}
