@@ -134,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
             from napari_mammo_sae.models.classifier import ConceptClassifier
             from napari_mammo_sae.models.sae import SparseAutoencoder
 
-            clf = ConceptClassifier(create_backbone("tf_efficientnet_b5", static_padding=(1520, 912)))
+            clf = ConceptClassifier(
+                create_backbone("tf_efficientnet_b5", static_padding=(1520, 912))
+            )
             sae = SparseAutoencoder(2048, 16384, generator=torch.Generator().manual_seed(0))
             b5 = Analyzer(clf.eval(), sae.eval(), size=(1520, 912), device="cpu")
             b5.analyse_path(files[1])  # warm-up on another view
