@@ -578,11 +578,11 @@ def _draw_cues(plan, cfg, img, outline, gamma, mirror, avoid, mass_boxes):
             )
         )
         if name == "site":
-            img = cues.site_processing(img, sp)
             bitmap = cues.text_bitmap(cues.SITE_TEXT, sp)
             at = cues.place_text(outline, bitmap.shape, sp, rng, avoid)
-            if at is None:
+            if at is None:  # no room for the text: not a site image at all (pixels = truth)
                 continue
+            img = cues.site_processing(img, sp)
             r0, c0 = at
             th, tw = bitmap.shape
             box = (float(c0), float(r0), float(c0 + tw), float(r0 + th))
