@@ -61,7 +61,7 @@ def test_open_retrieves_in_the_background_and_hangs_the_exam(dock, study, qtbot)
     _search(dock, qtbot, uid)
     dock.open_selected()
     viewer = dock.viewer
-    qtbot.waitUntil(lambda: len(viewer.layers) == 4, timeout=60_000)
+    qtbot.waitUntil(lambda: dock.status.value.startswith("opened"), timeout=60_000)
     names = sorted(layer.name for layer in viewer.layers)
     assert names == ["L CC", "L MLO", "R CC", "R MLO"]
     x = {layer.name: layer.metadata["placement"].translate_mm[1] for layer in viewer.layers}

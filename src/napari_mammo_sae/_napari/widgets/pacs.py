@@ -29,7 +29,7 @@ from magicgui.widgets import (
     Table,
 )
 
-from ._common import get_session, keep_alive, notify_error, notify_info
+from ._common import get_session, insert_in_turns, keep_alive, notify_error, notify_info
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,8 @@ class PacsDock(Container):
         self._setup_table()
         self.studies: list[Any] = []  # StudySummary per table row
         self.worker: Any = None
+        self._pending: list = []  # layer data tuples still to add
+        self._opened = self._skipped = 0
         self.search_button.changed.connect(self.search)
         self.open_button.changed.connect(self.open_selected)
         self.cancel_button.changed.connect(self.cancel)
@@ -242,15 +244,29 @@ class PacsDock(Container):
         self.status.value = f"retrieved {done} of {total} MG images"
 
     def _hang(self, value: tuple[list, int]) -> None:
+        """Add the exam's layers one per event-loop turn (each insert is itself spread over turns
+        by ``insert_in_turns``), so a four-view exam never holds the viewer in one long stall."""
         tuples, skipped = value
-        self._busy(False)
-        for data, kwargs, _kind in tuples:
-            self.viewer.add_image(data, **kwargs)
-        if tuples:
-            self.viewer.reset_view()
-        self.status.value = f"opened {len(tuples)} views" + (
-            f" ({skipped} unreadable)" if skipped else ""
-        )
+        self._pending = list(tuples)
+        self._opened, self._skipped = 0, skipped
+        self._add_next()
+
+    def _add_next(self) -> None:
+        from napari.layers import Layer
+        from qtpy.QtCore import QTimer
+
+        if not self._pending:
+            if self._opened:
+                self.viewer.reset_view()
+            self._busy(False)
+            self.status.value = f"opened {self._opened} views" + (
+                f" ({self._skipped} unreadable)" if self._skipped else ""
+            )
+            return
+        data, kwargs, kind = self._pending.pop(0)
+        insert_in_turns(self.viewer, Layer.create(data, kwargs, kind), self.native, self._failed)
+        self._opened += 1
+        QTimer.singleShot(30, self._add_next)
 
     def cancel(self, *_: Any) -> None:
         """Stop the retrieve after the image in flight (what arrived stays cached)."""
