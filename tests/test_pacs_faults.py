@@ -345,3 +345,36 @@ def test_cache_names_are_uids_only(tmp_path):
         cache.path("../../etc/passwd")
     p = cache.write("1.2.3.4", b"x" * 10)
     assert p.name == "1.2.3.4.dcm" and cache.has("1.2.3.4") and cache.partials() == []
+
+
+def test_password_from_keyring_then_prompt_never_from_settings(monkeypatch):
+    import sys
+    import types
+
+    from napari_mammo_sae.pacs import resolve_credentials
+
+    server = PacsServer("https://pacs.example:8443/dicom-web", username="bob")
+    asked = []
+    monkeypatch.setitem(sys.modules, "keyring", None)  # no keyring installed: the prompt asks
+    creds = resolve_credentials(server, prompt=lambda msg: asked.append(msg) or "typed-pw")
+    assert creds.password == "typed-pw" and "bob" in asked[0] and "typed-pw" not in repr(creds)
+    fake = types.SimpleNamespace(
+        get_password=lambda service, user: (
+            "ring-pw"
+            if (service, user) == ("napari-mammo-sae-pacs:https://pacs.example:8443", "bob")
+            else None
+        )
+    )
+    monkeypatch.setitem(sys.modules, "keyring", fake)
+    creds = resolve_credentials(server, prompt=lambda msg: pytest.fail("asked despite keyring"))
+    assert creds.password == "ring-pw" and creds.kind == "basic"
+
+
+def test_cli_search_prints_a_table_without_patient_names(fake, study_files, capsys):
+    from napari_mammo_sae.cli import main
+
+    assert main(["pacs", "search", "--url", fake.url]) == 0
+    out = capsys.readouterr().out
+    ds = pydicom.dcmread(study_files[0])
+    assert "2025-01-02" in out and "L CC, L MLO" in out and str(ds.StudyInstanceUID) in out
+    assert str(ds.PatientName) not in out and str(ds.PatientID) not in out
