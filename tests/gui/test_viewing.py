@@ -39,7 +39,9 @@ def viewer(make_napari_viewer, exam):
     v.window._qt_window.resize(1000, 800)
     v.open(str(exam), plugin=PLUGIN)
     v.reset_view()
-    viewing.install(v)
+    # the reader bound the workstation keys in the viewer that opened the files
+    assert {"F1", "F5", "H", "W", "M"} <= {str(k) for k in v.keymap}
+    assert viewing.install(v) is viewing.install(v)  # installed once per viewer
     return v
 
 

@@ -187,4 +187,20 @@ def read_dicom(path: str | Sequence[str]) -> list:
     records = read_records(path)
     if not records:
         return [(None,)]  # napari: the reader handled the path and opened no layer
+    _install_workstation()
     return layer_data_tuples(records)
+
+
+def _install_workstation() -> None:
+    """Bind the workstation viewing (window/level, magnifier, view keys: ``viewing.py``) in the
+    viewer opening these files, so it works without any dock open."""
+    try:
+        import napari
+
+        viewer = napari.current_viewer()
+        if viewer is not None:
+            from .viewing import install
+
+            install(viewer)
+    except Exception:  # noqa: BLE001 - viewing habits must never stop a file from opening
+        logger.exception("workstation viewing not installed")
