@@ -11,7 +11,7 @@ SYSTEM_PACKAGES := xvfb xauth libgl1 libegl1 libxkbcommon-x11-0 libxcb-cursor0 l
 	orthanc orthanc-dicomweb dicom3tools dcmtk
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: demo test system-deps venv lint format screenshots benchmarks weights clean
+.PHONY: demo test system-deps venv lint format screenshots benchmarks weights evaluation clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -60,6 +60,12 @@ benchmarks: system-deps venv
 # docs/evaluation/ and docs/EVALUATION.md from them.
 weights: venv
 	$(PY) scripts/make_weights.py --workers 1
+	$(PY) scripts/summarise_evaluation.py --append docs/evaluation_discussion.md
+
+# Re-runs evaluate on the committed weights (phantom data, three feature stores, no training) and
+# regenerates docs/evaluation/ and docs/EVALUATION.md.
+evaluation: venv
+	PY=$(PY) scripts/evaluate_committed.sh build/reeval docs/evaluation
 	$(PY) scripts/summarise_evaluation.py --append docs/evaluation_discussion.md
 
 clean:
