@@ -361,12 +361,12 @@ def start_export(viewer: Any, folder: str | Path, stow_url: str | None = None) -
         return None
     # read the viewer on this (GUI) thread; the worker only touches files and the network
     opened_from = {r.layer_name: _layer_source(viewer, r) for r in results}
-    identity = _identity(session)
     iv = getattr(session, "last_intervention", None)
     current = session.current
     folder = Path(folder)
 
     def work():
+        identity = _identity(session)  # hashes the weights files: not on the GUI thread
         out = []
         for r in results:
             source = _source_path(r.placement.record.sop_instance_uid, opened_from[r.layer_name])
