@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.server
 import json
 import logging
+import os
 import shutil
 import socket
 import ssl
@@ -231,9 +232,14 @@ def test_cut_off_retrieve_leaves_no_half_file_and_resumes(fake, tmp_path, study_
         client.retrieve_study(study)
     assert client.cache.has(uids[0]) and not client.cache.has(uids[1])
     assert client.cache.partials() == []
+    stale = client.cache.path(uids[1]).with_name(f".{uids[1]}.x.part")  # a killed process's
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_bytes(b"half a file")
+    os.utime(stale, (1, 1))
     fake.cut = set()
     fake.log.clear()
     paths = client.retrieve_study(study)
+    assert not stale.exists() and client.cache.partials() == []
     assert fake.wado_gets() == [uids[1]]  # only what was missing
     by_uid = {str(pydicom.dcmread(p).SOPInstanceUID): p for p in paths}
     for uid, original in zip(uids, study_files, strict=True):

@@ -73,10 +73,18 @@ class InstanceCache:
         """Leftover temporary files (a process killed mid-write); never read as instances."""
         return sorted(self.root.rglob(f"*{PARTIAL_SUFFIX}"))
 
-    def clean_partials(self) -> int:
-        """Delete leftover temporary files; returns how many."""
+    def clean_partials(self, older_than_s: float = 0.0) -> int:
+        """Delete leftover temporary files older than ``older_than_s`` (another process may be
+        writing the newer ones); returns how many."""
+        import time
+
         n = 0
+        now = time.time()
         for p in self.partials():
-            p.unlink(missing_ok=True)
-            n += 1
+            try:
+                if now - p.stat().st_mtime >= older_than_s:
+                    p.unlink(missing_ok=True)
+                    n += 1
+            except OSError:
+                continue
         return n

@@ -56,6 +56,7 @@ INSTANCE_FIELDS = (
     "00100020",  # PatientID: CBIS-DDSM names the view only there (read, never kept or shown)
 )
 VIEW_ORDER = ("R CC", "L CC", "R MLO", "L MLO")
+STALE_PARTIAL_S = 3600.0  # a temporary file this old is a killed process's, not a live write
 
 
 @dataclass(frozen=True)
@@ -380,6 +381,7 @@ class PacsClient:
         instances stops the retrieve (what arrived stays cached for next time).
         """
         refs = self.list_mammograms(study_instance_uid)
+        self.cache.clean_partials(older_than_s=STALE_PARTIAL_S)  # left by a killed process
         missing = [r for r in refs if not self.cache.has(r.sop_instance_uid)]
         if progress is not None:
             progress.set_total(len(refs))
