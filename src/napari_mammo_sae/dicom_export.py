@@ -536,6 +536,14 @@ def export_analysis(inp: ExportInput, out_dir: str | Path) -> ExportResult:
     )  # fmt: skip
 
 
+def verdicts_from_store(database: Any, sae_hash: str, neurons: Sequence[int]) -> dict:
+    """Each neuron's newest verdict per rater from a verdict database (path or URL), {n: [...]}."""
+    from .labels.store import LabelStore
+
+    with LabelStore(database) as store:
+        return {int(n): [v.verdict for v in store.latest(sae_hash, int(n))] for n in neurons}
+
+
 def stow(results: Sequence[ExportResult], client: Any) -> int:
     """Send exported objects to a PACS (STOW-RS), study by study; the number of objects stored.
 

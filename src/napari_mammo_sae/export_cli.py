@@ -28,6 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for the DICOM objects")
     parser.add_argument("--top", type=int, default=5, help="neurons in the segmentation (5)")
     parser.add_argument("--device", default="auto", help="torch device (auto)")
+    parser.add_argument(
+        "--labels",
+        metavar="DB",
+        help="verdict database (file or postgresql:// URL) whose verdicts on the SAE's neurons go "
+        "into the report",
+    )
     parser.add_argument("--stow", metavar="URL", help="send the objects to this DICOMweb root")
     parser.add_argument("--user", help="user name for the STOW server (basic authentication)")
     parser.add_argument(
@@ -69,7 +75,7 @@ def identity_of(classifier: Path, sae: Path, config: dict):
 
 def run(args: argparse.Namespace) -> int:
     from .dicom import read_mammogram
-    from .dicom_export import ExportInput, export_analysis, stow
+    from .dicom_export import ExportInput, export_analysis, stow, verdicts_from_store
     from .errors import ConfigError, DicomReadError
     from .models.inference import Analyzer
     from .models.weights import bundled_weights_dir
@@ -95,8 +101,13 @@ def run(args: argparse.Namespace) -> int:
             failed += 1
             continue
         analysis = analyzer.analyse(record)
+        neurons = [int(n) for n in analysis.top_neurons(args.top)]
+        verdicts = (
+            verdicts_from_store(args.labels, identity.sae_sha256, neurons) if args.labels else {}
+        )
         res = export_analysis(
-            ExportInput(f, analysis, identity, record=record, k=args.top), args.out
+            ExportInput(f, analysis, identity, neurons=neurons, verdicts=verdicts, record=record),
+            args.out,
         )
         results.append(res)
         print(f"{record.name}: {', '.join(p.name for p in res.paths)}")

@@ -338,10 +338,9 @@ def _verdicts(session: Any, neurons: list[int]) -> dict[int, list[str]]:
     if not session.label_db or not session.sae_hash:
         return {}
     try:
-        from ...labels.store import LabelStore
+        from ...dicom_export import verdicts_from_store
 
-        with LabelStore(session.label_db) as store:
-            return {n: [v.verdict for v in store.latest(session.sae_hash, n)] for n in neurons}
+        return verdicts_from_store(session.label_db, session.sae_hash, neurons)
     except Exception as exc:  # noqa: BLE001 - verdicts are optional in the export
         log.warning("verdicts not exported: %s", type(exc).__name__)
         return {}
