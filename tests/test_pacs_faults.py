@@ -284,37 +284,41 @@ def test_rejected_stow_keeps_the_export_on_disk_and_says_where(fake, tmp_path, s
         stow([result], client_for(fake, tmp_path))
 
 
-def test_export_cli_with_verdicts_and_a_refusing_stow_target(
-    fake, tmp_path, study_files, capsys, monkeypatch
-):
-    import numpy as np
-
+def test_export_cli_with_verdicts_and_a_refusing_stow_target(fake, tmp_path, study_files, capsys):
     from napari_mammo_sae.cli import main
     from napari_mammo_sae.labels.store import LabelStore
-    from napari_mammo_sae.models.inference import Analysis
+    from napari_mammo_sae.models.inference import Analyzer
     from napari_mammo_sae.models.weights import bundled_weights_dir, sha256_file
 
-    # which neurons are "top" is the model's business; fix them so the verdicts can be prepared
-    monkeypatch.setattr(Analysis, "top_neurons", lambda self, k=10, by="x": np.array([7, 3]))
-    sae_hash = sha256_file(bundled_weights_dir() / "sae-finetuned-calcification" /
-                           "model.safetensors")  # fmt: skip
+    root = bundled_weights_dir()
+    analyzer = Analyzer.from_weights(
+        root / "finetuned-calcification", root / "sae-finetuned-calcification", device="cpu"
+    )
+    first, second = (int(n) for n in analyzer.analyse_path(study_files[0]).top_neurons(2))
+    sae_hash = sha256_file(root / "sae-finetuned-calcification" / "model.safetensors")
     db = tmp_path / "verdicts.sqlite"
-    with LabelStore(db) as store:
-        store.add(sae_hash, 7, "spurious", "ann")
-        store.add(sae_hash, 3, "clinical", "ann")
-        store.add(sae_hash, 3, "clinical", "bob")
+    with LabelStore(db) as store:  # the verdicts clinicians gave on this image's top neurons
+        store.add(sae_hash, first, "spurious", "ann")
+        store.add(sae_hash, second, "clinical", "ann")
+        store.add(sae_hash, second, "clinical", "bob")
+    uid = str(pydicom.dcmread(study_files[0]).SOPInstanceUID)
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text(f"SOPInstanceUID,xmin,ymin,xmax,ymax,label\n{uid},5,10,40,60,mass\n")
     fake.stow_status = 400
     out = tmp_path / "out"
     rc = main(["export", str(study_files[0]), "--out", str(out), "--top", "2", "--labels",
-               str(db), "--stow", fake.url])  # fmt: skip
+               str(db), "--boxes", str(boxes), "--stow", fake.url])  # fmt: skip
     err = capsys.readouterr().err
     assert rc == StowRejectedError.exit_code and str(out) in err
     assert len(list(out.glob("*.dcm"))) == 3
-    from test_export import sr_texts
+    from test_export import sr_numbers, sr_texts
 
-    texts = sr_texts(pydicom.dcmread(next(out.glob("*.SR.dcm"))))
-    assert "neuron 7 rank 1" in texts and "neuron 3 rank 2" in texts
+    sr = pydicom.dcmread(next(out.glob("*.SR.dcm")))
+    texts = sr_texts(sr)
+    assert f"neuron {first} rank 1" in texts and f"neuron {second} rank 2" in texts
     assert texts.count("SPURIOUS") == 1 and texts.count("CLINICAL") == 2
+    ious = sr_numbers(sr)["BOX-IOU"]
+    assert len(ious) == 2 and all(0.0 <= v <= 1.0 for v in ious)
 
 
 def test_token_is_sent_and_never_logged(fake, tmp_path, monkeypatch, caplog):

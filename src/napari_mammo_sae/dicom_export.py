@@ -332,8 +332,9 @@ def build_report(header: Any, inp: ExportInput, neurons, scores, scales, seg=Non
             _measurement("CONTRIB", "Neuron logit contribution", contributions[n]),
             _measurement("ACT-MAX", "Neuron maximum activation (segment scale)", scale),
         ]
-        if n in inp.box_iou and inp.box_iou[n] is not None:
-            ms.append(_measurement("BOX-IOU", "Neuron box agreement (IoU)", inp.box_iou[n]))
+        iou = inp.box_iou.get(n)
+        if iou is not None and np.isfinite(iou):  # NaN: the image had no boxes to agree with
+            ms.append(_measurement("BOX-IOU", "Neuron box agreement (IoU)", iou))
         evaluations = [
             hd.sr.QualitativeEvaluation(
                 name=_code("VERDICT", "Clinician verdict"),

@@ -34,6 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="verdict database (file or postgresql:// URL) whose verdicts on the SAE's neurons go "
         "into the report",
     )
+    parser.add_argument(
+        "--boxes",
+        type=Path,
+        metavar="CSV",
+        help="finding boxes (path or SOPInstanceUID, xmin, ymin, xmax, ymax, label; original "
+        "pixels): each neuron's box agreement goes into the report",
+    )
     parser.add_argument("--stow", metavar="URL", help="send the objects to this DICOMweb root")
     parser.add_argument("--user", help="user name for the STOW server (basic authentication)")
     parser.add_argument(
@@ -73,7 +80,27 @@ def identity_of(classifier: Path, sae: Path, config: dict):
     )
 
 
+def _box_agreement(analysis, neurons, boxes, path: Path, uid: str) -> dict[int, float]:
+    """IoU of each neuron's map with this image's boxes from a box CSV ({} when it has none)."""
+    from .analysis.localisation import box_agreement
+
+    mine = [
+        b.box
+        for b in boxes
+        if b.sop_instance_uid == uid or (b.path is not None and b.path.resolve() == path.resolve())
+    ]
+    if not mine:
+        return {}
+    maps = analysis.latent_maps(neurons)
+    return {
+        int(n): box_agreement(m, mine, analysis.geometry).iou
+        for n, m in zip(neurons, maps, strict=True)
+        if m.max() > 0
+    }
+
+
 def run(args: argparse.Namespace) -> int:
+    from .annotations import load_box_csv
     from .dicom import read_mammogram
     from .dicom_export import ExportInput, export_analysis, stow, verdicts_from_store
     from .errors import ConfigError, DicomReadError
@@ -92,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
     files = _files(args.paths)
     if not files:
         raise ConfigError("no DICOM files among the paths given")
+    boxes = load_box_csv(args.boxes) if args.boxes else []
     results, failed = [], 0
     for f in files:
         try:
@@ -106,9 +134,12 @@ def run(args: argparse.Namespace) -> int:
             verdicts_from_store(args.labels, identity.sae_sha256, neurons) if args.labels else {}
         )
         res = export_analysis(
-            ExportInput(f, analysis, identity, neurons=neurons, verdicts=verdicts, record=record),
+            ExportInput(
+                f, analysis, identity, neurons=neurons, verdicts=verdicts, record=record,
+                box_iou=_box_agreement(analysis, neurons, boxes, f, record.sop_instance_uid),
+            ),
             args.out,
-        )
+        )  # fmt: skip
         results.append(res)
         print(f"{record.name}: {', '.join(p.name for p in res.paths)}")
     print(f"{len(results)} images exported to {args.out}")

@@ -134,7 +134,7 @@ def test_export_action_writes_the_three_objects_of_each_analysed_image(
     session.results[layer.name] = ImageResult(
         layer.name, analysis, layer.metadata["placement"], neurons,
         analysis.logit_contributions[neurons], analysis.latent_maps(neurons),
-        box_iou={int(neurons[0]): 0.5},
+        box_iou={int(neurons[0]): 0.5, int(neurons[1]): float("nan")},  # nan: no box
     )  # fmt: skip
     from napari_mammo_sae.labels.store import LabelStore
 
