@@ -140,7 +140,7 @@ class NeuronGallery(Container):
         if self.worker is not None:
             self.worker.quit()
         self.last_error = None
-        self._say(f"loading neuron {neuron}...")
+        self.status.value = f"loading neuron {neuron}..."
         self._shown_neuron = neuron
         self.worker = create_worker(
             gallery_tiles, neuron, probe, data, self.count.value, analyzer=analyzer,
@@ -153,14 +153,11 @@ class NeuronGallery(Container):
         worker.start()
         return worker
 
-    def _say(self, text: str) -> None:
-        self.status.value = text
-
     def _refuse(self, message: str) -> None:
         if self.worker is not None:  # a pending load of another neuron must not draw over this
             self.worker.quit()
             self.worker = None
-        self._say(message)
+        self.status.value = message
         self.last_error = message
         return None
 
@@ -168,7 +165,7 @@ class NeuronGallery(Container):
         if worker is self.worker:
             self.worker = None
         self.last_error = str(exc)
-        self._say(f"gallery failed: {exc}")
+        self.status.value = f"gallery failed: {exc}"
         notify_error(f"gallery: {exc}")
 
     def _draw(self, neuron: int, tiles: list[Tile], worker: Any = None) -> None:
@@ -179,9 +176,9 @@ class NeuronGallery(Container):
         draw_tiles(self.figure, neuron, tiles)
         self.canvas.draw()  # synchronous: no deferred draw can outlive a closed viewer
         if not tiles:
-            self._say(f"neuron {neuron}: none of its top images are in this folder")
+            self.status.value = f"neuron {neuron}: none of its top images are in this folder"
         else:
-            self._say(f"neuron {neuron}: {len(tiles)} images - click one to open it")
+            self.status.value = f"neuron {neuron}: {len(tiles)} images - click one to open it"
 
     # --- opening ----------------------------------------------------------------------------------
     def _clicked(self, event: Any) -> None:

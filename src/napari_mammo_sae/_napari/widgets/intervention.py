@@ -107,14 +107,9 @@ class InterventionWidget(Container):
         self.mode.reset_choices()
 
     def _neuron_changed(self, neuron: int) -> None:
-        if self.single.value != neuron:
-            # only the single-neuron mode depends on it
-            with (
-                self.single.changed.blocked()
-                if self.mode.value is not Mode.single
-                else nullcontext()
-            ):
-                self.single.value = int(neuron)
+        quiet = self.mode.value is not Mode.single  # only the single-neuron mode depends on it
+        with self.single.changed.blocked() if quiet else nullcontext():
+            self.single.value = int(neuron)
 
     def _scores(self, cur: Any) -> tuple[np.ndarray, np.ndarray]:
         """(class-0 scores, class-1 scores) over all neurons for the top-k union."""
