@@ -16,7 +16,8 @@ The recipe (issue 7), every step a ``napari-mammo-sae`` subcommand run as a subp
                      768 x 480: a cell of about 6 mm, where a clip or a lead edge is its own object).
 6. ``train``       - ONE SAE (the paper's ReLU + L1 recipe) on the finetuned calcification features;
                      and one small SAE per finetuned model at stage3 (64 channels, 512 latents).
-7. ``probe``       - class-wise mean latents, rankings and galleries for the bundled SAE.
+7. ``probe``       - class-wise mean latents, rankings and galleries for the bundled SAE (and, without
+                     a head, for each stage3 SAE).
 8. ``shortcuts``   - the shortcut report (every cue x concept x layer) -> docs/evaluation/shortcuts.csv.
 9. ``evaluate``    - the paper's analyses on the test split -> docs/evaluation/.
 
@@ -390,6 +391,13 @@ def main(argv: list[str] | None = None) -> int:
               "--concept", concept, "--out", probes / f"{concept}.npz", "--split", "training",
               "--top-k", recipe["probe_top_k"], "--device", args.device,
               done=probes / f"{concept}.npz", name=f"probe {concept}")  # fmt: skip
+    for (concept, hook), (store, shipped) in hooked.items():
+        # class means and galleries at the hook point; no --head: a head reads the last layer,
+        # so there is no closed-form logit attribution here
+        r.cli("probe", "--store", store, "--sae", shipped, "--concept", concept,
+              "--out", probes / f"{concept}-{hook}.npz", "--split", "training",
+              "--top-k", recipe["probe_top_k"], "--device", args.device,
+              done=probes / f"{concept}-{hook}.npz", name=f"probe {concept} {hook}")  # fmt: skip
 
     report = args.report.resolve()
     # the shortcut report: every cue x concept x layer, the same rule and k everywhere (the last
