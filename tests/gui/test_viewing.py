@@ -275,3 +275,19 @@ def test_magnifier_shows_full_resolution_pixels_enlarged_about_the_cursor(viewer
     assert not loupe.visible
     _press(viewer, "M")
     assert not any(MAGNIFIER in lay.metadata for lay in viewer.layers)
+
+
+def test_w_off_the_images_resets_every_window_and_a_missing_view_says_so(viewer):
+    from napari_mammo_sae._napari.viewing import install
+
+    ws = install(viewer)
+    for name in ("R CC", "L MLO"):
+        ws.set_window(viewer.layers[name], 900.0, 300.0)
+    viewer.cursor.position = (-1e6, -1e6)  # on no image
+    _press(viewer, "W")
+    for lay in viewer.layers:
+        assert tuple(lay.contrast_limits) == pytest.approx(lay.metadata["record"].display_limits())
+    viewer.layers.remove("L MLO")
+    visible = [lay.visible for lay in viewer.layers]
+    _press(viewer, "F4")  # no L MLO in this viewer: nothing hidden, and the status says why
+    assert [lay.visible for lay in viewer.layers] == visible and "no L MLO" in viewer.status
