@@ -59,7 +59,7 @@ def _screen(viewer, world):
     return float(mapped[0] / mapped[3]), float(mapped[1] / mapped[3])
 
 
-def _mouse(viewer, kind, pos, button=None):
+def _mouse(viewer, kind, pos, button=None, shift=False):
     """Send a Qt mouse event to napari's canvas, as a real mouse would."""
     from qtpy.QtCore import QEvent, QPointF, Qt
     from qtpy.QtGui import QMouseEvent
@@ -76,19 +76,20 @@ def _mouse(viewer, kind, pos, button=None):
     point = QPointF(*pos)
     event = QMouseEvent(kinds[kind], point, native.mapToGlobal(point),
                         Qt.MouseButton.NoButton if kind == "move" else qt_button, held,
-                        Qt.KeyboardModifier.NoModifier)  # fmt: skip
+                        Qt.KeyboardModifier.ShiftModifier if shift
+                        else Qt.KeyboardModifier.NoModifier)  # fmt: skip
     QApplication.sendEvent(native, event)
 
 
-def _drag(viewer, start, end, button=2):
+def _drag(viewer, start, end, button=2, shift=False):
     """A mouse drag on napari's canvas: press, moves 12 ms apart, release."""
-    _mouse(viewer, "press", start, button)
+    _mouse(viewer, "press", start, button, shift)
     for t in np.linspace(0, 1, 5)[1:]:
         pos = (start[0] + t * (end[0] - start[0]), start[1] + t * (end[1] - start[1]))
         _wait(0.012)  # vispy drops moves closer than 10 ms apart; napari throttles them in Qt
-        _mouse(viewer, "move", pos, button)
+        _mouse(viewer, "move", pos, button, shift)
     _wait(0.012)
-    _mouse(viewer, "release", end, button)
+    _mouse(viewer, "release", end, button, shift)
     _wait(0.012)
 
 
@@ -137,10 +138,17 @@ def test_right_drag_sets_window_and_level_and_w_resets_to_the_dicom_window(viewe
     assert tuple(viewer.layers["L CC"].contrast_limits) == tuple(
         viewer.layers["L CC"].metadata["record"].display_limits()
     )
+    # Shift: every view follows, each by the same drag
+    before = {lay.name: tuple(lay.contrast_limits) for lay in viewer.layers}
+    _drag(viewer, start, (start[0] + 50, start[1]), shift=True)
+    for lay in viewer.layers:
+        lo, hi = lay.contrast_limits
+        assert hi - lo > before[lay.name][1] - before[lay.name][0], lay.name
     # W with the cursor over the image: back to the DICOM window
     viewer.cursor.position = tuple(_centre(image))
     _press(viewer, "W")
     assert tuple(image.contrast_limits) == pytest.approx(original)
+    assert tuple(viewer.layers["L CC"].contrast_limits) != before["L CC"]  # the others kept theirs
     assert "W 3000" in text.text and "L 2000" in text.text
     # a left-drag still pans (napari's camera) and leaves the window alone
     _drag(viewer, start, (start[0] + 60, start[1]), button=1)

@@ -3,8 +3,9 @@
 What a radiologist's hands expect, on every image layer opened by this plugin's reader
 (:func:`install` binds it once per viewer; the review docks call it):
 
-* **window/level by right-drag** on an image: horizontal = width (right widens), vertical = level
-  (down raises it, the image darkens); the canvas shows the window in the file's units (the values
+* **window/level by right-drag** on an image (Shift: every view together): horizontal = width
+  (right widens), vertical = level (down raises it, the image darkens); the canvas shows the window
+  in the file's units (the values
   of the DICOM WindowCenter/Width, MONOCHROME1 included). ``W`` resets the image under the cursor
   (all images when the cursor is on none) to the file's window.
 * **magnifier**: ``M`` toggles a loupe that shows the full-resolution pixels around the cursor
@@ -149,21 +150,31 @@ class Workstation:
         self.viewer.status = text
 
     def _drag(self, viewer: Any, event: Any) -> Any:
-        """Right-drag on a mammogram: horizontal = width, vertical = level (a drag generator)."""
+        """Right-drag on a mammogram: horizontal = width, vertical = level (a drag generator);
+        with Shift, every visible mammogram of the viewer follows (each in its own value range)."""
         if event.button != 2:
             return
         layer = self.layer_at(event.position)
         if layer is None:
             return
         event.handled = True  # the camera must not zoom on this drag
-        lo, hi = (float(v) for v in layer.contrast_limits)
-        rlo, rhi = (float(v) for v in layer.contrast_limits_range)
-        per_pixel = max(rhi - rlo, hi - lo) * DRAG_UNITS_PER_PIXEL
+        linked = any(m == "Shift" for m in event.modifiers)  # vispy Keys equal their names
+        others = (
+            [v for v in mammogram_layers(viewer) if v.visible and v is not layer] if linked else []
+        )
+        start = []
+        for lay in [*others, layer]:  # the one under the cursor last: its window is shown
+            lo, hi = (float(v) for v in lay.contrast_limits)
+            rlo, rhi = (float(v) for v in lay.contrast_limits_range)
+            start.append(
+                (lay, (lo + hi) / 2, hi - lo, max(rhi - rlo, hi - lo) * DRAG_UNITS_PER_PIXEL)
+            )
         x0, y0 = event.pos[:2]
         yield
         while event.type == "mouse_move":
             dx, dy = event.pos[0] - x0, event.pos[1] - y0
-            self.set_window(layer, (lo + hi) / 2 + dy * per_pixel, (hi - lo) + dx * per_pixel)
+            for lay, center, width, per_pixel in start:
+                self.set_window(lay, center + dy * per_pixel, width + dx * per_pixel)
             event.handled = True
             yield
 
