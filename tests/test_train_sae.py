@@ -257,6 +257,16 @@ def test_a_checkpoint_in_the_old_single_folder_layout_still_resumes(tiny_store, 
     assert not (folder / "state.json").exists()  # the old layout's files are gone after a save
 
 
+def test_a_pointer_to_a_missing_checkpoint_is_a_clear_error(tiny_store, tmp_path):
+    out = tmp_path / "run"
+    train_sae(tiny_store, small_config(checkpoint_every=4), out, stop_after_steps=4)
+    (out / "checkpoint" / "LATEST").write_text("step-000000099\n")  # edited by hand
+    with pytest.raises(ConfigError, match="incomplete"):
+        train_sae(tiny_store, small_config(checkpoint_every=4), out, resume=True)
+    with pytest.raises(ConfigError, match="already holds"):
+        train_sae(tiny_store, small_config(checkpoint_every=4), out)
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
