@@ -229,29 +229,21 @@ class NeuronExplorer(mw.Container):
             k=self.k.value, shapes=annotation_shapes(self.viewer),
             _progress={"desc": "Mammo-SAE analysis"},
         )  # fmt: skip
-        self.worker.yielded.connect(self._set_status)
+        self.worker.yielded.connect(self.status.native.setText)  # progress texts
         self.worker.returned.connect(self._done)
         self.worker.errored.connect(lambda exc: self._fail(str(exc)))
-        self.worker.finished.connect(self._worker_finished)
+        self.worker.finished.connect(self._finished)
         self.run_button.enabled, self.cancel_button.enabled = False, True
         self.status.value = "loading the model..."
         C.keep_alive(self.worker)
         self.worker.start()
         return self.worker
 
-    def _set_status(self, text: str) -> None:
-        self.status.value = text
-
     def cancel(self, *_: Any) -> None:
         """Stop the running analysis after the current image."""
         if self.worker is not None:
             self.worker.quit()
             self.status.value = "cancelled"
-
-    def _worker_finished(self) -> None:
-        self.worker = None
-        if not self._pending:
-            self._finished()
 
     def _finished(self) -> None:
         self.worker = None
