@@ -221,7 +221,12 @@ def test_function_keys_show_one_view_large_with_its_overlays_and_back(viewer):
     _press(viewer, "F4")  # straight to another view
     assert [n for n, lay in views.items() if lay.visible] == ["L MLO"]
     assert not heat_r.visible and "findings (R CC)" not in viewer.layers
+    # an overlay of another view added meanwhile (a run) goes in hidden, and shows in the hanging
+    late = viewer.add_image(np.ones((6, 4), np.float32), name="R CC · #2 n7", units="mm",
+                            metadata={"mammo_sae": {"image": "R CC"}})  # fmt: skip
+    assert not late.visible
     _press(viewer, "F4")  # the same key again: hanging layout
+    assert late.visible
     assert all(lay.visible for lay in views.values()) and heat_r.visible and heat_l.visible
     assert boxes.visible and not any(lay.name.startswith("findings (") for lay in viewer.layers)
     assert viewer.scene.camera.zoom == pytest.approx(hanging_zoom)

@@ -184,11 +184,19 @@ class Workstation:
         }
 
     def _keep_windows(self, event: Any = None) -> None:
-        """An overlay went in: every mammogram keeps the window it had."""
-        for lay in mammogram_layers(self.viewer):
+        """An overlay went in: every mammogram keeps the window it had; while one view is shown
+        large, an overlay of another view goes in hidden (and shows again in the hanging)."""
+        views = mammogram_layers(self.viewer)
+        for lay in views:
             before = self._windows.get(id(lay))
             if before is not None and tuple(lay.contrast_limits) != before:
                 lay.contrast_limits = before
+        new = getattr(event, "value", None)
+        if self.single is not None and new is not None and MAGNIFIER not in new.metadata:
+            owner = None if id(new) in map(id, views) else self._owner(new, views)
+            if owner is not None and owner.name != self.single and new.visible:
+                self._saved_visibility.append((new, True))
+                new.visible = False
 
     # --- overlays -------------------------------------------------------------------------------
     def toggle_overlays(self) -> bool:
