@@ -304,3 +304,18 @@ def test_w_off_the_images_resets_every_window_and_a_missing_view_says_so(viewer)
     visible = [lay.visible for lay in viewer.layers]
     _press(viewer, "F4")  # no L MLO in this viewer: nothing hidden, and the status says why
     assert [lay.visible for lay in viewer.layers] == visible and "no L MLO" in viewer.status
+
+
+def test_a_closed_viewer_is_not_kept_alive_by_its_workstation(make_napari_viewer):
+    import gc
+    import weakref
+
+    from napari_mammo_sae._napari import viewing
+
+    v = make_napari_viewer()
+    assert viewing.install(v).viewer is v
+    ref = weakref.ref(v)
+    v.close()
+    del v
+    gc.collect()
+    assert ref() is None  # the registry is keyed weakly and its value holds the viewer weakly

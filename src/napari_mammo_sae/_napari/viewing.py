@@ -79,7 +79,9 @@ class Workstation:
     """The workstation behaviour of one viewer (see the module docstring)."""
 
     def __init__(self, viewer: Any) -> None:
-        self.viewer = viewer
+        # weakly: install()'s registry is keyed weakly by the viewer, and a value holding its key
+        # would keep every closed viewer alive
+        self._viewer = weakref.ref(viewer)
         self.magnification = 3.0
         self.loupe_pixels = 260  # size of the loupe on screen
         self.single: str | None = None  # the view shown large, None in the hanging layout
@@ -102,6 +104,10 @@ class Workstation:
             viewer.bind_key(key, func, overwrite=True)
         viewer.layers.events.inserting.connect(self._remember_windows)
         viewer.layers.events.inserted.connect(self._keep_windows)
+
+    @property
+    def viewer(self) -> Any:
+        return self._viewer()
 
     # --- which layer ----------------------------------------------------------------------------
     def layer_at(self, position: Any) -> Any:
