@@ -74,6 +74,19 @@ def annotation_shapes(viewer: Any) -> list[np.ndarray]:
     return shapes
 
 
+def _analyse(label_db: Any, *args: Any, **kwargs: Any) -> Any:
+    """The worker: the analysis, then a first open of the verdict database (imports and schema
+    check took 270 ms, on the GUI thread when the table was first filled)."""
+    out = yield from mc.analyse_layers(*args, **kwargs)
+    try:
+        from ...labels import LabelStore
+
+        LabelStore(label_db).close()
+    except Exception:  # noqa: BLE001 - the table says '?' when the database cannot be read
+        pass
+    return out
+
+
 class NeuronExplorer(mw.Container):
     """Dock widget: choose image, model, concept, class, k and ranking; Run; inspect the top neurons."""
 
@@ -225,7 +238,7 @@ class NeuronExplorer(mw.Container):
         s.concept, s.variant = self.concept.value.name, self.variant.value.value
         s.target_class, s.ranking = int(self.target.value), self.ranking.value.name
         self.worker = create_worker(
-            mc.analyse_layers, targets, choice, ranking=s.ranking, target_class=s.target_class,
+            _analyse, s.label_db, targets, choice, ranking=s.ranking, target_class=s.target_class,
             k=self.k.value, shapes=annotation_shapes(self.viewer),
             _progress={"desc": "Mammo-SAE analysis"},
         )  # fmt: skip
@@ -286,7 +299,10 @@ class NeuronExplorer(mw.Container):
         freeze_long_lived_objects()
         s.current_layer = self.image_name if self.image_name in results else next(iter(results))
         self._used = used
-        self._pending = [*self._layer_steps(results), lambda: self._publish(used)]
+        # the last steps in turns of their own: texts and table; the other docks; the top neuron
+        self._pending = [*self._layer_steps(results), lambda: self._publish(used, tell=False),
+                         lambda: s.analysis_changed.emit(s),
+                         lambda: s.set_neuron(int(s.current.neurons[0]))]  # fmt: skip
         self._drain()
 
     def show_view(self, layer_name: str) -> bool:
@@ -306,8 +322,8 @@ class NeuronExplorer(mw.Container):
         if layer is not None and layer.name != self.session.current_layer:
             self.show_view(layer.name)
 
-    def _publish(self, used: str) -> None:
-        """Last step of a run: texts, table, then tell the other widgets."""
+    def _publish(self, used: str, tell: bool = True) -> None:
+        """Texts and table of the current view, then (``tell``) the other widgets."""
         s = self.session
         cur = s.current
         a = cur.analysis
@@ -324,8 +340,9 @@ class NeuronExplorer(mw.Container):
             + (f" ({runtime} backbone)" if runtime else "")
         )
         self._fill_table(cur)
-        s.analysis_changed.emit(s)
-        s.set_neuron(int(cur.neurons[0]))
+        if tell:
+            s.analysis_changed.emit(s)
+            s.set_neuron(int(cur.neurons[0]))
 
     def export_analysis(self, *_: Any) -> None:
         """The PACS dock's export dialog for this viewer's analysis (DICOM objects, PACS send)."""
