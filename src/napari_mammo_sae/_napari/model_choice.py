@@ -186,6 +186,45 @@ class ImageResult:
     annotations: list = field(default_factory=list)  # boxes in original pixels
 
 
+class ViewerProgress:
+    """The core's Progress in napari's activity dock, made on first use (a cache hit shows nothing).
+
+    Safe from a worker thread: napari's ``progress`` objects emit events that the viewer handles.
+    """
+
+    cancelled = False
+
+    def __init__(self, desc: str) -> None:
+        self._desc = desc
+        self._bar: Any = None
+
+    def _get(self) -> Any:
+        if self._bar is None:
+            from napari.utils import progress
+
+            self._bar = progress(total=0, desc=self._desc)
+        return self._bar
+
+    def set_total(self, total: int | None) -> None:
+        self._get().total = total or 0
+
+    def update(self, n: int = 1) -> None:
+        self._get().update(n)
+
+    def set_description(self, text: str) -> None:
+        self._get().set_description(text)
+
+    def set_postfix(self, **values: object) -> None:
+        self._get().set_description(
+            f"{self._desc}: " + ", ".join(f"{k} {v}" for k, v in values.items())
+        )
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
 def analyse_layers(
     targets: list[tuple[str, Any, Any]],
     choice: ModelChoice,
@@ -204,6 +243,16 @@ def analyse_layers(
         models = load_models(choice)
     except MammoSAEError as exc:  # typed errors are shown by the widget, not raised into napari
         return None, {}, str(exc)
+    # The first use of a model exports its backbone for ONNX Runtime (minutes for a B5): show it in
+    # napari's activity bar, not only as a status text; later runs load the cached graph at once.
+    yield "preparing the backbone runtime"
+    bar = ViewerProgress("backbone runtime")
+    try:
+        models.analyzer.prepare_runtime(bar)
+    except MammoSAEError as exc:
+        return None, {}, str(exc)
+    finally:
+        bar.close()
     results: dict[str, ImageResult] = {}
     used = ranking
     for name, record, placement in targets:
