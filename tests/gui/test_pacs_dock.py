@@ -143,6 +143,15 @@ def test_export_action_writes_the_three_objects_of_each_analysed_image(
     with LabelStore(session.label_db) as store:
         store.add(session.sae_hash, int(neurons[0]), "clinical", "ann")
         store.add(session.sae_hash, int(neurons[0]), "spurious", "bob")
+    # an intervention applied in the interventions dock travels into this image's SR
+    from napari_mammo_sae._napari.widgets.intervention import InterventionWidget, Mode
+
+    dock = InterventionWidget(viewer)
+    session.current_layer = layer.name
+    dock.single.value = int(neurons[0])
+    dock.mode.value = Mode.single
+    applied = dock.recompute()
+    assert session.last_intervention is applied and session.last_intervention_layer == layer.name
     worker = start_export(viewer, tmp_path / "out")
     with qtbot.waitSignal(worker.finished, timeout=60_000):
         pass
@@ -155,3 +164,5 @@ def test_export_action_writes_the_three_objects_of_each_analysed_image(
     assert texts.count("CLINICAL") == 1 and texts.count("SPURIOUS") == 1
     assert sr_numbers(sr)["BOX-IOU"] == [0.5]
     assert sr_numbers(sr)["P-ORIG"] == [analysis.probability]
+    assert sr_numbers(sr)["P-INTERV"] == [pytest.approx(applied.probability)]
+    assert sr_numbers(sr)["N-INTERV"] == [1]

@@ -100,6 +100,10 @@ class ReviewSession:
         self.data_dir: Path | None = None
         self.models: Any = None  # _napari.model_choice.LoadedModels
         self.label_db: Path | None = None
+        # the interventions dock's last result (analysis.interventions.InterventionResult) and the
+        # image layer it was applied to; the DICOM export puts it in that image's SR
+        self.last_intervention: Any = None
+        self.last_intervention_layer: str | None = None
         self._study: Any = None
 
     @property

@@ -166,6 +166,9 @@ class InterventionWidget(Container):
         engine = a.intervention()
         result = engine.apply(neurons, how)
         self.last = result
+        # the DICOM export (PACS dock) reports it with the image it was applied to
+        self.session.last_intervention = result
+        self.session.last_intervention_layer = cur.layer_name
         self.original.value = f"{a.probability:.3f}"
         self.reconstruction.value = f"{a.reconstruction_probability:.3f}"
         self.intervened.value = f"{result.probability:.3f}  ({result.delta_probability:+.3f})"

@@ -361,7 +361,7 @@ def start_export(viewer: Any, folder: str | Path, stow_url: str | None = None) -
     # read the viewer on this (GUI) thread; the worker only touches files and the network
     opened_from = {r.layer_name: _layer_source(viewer, r) for r in results}
     iv = getattr(session, "last_intervention", None)
-    current = session.current
+    iv_layer = getattr(session, "last_intervention_layer", None)
     folder = Path(folder)
 
     def work():
@@ -379,7 +379,7 @@ def start_export(viewer: Any, folder: str | Path, stow_url: str | None = None) -
                 source, r.analysis, identity, neurons=neurons,
                 scores=[float(s) for s in r.scores], box_iou=dict(r.box_iou),
                 verdicts=_verdicts(session, neurons), record=r.placement.record,
-                intervention=None if iv is None or r is not current else InterventionSummary(
+                intervention=None if iv is None or r.layer_name != iv_layer else InterventionSummary(
                     str(iv.mode), tuple(int(n) for n in iv.neurons), float(iv.probability),
                     float(iv.logit),
                 ),
