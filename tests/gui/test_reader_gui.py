@@ -193,6 +193,12 @@ def test_cbis_sample_data(make_napari_viewer):
         lo, hi = layer.contrast_limits
         assert layer.data.min() <= lo < hi <= layer.data.max()
         assert not layer.metadata["flipped"]
+    # the workstation keys are bound by the sample too, with no dock open
+    from napari_mammo_sae._napari import viewing
+
+    assert viewer in viewing._STATES
+    viewing._STATES[viewer].show_view("R CC")
+    assert [lay.name for lay in viewer.layers if lay.visible] == ["R CC"]
 
 
 def test_cbis_sample_without_package(monkeypatch, notifications):

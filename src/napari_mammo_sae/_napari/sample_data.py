@@ -30,4 +30,8 @@ def cbis_case_paths(case: int = 1) -> list[Path]:
 
 def cbis_ddsm_sample(case: int = 1) -> list:
     """Layer data tuples of a CBIS-DDSM four-view case in the standard hanging layout."""
-    return layer_data_tuples(read_records(cbis_case_paths(case)))
+    from .reader import _install_workstation
+
+    layers = layer_data_tuples(read_records(cbis_case_paths(case)))
+    _install_workstation()  # the workstation keys work on a sample as on opened files
+    return layers

@@ -105,4 +105,7 @@ def phantom_exam_sample(seed: int = 16) -> list:
                 "shapes",
             )
         )
+    from .reader import _install_workstation
+
+    _install_workstation()  # the workstation keys work on a sample as on opened files
     return layers
