@@ -26,6 +26,7 @@ from napari_mammo_sae.errors import (
 )
 from napari_mammo_sae.labels import LabelStore
 from napari_mammo_sae.labels.outbox import Outbox
+from napari_mammo_sae.labels.schema import CONTENT_FIELDS
 from napari_mammo_sae.labels.study import (
     StudyReader,
     choose_neurons,
@@ -199,21 +200,7 @@ def test_a_server_restart_queues_verdicts_and_sends_them_in_order_once(study, tm
         again = {**alice.verdicts(SAE, rater="alice", study="s1")[-1].__dict__}
         outbox.put(
             reader.target,
-            {
-                k: again[k]
-                for k in (
-                    "sae_hash",
-                    "neuron",
-                    "image_uid",
-                    "concept",
-                    "verdict",
-                    "rater",
-                    "note",
-                    "created_utc",
-                    "uid",
-                    "study",
-                )
-            },
+            {k: again[k] for k in (*CONTENT_FIELDS, "uid", "study")},
         )
         assert len(reader.flush().sent) == 1
     with coordinator(study) as coord:

@@ -27,19 +27,11 @@ from ..errors import LabelDatabaseError, StoreError
 from . import migrate
 from .agreement import cohen_kappa, fleiss_kappa
 from .db import PasswordPrompt, Target, connect_checked, describe, parse_target
-from .schema import content_uid, verdicts
+from .schema import CONTENT_FIELDS, content_uid, verdicts
 
 VERDICTS = ("clinical", "spurious", "unsure")
-CSV_FIELDS = (
-    "sae_hash",
-    "neuron",
-    "image_uid",
-    "concept",
-    "verdict",
-    "rater",
-    "note",
-    "created_utc",
-)
+#: a verdict's content columns, in the CSV's order (the same fields its uid is computed from)
+CSV_FIELDS = CONTENT_FIELDS
 #: columns an export writes after CSV_FIELDS (an import accepts files without them)
 CSV_EXTRA = ("uid", "study")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
