@@ -12,7 +12,13 @@ For every concept head (``--heads``), paired with the feature store extracted by
 (d) Figure 4 - class-wise mean latents (training split), positive vs negative;
 (e) on phantom data (``confounder_annotations.csv`` in ``--data``), the confounder check: which top
     neurons' boxes land on the planted cue rather than on the lesions (``analysis.confounder.RULE``),
-    and what deactivating them does to the probability of cue-only negatives.
+    and what deactivating them does to the probability of cue-only negatives;
+(f), (g) with ``--run STORE SAE HEAD`` (repeatable, as ``shortcuts`` takes it: a store at any hook
+    point, the SAE trained on that layer, the concept model): the shortcut report
+    (``shortcuts.csv``, ``pipeline.shortcuts``; needs a phantom with cues, top ``--shortcut-k``) and
+    localisation by layer (``localisation.csv``, ``pipeline.layer_localisation``: both box rules
+    side by side with the grid's cell size and the findings' span in cells). The runs' stores, SAEs
+    and models are checked (``shortcuts.open_run``) before any analysis and run on the CPU.
 
 Neurons are ranked over the store's training split by ``--ranking`` (default ``class-mean``, the
 paper; ``analysis.ranking``). A concept whose training split lacks a class gets Table 1 only, and a
@@ -46,10 +52,11 @@ from ..analysis.interventions import (
     sigmoid,
     topk_union,
 )
-from ..analysis.localisation import AP_PROTOCOLS, split_average_precision
+from ..analysis.localisation import AP_PROTOCOLS
 from ..analysis.ranking import ClassMeans, ranking_name
 from ..errors import ConfigError, StoreError
 from .dataset import CONCEPTS
+from .layer_localisation import localisation_table, neuron_boxes
 from .probe import check_dims, pool_map, sae_dims, top_neurons
 
 log = logging.getLogger(__name__)
@@ -203,40 +210,6 @@ def topk_curves(
     return out
 
 
-def neuron_boxes(
-    summary: StoreSummary,
-    sae: Any,
-    neurons: list[int],
-    rows: Sequence[int],
-    *,
-    device: str = "cpu",
-    progress: Any = None,
-    **box_kw: Any,
-) -> dict[int, dict[str, list]]:
-    """neuron -> image_id -> scored boxes (original pixels) of its heatmap, for the given rows."""
-    import torch
-
-    from ..analysis.localisation import heatmap_boxes
-    from .probe import encode_latents
-
-    out: dict[int, dict[str, list]] = {n: {} for n in neurons}
-    if not neurons or len(rows) == 0:
-        return out
-    view = summary.view
-    for row, fmap in view.iter_maps(np.asarray(sorted(set(int(r) for r in rows)))):
-        c, h, w = fmap.shape
-        tokens = torch.as_tensor(np.asarray(fmap), device=device).float().reshape(c, -1).T
-        with torch.inference_mode():
-            z = encode_latents(sae, tokens, neurons).float().cpu().numpy()
-        geometry = view.geometry(row)
-        image_id = str(view.index.image_id[row])
-        for col, n in enumerate(neurons):
-            out[n][image_id] = heatmap_boxes(z[:, col].reshape(h, w), geometry, **box_kw)
-        if progress is not None:
-            progress.update(1)
-    return out
-
-
 def localisation_panels(
     summary: StoreSummary,
     sae: Any,
@@ -293,34 +266,6 @@ def localisation_panels(
                 }
             )
     return panels
-
-
-def localisation_table(
-    boxes: dict[int, dict[str, list]],
-    gt: dict[str, list],
-    neurons: list[int],
-    image_ids: Sequence[str],
-) -> dict:
-    """Table 2 row: AP@0.25 per neuron under both protocols over the test ``image_ids``.
-
-    ``finding_images``: the paper's protocol (images with a box of the concept only);
-    ``whole_split``: every test image, so boxes on images without a finding are false positives.
-    Means skip undefined (NaN) APs.
-    """
-
-    def mean(values: list[float]) -> float:
-        finite = [a for a in values if not math.isnan(a)]
-        return float(np.mean(finite)) if finite else math.nan
-
-    row: dict[str, Any] = {"neurons": [int(n) for n in neurons]}
-    for protocol in AP_PROTOCOLS:
-        key = protocol.replace("-", "_")
-        aps = [split_average_precision(boxes[n], gt, image_ids, protocol, 0.25) for n in neurons]
-        row[f"ap_{key}"] = aps
-        row[f"mean_ap_{key}"] = mean(aps)
-    row["n_finding_images"] = sum(1 for i in image_ids if gt.get(i))
-    row["n_whole_split"] = len(list(dict.fromkeys(image_ids)))
-    return row
 
 
 # --- pairing heads with stores -------------------------------------------------------------------
@@ -382,19 +327,28 @@ def evaluate(
     box_score: str = "max",
     device: str = "cpu",
     progress: Any = None,
+    runs: Sequence[Sequence[str | Path]] = (),
+    shortcut_k: int = 10,
 ) -> Path:
-    """Run analyses (a)-(e) and write the report folder; returns the path of its index.html."""
+    """Run analyses (a)-(e) and write the report folder; returns the path of its index.html.
+
+    ``runs`` (``--run STORE SAE HEAD``, as ``shortcuts`` takes them) add :func:`layer_reports`:
+    ``shortcuts.csv`` (when ``data_dir`` is a phantom with cues; top ``shortcut_k``) and
+    ``localisation.csv`` in ``out_dir``, and both tables in the report."""
     from ..analysis.metrics import PROTOCOLS
     from ..analysis.ranking import rank_scores
     from ..models.folders import load_sae, sae_sha256
     from .probe import open_view
     from .report import write_report
+    from .shortcuts import open_runs
 
     ranking = ranking_name(ranking)  # ConfigError for an unknown name; aliases accepted
     if protocol not in PROTOCOLS:
         raise ConfigError(f"unknown label protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
     if not head_folders:
         raise ConfigError("pass at least one concept head folder with --heads")
+    if runs and shortcut_k < 1:
+        raise ConfigError("--shortcut-k must be at least 1")
     views = [open_view(s) for s in stores]
     from .dataset import resolve_device
 
@@ -406,139 +360,152 @@ def evaluate(
     pairs = pair_heads(views, heads)
     labels = load_label_source(data_dir)
 
-    box_kw = {"method": localisation, "score": box_score}
-    summaries: dict[int, StoreSummary] = {}
-    results: dict[str, Any] = {
-        "meta": {
-            "stores": [Path(s).name for s in stores],
-            "sae_sha256": sae_sha256(sae_folder),
-            "protocol": protocol,
-            "bootstrap": n_bootstrap,
-            "seed": seed,
-            "ranking": {
-                "class-mean": "class mean of pooled latents over the training split (paper eq. 2)",
-                "class-centred": "class mean minus the mean over all training images",
-                "logit": "mean contribution to the head's logit, signed toward the class",
-            }[ranking],
-            "ranking_name": ranking,
-            "localisation": (
-                f"heatmaps upsampled bilinearly to the model input, thresholded "
-                f"({'95th percentile, 8-connected components' if localisation == 'percentile' else '0.3 x max, contours >= 10 px'}), "
-                f"boxes mapped to original pixels; box score = heatmap {box_score}; AP at IoU 0.25 "
-                "(VOC all-point) under two protocols - "
-                + "; ".join(f"{k}: {v}" for k, v in AP_PROTOCOLS.items())
-            ),
-            "confounder_rule": CONFOUNDER_RULE,
-        },
-        "table1": [],
-        "figure2": [],
-        "table2": [],
-        "figure4": [],
-        "notes": [],
-    }
-    arrays: dict[str, np.ndarray] = {}
-    figure4_done: set[tuple[int, str, str]] = set()
-    for view, folder, model, config in pairs:
-        prov = _provenance(config)
-        concept = prov.get("concept") or config.get("concept")
-        variant = str(prov.get("variant") or config.get("variant") or Path(folder).name)
-        if concept not in CONCEPTS:
-            raise ConfigError(
-                f"the head {Path(folder).name} is not a concept head (task {prov.get('task')!r}): "
-                f"pass heads trained with --task concept"
-            )
-        key = id(view)
-        if key not in summaries:
-            summaries[key] = summarise_store(view, sae, device=device, progress=progress)
-        summary = summaries[key]
-        w, c = head_parts(model)
-        if w.size != view.feature_dim:
-            raise StoreError(
-                f"the head {Path(folder).name} takes {w.size} features but the store holds "
-                f"{view.feature_dim}: extract the store with this head's backbone"
-            )
-        logits_x = summary.pooled_x @ w + c
-        logits_sae = reconstruction_logits(summary.pooled_z, sae, (w, c))
-        results["table1"].append(
-            {
-                "variant": variant,
-                "concept": concept,
-                "head": Path(folder).name,
-                "without": _metrics(
-                    summary, logits_x, labels, concept, protocol, n_bootstrap, seed
+    # --run: refused (store/SAE/head mismatch) before any analysis; closed whatever happens
+    opened = open_runs(runs) if runs else []
+    try:
+        box_kw = {"method": localisation, "score": box_score}
+        summaries: dict[int, StoreSummary] = {}
+        results: dict[str, Any] = {
+            "meta": {
+                "stores": [Path(s).name for s in stores],
+                "sae_sha256": sae_sha256(sae_folder),
+                "protocol": protocol,
+                "bootstrap": n_bootstrap,
+                "seed": seed,
+                "ranking": {
+                    "class-mean": "class mean of pooled latents over the training split (paper eq. 2)",
+                    "class-centred": "class mean minus the mean over all training images",
+                    "logit": "mean contribution to the head's logit, signed toward the class",
+                }[ranking],
+                "ranking_name": ranking,
+                "localisation": (
+                    f"heatmaps upsampled bilinearly to the model input, thresholded "
+                    f"({'95th percentile, 8-connected components' if localisation == 'percentile' else '0.3 x max, contours >= 10 px'}), "
+                    f"boxes mapped to original pixels; box score = heatmap {box_score}; AP at IoU 0.25 "
+                    "(VOC all-point) under two protocols - "
+                    + "; ".join(f"{k}: {v}" for k, v in AP_PROTOCOLS.items())
                 ),
-                "with": _metrics(summary, logits_sae, labels, concept, protocol, n_bootstrap, seed),
-            }
-        )
-        class_means = summary.means[concept]
-        if not class_means.complete:
-            counts = class_means.count
-            results["notes"].append(
-                f"{concept}, {variant}: the training split has {counts[1]} positive and "
-                f"{counts[0]} negative images, so the class means and every neuron ranking are "
-                "undefined: Figure 2, Table 2, Figure 4 and the confounder check are left out"
-            )
-            continue
-        means = class_means.mean
-        scores = rank_scores(class_means, sae, (w, c))[ranking]
-        curves = topk_curves(
-            summary, sae, model, scores, labels, concept, protocol,
-            n_bootstrap=min(n_bootstrap, 200), seed=seed, k_values=k_values,
-        )  # fmt: skip
-        baseline = results["table1"][-1]["with"]["auroc"]
-        for curve in curves:
-            results["figure2"].append(
-                {"variant": variant, "concept": concept, "baseline": baseline, **curve}
-            )
-
-        top = top_neurons(scores[1], LOCALISATION_TOP)
-        f4key = (key, concept, variant)
-        if f4key not in figure4_done:
-            figure4_done.add(f4key)
-            pos_key, neg_key = f"{variant}_{concept}_pos", f"{variant}_{concept}_neg"
-            arrays[pos_key], arrays[neg_key] = means[1], means[0]
-            results["figure4"].append(
-                {
-                    "variant": variant,
-                    "concept": concept,
-                    "top_neurons": top,
-                    "counts": class_means.count.tolist(),
-                    "mean_positive": pos_key,
-                    "mean_negative": neg_key,
-                }
-            )
-
-        test_ids = [str(view.index.image_id[r]) for r in summary.test_rows]
-        gt = labels.boxes[concept]
-        with_boxes = [i for i in test_ids if gt.get(i)]
-        cue = labels.cue_boxes or {}
-        # every test image: the whole-split AP scores boxes on images without a finding too
-        boxes = neuron_boxes(summary, sae, top, summary.test_rows, device=device, **box_kw)
-        if with_boxes:
-            arrays[f"panels_{variant}_{concept}".replace(" ", "-").replace("/", "-")] = (
-                localisation_panels(
-                    summary, sae, top[:5], with_boxes[:2], data_dir, gt, boxes, device=device
+                "confounder_rule": CONFOUNDER_RULE,
+            },
+            "table1": [],
+            "figure2": [],
+            "table2": [],
+            "figure4": [],
+            "notes": [],
+        }
+        arrays: dict[str, np.ndarray] = {}
+        figure4_done: set[tuple[int, str, str]] = set()
+        for view, folder, model, config in pairs:
+            prov = _provenance(config)
+            concept = prov.get("concept") or config.get("concept")
+            variant = str(prov.get("variant") or config.get("variant") or Path(folder).name)
+            if concept not in CONCEPTS:
+                raise ConfigError(
+                    f"the head {Path(folder).name} is not a concept head (task {prov.get('task')!r}): "
+                    f"pass heads trained with --task concept"
                 )
-            )
-            results["table2"].append(
+            key = id(view)
+            if key not in summaries:
+                summaries[key] = summarise_store(view, sae, device=device, progress=progress)
+            summary = summaries[key]
+            w, c = head_parts(model)
+            if w.size != view.feature_dim:
+                raise StoreError(
+                    f"the head {Path(folder).name} takes {w.size} features but the store holds "
+                    f"{view.feature_dim}: extract the store with this head's backbone"
+                )
+            logits_x = summary.pooled_x @ w + c
+            logits_sae = reconstruction_logits(summary.pooled_z, sae, (w, c))
+            results["table1"].append(
                 {
                     "variant": variant,
                     "concept": concept,
-                    **localisation_table(boxes, gt, top, test_ids),
+                    "head": Path(folder).name,
+                    "without": _metrics(
+                        summary, logits_x, labels, concept, protocol, n_bootstrap, seed
+                    ),
+                    "with": _metrics(
+                        summary, logits_sae, labels, concept, protocol, n_bootstrap, seed
+                    ),
                 }
             )
-        else:
-            results["notes"].append(f"{concept}, {variant}: no test image has a {concept} box")
-        if labels.cue_boxes is not None:
-            results.setdefault("confounder", []).append(
-                _confounder(summary, sae, model, boxes, gt, cue, top, test_ids, concept, variant)
-            )
-    results["meta"]["images_test"] = {
-        Path(stores[i]).name: int(len(summaries[id(v)].test_rows))
-        for i, v in enumerate(views)
-        if id(v) in summaries
-    }
-    return write_report(results, out_dir, arrays)
+            class_means = summary.means[concept]
+            if not class_means.complete:
+                counts = class_means.count
+                results["notes"].append(
+                    f"{concept}, {variant}: the training split has {counts[1]} positive and "
+                    f"{counts[0]} negative images, so the class means and every neuron ranking are "
+                    "undefined: Figure 2, Table 2, Figure 4 and the confounder check are left out"
+                )
+                continue
+            means = class_means.mean
+            scores = rank_scores(class_means, sae, (w, c))[ranking]
+            curves = topk_curves(
+                summary, sae, model, scores, labels, concept, protocol,
+                n_bootstrap=min(n_bootstrap, 200), seed=seed, k_values=k_values,
+            )  # fmt: skip
+            baseline = results["table1"][-1]["with"]["auroc"]
+            for curve in curves:
+                results["figure2"].append(
+                    {"variant": variant, "concept": concept, "baseline": baseline, **curve}
+                )
+
+            top = top_neurons(scores[1], LOCALISATION_TOP)
+            f4key = (key, concept, variant)
+            if f4key not in figure4_done:
+                figure4_done.add(f4key)
+                pos_key, neg_key = f"{variant}_{concept}_pos", f"{variant}_{concept}_neg"
+                arrays[pos_key], arrays[neg_key] = means[1], means[0]
+                results["figure4"].append(
+                    {
+                        "variant": variant,
+                        "concept": concept,
+                        "top_neurons": top,
+                        "counts": class_means.count.tolist(),
+                        "mean_positive": pos_key,
+                        "mean_negative": neg_key,
+                    }
+                )
+
+            test_ids = [str(view.index.image_id[r]) for r in summary.test_rows]
+            gt = labels.boxes[concept]
+            with_boxes = [i for i in test_ids if gt.get(i)]
+            cue = labels.cue_boxes or {}
+            # every test image: the whole-split AP scores boxes on images without a finding too
+            boxes = neuron_boxes(summary, sae, top, summary.test_rows, device=device, **box_kw)
+            if with_boxes:
+                arrays[f"panels_{variant}_{concept}".replace(" ", "-").replace("/", "-")] = (
+                    localisation_panels(
+                        summary, sae, top[:5], with_boxes[:2], data_dir, gt, boxes, device=device
+                    )
+                )
+                results["table2"].append(
+                    {
+                        "variant": variant,
+                        "concept": concept,
+                        **localisation_table(boxes, gt, top, test_ids),
+                    }
+                )
+            else:
+                results["notes"].append(f"{concept}, {variant}: no test image has a {concept} box")
+            if labels.cue_boxes is not None:
+                results.setdefault("confounder", []).append(
+                    _confounder(
+                        summary, sae, model, boxes, gt, cue, top, test_ids, concept, variant
+                    )
+                )
+        results["meta"]["images_test"] = {
+            Path(stores[i]).name: int(len(summaries[id(v)].test_rows))
+            for i, v in enumerate(views)
+            if id(v) in summaries
+        }
+        if opened:
+            layer_reports(opened, labels, data_dir, out_dir, results, shortcut_k=shortcut_k,
+                          box_score=box_score, progress=progress)  # fmt: skip
+        return write_report(results, out_dir, arrays)
+    finally:
+        for view, *_ in opened:
+            view.close()
 
 
 def _confounder(summary, sae, model, boxes, gt, cue, top, test_ids, concept, variant) -> dict:
@@ -574,9 +541,58 @@ def _confounder(summary, sae, model, boxes, gt, cue, top, test_ids, concept, var
     }
 
 
+def layer_reports(
+    runs: Sequence[tuple[Any, Any, Any, str]],
+    labels: LabelSource,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    results: dict[str, Any],
+    *,
+    shortcut_k: int = 10,
+    box_score: str = "max",
+    progress: Any = None,
+) -> None:
+    """(f) and (g) for the ``--run`` runs (``shortcuts.open_runs``): the shortcut report
+    (``shortcuts.csv``, every cue of a phantom x every run, top ``shortcut_k``; a note instead when
+    ``data_dir`` carries no cue) and localisation by layer (``localisation.csv``: both box rules,
+    top-10 class-1 neurons), written into ``out_dir`` and added to ``results``."""
+    from ..analysis.shortcuts import RULE as SHORTCUT_RULE
+    from ..analysis.shortcuts import write_shortcuts_csv
+    from ..phantom.cues import load_cue_boxes
+    from .layer_localisation import localisation_rows, write_localisation_csv
+    from .shortcuts import shortcut_rows
+
+    out = Path(out_dir)
+    results["meta"]["runs"] = [
+        {"store": Path(view.path).name, "layer": view.hook, "concept": concept}
+        for view, _sae, _model, concept in runs
+    ]
+    cue_boxes = load_cue_boxes(data_dir)
+    if cue_boxes:
+        if progress is not None:
+            progress.set_description("shortcuts")
+        rows = shortcut_rows(runs, cue_boxes, k=shortcut_k, progress=progress)
+        write_shortcuts_csv(rows, out / "shortcuts.csv")
+        results["meta"]["shortcut_rule"] = SHORTCUT_RULE
+        results["shortcuts"] = [r.as_dict() for r in rows]
+    else:
+        results["notes"].append(
+            "--run: the data carries no planted cue (no phantom.json or confounder boxes), so "
+            "there is no shortcut report (shortcuts.csv)"
+        )
+    if progress is not None:
+        progress.set_description("localisation by layer")
+    loc = localisation_rows(runs, labels.boxes, k=LOCALISATION_TOP, box_score=box_score,
+                            progress=progress)  # fmt: skip
+    write_localisation_csv(loc, out / "localisation.csv")
+    results["localisation"] = [r.as_dict() for r in loc]
+
+
 # --- command line ------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``napari-mammo-sae evaluate``."""
+    from .shortcuts import RUN_HELP
+
     parser.add_argument(
         "--store", required=True, nargs="+", help="feature store(s); each head is paired with the "
         "store extracted by its backbone"
@@ -606,6 +622,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", default="auto", help="torch device: auto, cpu, cuda, cuda:1 ..."
     )
+    parser.add_argument(
+        "--run", nargs=3, action="append", default=None, metavar=("STORE", "SAE", "HEAD"),
+        help=f"as in 'shortcuts': {RUN_HELP}; adds shortcuts.csv (a phantom with cues) and "
+        "localisation.csv (both box rules at each run's layer) to the report",
+    )  # fmt: skip
+    parser.add_argument(
+        "--shortcut-k", type=int, default=10,
+        help="top-k class-1 neurons of the shortcut report (--run; default 10)",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -635,6 +660,8 @@ def run(args: argparse.Namespace) -> int:
             box_score=args.box_score,
             device=args.device,
             progress=progress,
+            runs=args.run or (),
+            shortcut_k=args.shortcut_k,
         )
     finally:
         progress.close()

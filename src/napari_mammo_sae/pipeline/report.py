@@ -16,6 +16,10 @@ Expected ``results`` keys (all optional except ``meta``), as :mod:`.evaluate` pr
 - ``confounder``: rows ``{variant, concept, neurons: [{neuron, iou_cue, iou_lesion, ...}],
   cue_negatives: {...}}``; the verdicts are drawn with ``analysis.confounder``'s one rule, which the
   report states
+- ``shortcuts``: ``analysis.shortcuts.ShortcutRow.as_dict()`` rows (``evaluate --run``; the rule in
+  ``meta["shortcut_rule"]``), the full table in ``shortcuts.csv``
+- ``localisation``: ``pipeline.layer_localisation.LocalisationRow.as_dict()`` rows (``evaluate
+  --run``), the full table in ``localisation.csv``
 """
 
 from __future__ import annotations
@@ -75,6 +79,43 @@ def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
 
 def _slug(*parts: str) -> str:
     return "_".join(str(p).replace(" ", "-").replace("/", "-") for p in parts)
+
+
+# (f) and (g): results key -> column title
+SHORTCUT_COLUMNS = {
+    "cue": "cue", "concept": "concept", "layer": "layer", "reliance": "reliance",
+    "cue_neurons": "cue neurons", "best_cue_share": "best cue share", "gap_closed": "gap closed",
+    "auroc_clean_before": "clean AUROC before", "auroc_clean_after": "after",
+    "isolated": "isolated",
+}  # fmt: skip
+LOCALISATION_COLUMNS = {
+    "layer": "layer", "concept": "concept", "grid": "grid", "cell_mm_row": "cell mm (row)",
+    "cell_mm_col": "cell mm (col)", "finding_span_cells_row": "finding span, cells (row)",
+    "finding_span_cells_col": "(col)", "method": "box rule",
+    "mean_ap_finding_images": "AP, images with a finding (paper)",
+    "mean_ap_whole_split": "AP, whole test split", "n_finding_images": "n finding images",
+    "n_whole_split": "n images", "recall_ceiling": "recall ceiling",
+    "median_best_iou": "median best IoU", "pred_span_cells_row": "box span, cells (row)",
+    "pred_span_cells_col": "(col)",
+}  # fmt: skip
+
+
+def _table(rows: list[Mapping[str, Any]], columns: Mapping[str, str]) -> str:
+    """A plain HTML table of the given keys of each row (text left, numbers right)."""
+    esc = html.escape
+
+    def cell(value: Any) -> str:
+        if isinstance(value, bool):
+            return "<td class=l>yes</td>" if value else "<td class=l>no</td>"
+        if isinstance(value, list):
+            return f"<td class=l>{esc(', '.join(str(v) for v in value)) or '-'}</td>"
+        if isinstance(value, str):
+            return f"<td class=l>{esc(value)}</td>"
+        return f"<td>{_fmt(value)}</td>"
+
+    head = "".join(f"<th>{esc(title)}</th>" for title in columns.values())
+    body = "".join("<tr>" + "".join(cell(r.get(k)) for k in columns) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
 
 
 # --- plots -------------------------------------------------------------------------------------
@@ -452,6 +493,27 @@ def write_report(
             csv_rows,
         )
         body.append('<p><a href="confounder.csv">confounder.csv</a></p>')
+
+    # (f), (g): evaluate --run; the CSVs are written by their own writers (stated column lists)
+    rows = results.get("shortcuts", [])
+    if rows:
+        body.append("<h2>(f) Shortcut report (every cue x layer)</h2>")
+        rule = meta.get("shortcut_rule")
+        if rule:
+            body.append(f"<p>Rule: {esc(str(rule))}.</p>")
+        body.append(_table(rows, SHORTCUT_COLUMNS))
+        body.append('<p><a href="shortcuts.csv">shortcuts.csv</a></p>')
+    rows = results.get("localisation", [])
+    if rows:
+        body.append("<h2>(g) Localisation by layer: AP@0.25, both box rules</h2>")
+        body.append(
+            "<p>Top-10 class-1 neurons (class mean) of each run's SAE; <b>percentile</b>: the "
+            "paper's 95th-percentile boxes, <b>contour</b>: the paper code's 0.3 x max contours. "
+            "Cell: model-input pixel x stride; span: median finding box in feature cells; recall "
+            "ceiling, best IoU and box span: what limits the AP.</p>"
+        )
+        body.append(_table(rows, LOCALISATION_COLUMNS))
+        body.append('<p><a href="localisation.csv">localisation.csv</a></p>')
 
     body.append(
         '<p><a href="results.json">results.json</a> (all figures above, machine-readable)</p>'

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -206,13 +207,71 @@ def shortcut_rows(
 
 
 # --- command line ------------------------------------------------------------------------------
+RUN_HELP = (
+    "a feature store (any hook point), the SAE trained on that layer and the concept model the "
+    "store was extracted with (train-head folder); repeat for more layers/concepts"
+)
+
+
+def open_run(store: str | Path, sae: str | Path, head: str | Path) -> tuple[Any, Any, Any, str]:
+    """One ``--run STORE SAE HEAD`` (``shortcuts`` and ``evaluate``): (view, SAE on the CPU, concept
+    model in eval mode, concept), after checking that they belong together - a concept model
+    (mass or calcification), the store extracted with its backbone (StoreError otherwise), the SAE
+    trained at the store's layer and reading its channels (ConfigError otherwise)."""
+    from ..errors import StoreError
+    from ..models.folders import backbone_signature, load_model_folder, load_sae
+    from .store import open as open_store
+
+    view = open_store(store)
+    try:
+        model, config = load_model_folder(head)
+        model.eval()
+        concept = config.get("concept") or (config.get("provenance") or {}).get("concept")
+        if concept not in ("mass", "calcification"):
+            raise ConfigError(f"{head} is not a concept model (mass or calcification)")
+        if view.backbone_signature and view.backbone_signature != backbone_signature(model):
+            raise StoreError(
+                f"{store} was not extracted with the backbone of {head}: pass the store "
+                "'extract --weights' made with this model"
+            )
+        model_sae = load_sae(sae).float()
+        trained_on = (load_model_folder(sae)[1].get("training") or {}).get("hook")
+        if trained_on and trained_on != view.hook:
+            raise ConfigError(
+                f"the SAE {sae} was trained at {trained_on}, the store {store} holds "
+                f"{view.hook}: pass the SAE trained on this store's layer"
+            )
+        if int(model_sae.d_in) != int(view.feature_dim):
+            raise ConfigError(
+                f"the SAE {sae} reads {model_sae.d_in} channels, the store's {view.hook} layer has "
+                f"{view.feature_dim}: pass the SAE trained on this store's layer"
+            )
+    except BaseException:
+        view.close()
+        raise
+    return view, model_sae, model, str(concept)
+
+
+def open_runs(specs: Sequence[Sequence[str | Path]]) -> list[tuple[Any, Any, Any, str]]:
+    """:func:`open_run` for every (STORE, SAE, HEAD); on a refusal the stores opened so far are
+    closed before the error goes on."""
+    runs: list[tuple[Any, Any, Any, str]] = []
+    try:
+        for store, sae, head in specs:
+            runs.append(open_run(store, sae, head))
+    except BaseException:
+        for view, *_ in runs:
+            view.close()
+        raise
+    return runs
+
+
 def add_arguments(parser: Any) -> None:
     """Arguments of ``napari-mammo-sae shortcuts``."""
     parser.add_argument("--data", required=True, help="phantom dataset folder (its phantom.json)")
     parser.add_argument(
         "--run", nargs=3, action="append", required=True, metavar=("STORE", "SAE", "HEAD"),
-        help="a feature store (any hook point), the SAE trained on that layer and the concept "
-        "model the store was extracted with (train-head folder); repeat for more layers/concepts",
+        help=RUN_HELP,
     )  # fmt: skip
     parser.add_argument("--out", required=True, help="CSV to write (docs/evaluation/shortcuts.csv)")
     parser.add_argument("--k", type=int, default=10, help="top-k class-1 neurons (default 10)")
@@ -222,43 +281,15 @@ def add_arguments(parser: Any) -> None:
 def run(args: Any) -> int:
     """Write the shortcut report for every cue of the dataset and every run."""
     from ..analysis.shortcuts import RULE, write_shortcuts_csv
-    from ..errors import StoreError
-    from ..models.folders import backbone_signature, load_model_folder, load_sae
     from ..phantom.cues import load_cue_boxes
     from ..progress import TqdmProgress
-    from .store import open as open_store
 
     if args.k < 1:
         raise ConfigError("--k must be at least 1")
     cue_boxes = load_cue_boxes(args.data)
     if not cue_boxes:
         raise ConfigError(f"{args.data} carries no cue (no phantom.json or confounder boxes)")
-    runs = []
-    for store_path, sae_path, head_path in args.run:
-        view = open_store(store_path)
-        model, config = load_model_folder(head_path)
-        model.eval()
-        concept = config.get("concept") or (config.get("provenance") or {}).get("concept")
-        if concept not in ("mass", "calcification"):
-            raise ConfigError(f"{head_path} is not a concept model (mass or calcification)")
-        if view.backbone_signature and view.backbone_signature != backbone_signature(model):
-            raise StoreError(
-                f"{store_path} was not extracted with the backbone of {head_path}: pass the store "
-                "'extract --weights' made with this model"
-            )
-        sae = load_sae(sae_path).float()
-        trained_on = (load_model_folder(sae_path)[1].get("training") or {}).get("hook")
-        if trained_on and trained_on != view.hook:
-            raise ConfigError(
-                f"the SAE {sae_path} was trained at {trained_on}, the store {store_path} holds "
-                f"{view.hook}: pass the SAE trained on this store's layer"
-            )
-        if int(sae.d_in) != int(view.feature_dim):
-            raise ConfigError(
-                f"the SAE {sae_path} reads {sae.d_in} channels, the store's {view.hook} layer has "
-                f"{view.feature_dim}: pass the SAE trained on this store's layer"
-            )
-        runs.append((view, sae, model, concept))
+    runs = open_runs(args.run)
     progress = TqdmProgress(desc="shortcuts", disable=args.quiet)
     try:
         rows = shortcut_rows(runs, cue_boxes, k=args.k, progress=progress)
