@@ -523,3 +523,44 @@ def test_intervention_modes_spurious_labels_and_the_study_consensus(viewer, exam
     )
     s.study = None
     assert Mode.study_spurious not in iw.mode.choices
+
+
+def test_an_sae_at_stage3_reruns_the_rest_of_the_backbone_in_the_docks(viewer, exam, qtbot):
+    """A chosen SAE folder trained at stage3: the explorer analyses at that layer's grid, and the
+    interventions dock's probability is the re-run of the rest of the backbone (no closed form)."""
+    from napari_mammo_sae._napari.widgets.intervention import InterventionWidget, Mode
+    from napari_mammo_sae.models.backbone import rest_of_backbone
+    from napari_mammo_sae.models.sae import SparseAutoencoder
+    from napari_mammo_sae.models.weights import save_weights
+
+    sae = SparseAutoencoder(48, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        sae.b_enc.fill_(0.05)
+    folder = exam / "sae-stage3"
+    save_weights(folder, sae, {**sae.config(), "training": {"hook": "stage3"}})
+    w = _explorer(viewer, exam, qtbot)
+    w.sae_path.value = folder / "config.json"
+    iw = InterventionWidget(viewer)
+    _run(w, qtbot)
+    a = w.session.current.analysis
+    assert a.hook == "stage3" and a.grid == (12, 8) and not a.closed_form
+    assert "stage3" in w.status.value and "re-run" in w.status.value
+    # the neuron overlays sit on the stage-3 grid
+    maps = [lay for lay in viewer.layers
+            if (lay.metadata.get("mammo_sae") or {}).get("kind") == "neuron"]  # fmt: skip
+    assert maps and all(lay.data.shape == (12, 8) for lay in maps)
+    iw.mode.value = Mode.custom_remove
+    iw.custom.value = "0-7"
+    result = iw.recompute()
+    z = torch.as_tensor(a.latents.toarray())
+    z[:, :8] = 0
+    clf = w.session.models.analyzer.classifier
+    with torch.no_grad():
+        fmap = sae.decode(z).T.reshape(1, 48, 12, 8)
+        logit = float(
+            clf.head(rest_of_backbone(clf, fmap, "stage3").mean(dim=(2, 3))).reshape(-1)[0]
+        )
+    assert result.logit == pytest.approx(logit, abs=1e-4)
+    assert "re-run" in iw.neurons_label.value
+    np.testing.assert_allclose(iw.cam(a, list(range(8)), "remove"),
+                               a.intervened_cam(list(range(8)), "remove"), atol=1e-6)  # fmt: skip

@@ -4,8 +4,14 @@ Qt-free (the widgets call it from worker threads). Sources:
 
 * ``bundled``: ``weights/<variant>-<concept>`` (classifier), ``weights/sae-finetuned-calcification``
   (the one SAE, as in the paper) and ``weights/probes/<concept>.npz`` (dataset rankings, gallery);
+  at an intermediate layer (``Layer.stage3``) the finetuned model's own SAE there,
+  ``weights/sae-finetuned-<concept>-stage3``, and ``weights/probes/<concept>-stage3.npz``;
 * ``custom``: a classifier - our weights folder or a Mammo-CLIP downstream ``.pth`` (pickled: needs
   the trust switch) - and an SAE - our folder or the paper's ``sparse_autoencoder_final.pt``.
+
+The layer an SAE reads is the one its folder's config says it was trained at (``train`` records
+it); the Analyzer then runs the backbone to that hook point and re-runs the rest for predictions
+and interventions.
 """
 
 from __future__ import annotations
@@ -44,6 +50,11 @@ class Ranking(Enum):
     logit = "logit contribution"
     class_mean = "class mean"
     class_centred = "class-centred"
+
+
+class Layer(Enum):
+    head = "last layer (closed-form interventions)"
+    stage3 = "stage 3, stride 16 (interventions re-run the rest)"
 
 
 class Source(Enum):
@@ -97,8 +108,10 @@ class LoadedModels:
     config: dict
 
 
-def bundled_choice(concept: str, variant: str, device: str = "auto") -> ModelChoice:
-    """The bundled demo weights for a concept and variant (ConfigError when not built)."""
+def bundled_choice(
+    concept: str, variant: str, device: str = "auto", layer: str = "head"
+) -> ModelChoice:
+    """The bundled demo weights for a concept, variant and layer (ConfigError when not built)."""
     from ..models.weights import bundled_weights_dir
 
     root = bundled_weights_dir()
@@ -108,8 +121,19 @@ def bundled_choice(concept: str, variant: str, device: str = "auto") -> ModelCho
             "the bundled demo weights are not there (run `make weights`), or choose a classifier "
             "and an SAE by path"
         )
-    probe = root / "probes" / f"{concept}.npz"
-    return ModelChoice(clf, root / SAE_FOLDER, probe if probe.exists() else None, False, device)
+    if layer == "head":
+        sae, probe = root / SAE_FOLDER, root / "probes" / f"{concept}.npz"
+    else:
+        if variant != "finetuned":
+            raise ConfigError(
+                f"the bundled {layer} SAEs read the finetuned models' {layer}: choose the "
+                "finetuned variant (or the last layer)"
+            )
+        sae = root / f"sae-finetuned-{concept}-{layer}"
+        probe = root / "probes" / f"{concept}-{layer}.npz"
+        if not (sae / "model.safetensors").exists():
+            raise ConfigError(f"no bundled SAE at {layer} for {concept}: run `make weights`")
+    return ModelChoice(clf, sae, probe if probe.exists() else None, False, device)
 
 
 def _sha256(path: Path) -> str:
@@ -132,17 +156,19 @@ def _load_classifier(path: Path, trust_pickle: bool) -> tuple[Any, dict]:
     return load_mammoclip_classifier(path, trust_pickle=trust_pickle), {"source": path.name}
 
 
-def _load_sae(path: Path) -> Any:
+def _load_sae(path: Path) -> tuple[Any, str]:
+    """(SAE, the hook point it was trained at: ``head`` for the paper's file)."""
     if not path.exists():
         raise CheckpointError(f"no SAE at {path}: choose a folder written by 'train' or a .pt file")
     if path.is_dir():
+        from ..models.inference import sae_hook
         from ..models.weights import load_weights
 
-        sae, _ = load_weights(path)
-        return sae
+        sae, config = load_weights(path)
+        return sae, sae_hook(config)
     from ..models.sae import load_mammosae
 
-    return load_mammosae(path)
+    return load_mammosae(path), "head"
 
 
 _CACHE: dict[ModelChoice, LoadedModels] = {}
@@ -157,8 +183,8 @@ def load_models(choice: ModelChoice) -> LoadedModels:
         from ..models.inference import Analyzer
 
         classifier, config = _load_classifier(choice.classifier, choice.trust_pickle)
-        sae = _load_sae(choice.sae)
-        analyzer = Analyzer(classifier, sae, config=config, device=choice.device)
+        sae, hook = _load_sae(choice.sae)
+        analyzer = Analyzer(classifier, sae, config=config, device=choice.device, hook=hook)
         sae_hash = _sha256(choice.sae)
         probe = None
         if choice.probe is not None and choice.probe.exists():

@@ -325,6 +325,9 @@ class HookedBackbone(nn.Module):
         self.point = resolve_hook(self.backbone, hook)
         self.backbone_name = backbone_name(self.backbone)
         self.num_features = self.point.channels
+        # the backbone's mode, not nn.Module's default (training): whoever saves and restores the
+        # mode around a call (an ONNX export) must not put the shared backbone in training mode
+        self.train(self.backbone.training)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Activations (N, C, h, w) at the hook point."""

@@ -7,6 +7,14 @@ logit contribution and the per-stage timings. Results are cached per image (SOPI
 pixel checksum) *and* signature (content hash of the classifier's and the SAE's weights, the
 preprocessing signature and the dtype), so a repeated analysis, a new neuron set or an intervention
 never reruns the backbone, and a changed model or preprocessing never reuses a stale result.
+
+An SAE trained at an intermediate hook point (``models.backbone``: ``stage3``...) reads the backbone
+there: the runtime runs the backbone up to the hook, the layers after it run in PyTorch for the
+model's own prediction, and an intervention re-runs them from the edited SAE reconstruction
+(:class:`RerunEngine`: there is no closed form). Per-neuron logit contributions and the CAM are then
+gradient x activation of the reconstruction's logit with respect to the latents - exact at the
+last layer, where the logit is linear in the latents, a first-order estimate elsewhere (their sum
+plus the remainder ``bias`` is the reconstruction logit).
 """
 
 from __future__ import annotations
@@ -24,7 +32,9 @@ import numpy as np
 import torch
 
 from ..analysis.interventions import (
+    MODES,
     InterventionEngine,
+    _neuron_index,
     head_parts,
     logit_weights,
     module_state_key,
@@ -34,6 +44,7 @@ from ..analysis.interventions import (
 from ..errors import ConfigError
 from ..geometry import Geometry
 from ..progress import Progress, check_cancelled
+from .backbone import HEAD, at_hook, resolve_hook
 from .runtime import OnnxRuntime, create_runtime, default_runtime, resolve_runtime
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -226,7 +237,12 @@ class Analysis:
     cached: bool = False  # True when the backbone and SAE were not rerun for this call
     runtime: str = ""  # the backbone runtime that made the features: "onnx" or "torch"
     features: np.ndarray | None = field(default=None, repr=False)  # (C, h, w) float32 if kept
+    hook: str = HEAD  # the backbone layer the SAE reads (models.backbone hook point)
     _weights: tuple[np.ndarray, float] | None = field(default=None, repr=False)
+    # at a hook point: per-position gradient x activation (P, m) and the logit of edited latents
+    _attributions: PositionLatents | None = field(default=None, repr=False)
+    _rerun: Any = field(default=None, repr=False)
+    _engine: Any = field(default=None, repr=False)
 
     @property
     def reconstruction_probability(self) -> float:
@@ -251,19 +267,120 @@ class Analysis:
         s = self.logit_contributions if by == "contribution" else self.pooled_latents
         return np.argsort(-np.asarray(s), kind="stable")[: max(0, int(k))]
 
+    @property
+    def closed_form(self) -> bool:
+        """True at the last layer: interventions are one small sum; False at a hook point, where
+        each one re-runs the rest of the backbone."""
+        return self._rerun is None
+
     def intervention(self) -> InterventionEngine:
-        """An engine for slider-speed interventions on this image."""
-        if self._weights is None:
+        """An engine for interventions on this image: the closed form at the last layer, a
+        :class:`RerunEngine` (the rest of the backbone re-run) at a hook point. Made once."""
+        if self._engine is not None:
+            return self._engine
+        if self._rerun is not None:
+            self._engine = RerunEngine(self)
+        elif self._weights is None:
             raise ConfigError("this analysis holds no head weights: analyse it with an Analyzer")
-        return InterventionEngine(self.pooled_latents, weights=self._weights)
+        else:
+            self._engine = InterventionEngine(self.pooled_latents, weights=self._weights)
+        return self._engine
+
+    def _position_terms(self, idx: np.ndarray) -> np.ndarray:
+        """(P,) sum over the neurons ``idx`` of each position's share of the CAM."""
+        if self._attributions is not None:
+            positions = self.grid[0] * self.grid[1]  # the CAM's mean is the logit: P x attribution
+            return self._attributions.columns(idx).astype(np.float64).sum(axis=1) * positions
+        v, _ = self._weights
+        return self.latents.columns(idx).astype(np.float64) @ v[idx]
+
+    def intervened_cam(self, neurons: Any = None, mode: str = "remove") -> np.ndarray:
+        """Reconstruction CAM (h, w) with ``neurons`` kept or removed (None: nothing removed),
+        from the full CAM and only the set's (or, for a large set, its complement's) columns.
+
+        At a hook point the CAM is gradient x activation, so this is its first-order estimate; the
+        probability of :meth:`intervention` is exact (re-run)."""
+        if self._weights is None and self._attributions is None:
+            raise ConfigError("this analysis holds no head weights: analyse it with an Analyzer")
+        if mode not in ("keep", "remove"):
+            raise ConfigError(f"unknown intervention mode {mode!r}: use keep or remove")
+        m = self.n_neurons
+        full = np.asarray(self.cam, dtype=np.float64).reshape(-1)
+        bias = self.cam_bias
+        if neurons is None:
+            idx = np.zeros(0, dtype=np.int64)
+        else:
+            idx = np.asarray(sorted({int(n) for n in np.asarray(neurons).reshape(-1)}), np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= m):
+            raise ConfigError(f"neuron indices must lie in [0, {m}) for this SAE")
+        if idx.size > m // 2:  # a large set: cheaper from its complement
+            idx = np.setdiff1d(np.arange(m), idx)
+            mode = "keep" if mode == "remove" else "remove"
+        part = self._position_terms(idx) if idx.size else np.zeros_like(full)
+        flat = part + bias if mode == "keep" else full - part
+        return np.asarray(flat, dtype=np.float32).reshape(self.grid)
 
     def reconstruction_cam(self, neurons: Any = None, mode: str = "remove") -> np.ndarray:
         """Reconstruction CAM (h, w) with ``neurons`` kept or removed (default: nothing removed)."""
-        if self._weights is None:
-            raise ConfigError("this analysis holds no head weights: analyse it with an Analyzer")
-        v, bias = self._weights
-        cam = self.latents.matvec(v * neuron_mask(v.shape[0], neurons, mode)) + bias
-        return cam.reshape(self.grid).astype(np.float32)
+        return self.intervened_cam(neurons, mode)
+
+    @property
+    def cam_bias(self) -> float:
+        """The CAM's constant part: what a position contributes with every neuron off."""
+        if self._weights is not None:
+            return float(self._weights[1])
+        return float(self.reconstruction_logit - np.sum(self.logit_contributions))
+
+
+class RerunEngine(InterventionEngine):
+    """Interventions at an intermediate hook point: the edited latents are decoded and the rest of
+    the backbone and the concept head re-run for each neuron set - there is no closed form there.
+
+    The same interface as :class:`InterventionEngine` (``apply``, ``topk_*``, ``custom``); its
+    ``contributions`` are the analysis' gradient x activation estimates (used only to rank), its
+    logits are exact. The last ``memo`` sets are remembered, so a slider that comes back to a value
+    does not re-run anything.
+    """
+
+    def __init__(self, analysis: Analysis, memo: int = 64) -> None:
+        if analysis._rerun is None:
+            raise ConfigError("this analysis is at the last layer: use its closed-form engine")
+        self.pooled_latents = np.asarray(analysis.pooled_latents, dtype=np.float64)
+        self.contributions = np.asarray(analysis.logit_contributions, dtype=np.float64)
+        self.total = float(self.contributions.sum())
+        self.reconstruction_logit = float(analysis.reconstruction_logit)
+        self.bias = self.reconstruction_logit - self.total
+        self._z = analysis.latents.toarray()  # (P, m) float32: the latents every step edits
+        self._rerun = analysis._rerun
+        self._memo: OrderedDict[tuple, float] = OrderedDict()
+        self._memo_size = max(1, int(memo))
+        self._ranked = None
+        self.reruns = 0  # how many times the rest of the backbone ran (tests, benchmarks)
+
+    @property
+    def n_neurons(self) -> int:
+        """Number of SAE latents m."""
+        return int(self._z.shape[1])
+
+    def logit(self, neurons: Any, mode: str) -> float:
+        """Intervened logit: the latents with ``neurons`` kept or removed, decoded, re-run."""
+        if mode not in MODES:
+            raise ConfigError(f"unknown intervention mode {mode!r}: use one of {', '.join(MODES)}")
+        idx = _neuron_index(neurons, self.n_neurons)
+        if mode == "remove" and idx.size == 0:
+            return self.reconstruction_logit
+        key = (mode, idx.tobytes())
+        hit = self._memo.get(key)
+        if hit is not None:
+            self._memo.move_to_end(key)
+            return hit
+        mask = neuron_mask(self.n_neurons, idx, mode).astype(np.float32)
+        value = float(self._rerun(self._z * mask[None, :]))
+        self.reruns += 1
+        self._memo[key] = value
+        while len(self._memo) > self._memo_size:
+            self._memo.popitem(last=False)
+        return value
 
 
 def _read_only(a: np.ndarray) -> np.ndarray:
@@ -364,6 +481,7 @@ class Analyzer:
         cache: AnalysisCache | None = None,
         config: dict | None = None,
         runtime: str | None = None,
+        hook: str | None = None,
     ) -> None:
         from ..preprocess import MAMMOCLIP_SIZE, PREPROCESSORS, preprocessing_signature
 
@@ -381,7 +499,14 @@ class Analyzer:
         self.dtype = resolve_dtype(dtype, self.device)
         self.classifier = classifier.to(self.device).eval()
         self.sae = sae.to(self.device).eval()
-        self._forward_features = self._features_fn(self.classifier)
+        #: the backbone layer the SAE reads: "head" (the last layer) or a hook point ("stage3"...)
+        self.hook = HEAD if hook in (None, "", HEAD) else resolve_hook(self._backbone(), hook).name
+        self._hooked = None if self.hook == HEAD else at_hook(self._backbone(), self.hook)
+        self._forward_features = (
+            self._features_fn(self.classifier)
+            if self._hooked is None
+            else self._hooked.forward_features
+        )
         self._check_dims()
         self._digests = _Digests()
         self.cache = cache if cache is not None else AnalysisCache(cache_size)
@@ -398,10 +523,12 @@ class Analyzer:
     def from_weights(
         cls, classifier_folder: str | Path, sae_folder: str | Path, **kw: Any
     ) -> Analyzer:
-        """An Analyzer from a classifier weights folder ('train-head') and an SAE folder ('train')."""
+        """An Analyzer from a classifier weights folder ('train-head') and an SAE folder ('train');
+        the hook point is the one the SAE was trained at (its config), unless ``hook=`` is given."""
         from .folders import load_model_folder, load_sae
 
         classifier, config = load_model_folder(classifier_folder)
+        kw.setdefault("hook", sae_hook(load_model_folder(sae_folder)[1]))
         return cls(classifier, load_sae(sae_folder), config=config, **kw)
 
     def with_models(self, classifier: Any = None, sae: Any = None) -> Analyzer:
@@ -415,8 +542,15 @@ class Analyzer:
             dtype=self.dtype_name,
             cache=self.cache,
             runtime=self.runtime_requested,
+            hook=self.hook,
         )
-        if isinstance(self._runtime, OnnxRuntime) and sibling._backbone() is self._backbone():
+        if sibling._backbone() is self._backbone() and self._hooked is not None:
+            sibling._hooked = self._hooked  # the same module: the runtime below stays valid
+            sibling._forward_features = self._hooked.forward_features
+        if (
+            isinstance(self._runtime, OnnxRuntime)
+            and sibling._runtime_module() is self._runtime_module()
+        ):
             sibling._runtime, sibling._runtime_digest = self._runtime, self._runtime_digest
         return sibling
 
@@ -435,9 +569,21 @@ class Analyzer:
         backbone = getattr(self.classifier, "backbone", None)
         return backbone if isinstance(backbone, torch.nn.Module) else self.classifier
 
+    def _runtime_module(self) -> Any:
+        """What the runtime runs: the backbone, or the backbone up to the hook point."""
+        return self._hooked if self._hooked is not None else self._backbone()
+
     def _check_dims(self) -> None:
         w, _ = head_parts(self.classifier)
         d_in = int(self.sae.W_dec.shape[0])
+        if self._hooked is not None:
+            channels = int(self._hooked.point.channels)
+            if channels != d_in:
+                raise ConfigError(
+                    f"the backbone has {channels} channels at {self.hook} but the SAE was trained "
+                    f"on {d_in}: use the SAE trained at this hook point of this backbone"
+                )
+            return
         if w.shape[0] != d_in:
             raise ConfigError(
                 f"the classifier's head reads {w.shape[0]} features but the SAE was trained on "
@@ -445,9 +591,70 @@ class Analyzer:
             )
 
     def _feature_signature(self) -> str:
+        at = "" if self.hook == HEAD else f"_at-{self.hook}"
         return (
-            f"bb-{self._digests(self._backbone())[:16]}_{self.preprocessing_signature}_"
+            f"bb-{self._digests(self._backbone())[:16]}{at}_{self.preprocessing_signature}_"
             f"{self.dtype_name}"
+        )
+
+    def _head_logits(self, fmaps: torch.Tensor) -> torch.Tensor:
+        """The concept head's logits (N,) on hook-point activations (N, C, h, w): the rest of the
+        backbone, average pooling and the linear head, differentiable."""
+        w, c = head_parts(self.classifier)
+        feats = self._hooked.rest(fmaps.to(self.device))
+        w_t = torch.as_tensor(w, dtype=feats.dtype, device=feats.device)
+        return feats.mean(dim=(2, 3)) @ w_t + float(c)
+
+    def _pooled_head_features(self, fmaps: torch.Tensor) -> np.ndarray:
+        """(N, C_head) float64 pooled head features: the model's own input to its head. At a hook
+        point the layers after it run here (PyTorch), from the runtime's activations."""
+        if self._hooked is None:
+            return fmaps.mean(dim=(2, 3)).double().cpu().numpy()
+        with torch.inference_mode(), self._autocast():
+            feats = self._hooked.rest(fmaps.to(self.device))
+        return feats.float().mean(dim=(2, 3)).double().cpu().numpy()
+
+    def _logit_of_latents(self, grid: tuple[int, int], z: np.ndarray) -> float:
+        """The head's logit on the SAE decoding of per-position latents ``z`` (P, m) at the hook
+        point, the rest of the backbone re-run (what a :class:`RerunEngine` step does)."""
+        h, w = grid
+        with torch.inference_mode(), self._autocast():
+            zt = torch.as_tensor(z, device=self.device, dtype=self.sae.W_dec.dtype)
+            x_hat = self.sae.decode(zt).T.reshape(1, -1, h, w)
+            return float(self._head_logits(x_hat.float())[0])
+
+    def _hook_key(self) -> bytes:
+        w, c = head_parts(self.classifier)
+        return b"hook|" + w.tobytes() + np.float64(c).tobytes()
+
+    def _hook_terms(self, entry: _ImageEntry, sae_result: _SaeResult) -> tuple:
+        """(contributions (m,), per-position attributions, reconstruction logit) at a hook point:
+        gradient x activation of the reconstruction's logit with respect to the latents, cached
+        per head with the SAE's result (made from the float32 latents when the SAE ran; from the
+        stored ones for another head on cached latents)."""
+        hit = sae_result.cams.get(self._hook_key())
+        if hit is not None:
+            return hit
+        _, h, wd = entry.features.shape
+        terms = self._attribute(torch.as_tensor(sae_result.latents.toarray()), (h, wd))
+        sae_result.cams[self._hook_key()] = terms
+        return terms
+
+    def _attribute(self, z: torch.Tensor, grid: tuple[int, int]) -> tuple:
+        """Gradient x activation of the reconstruction's logit for latents z (P, m)."""
+        h, wd = grid
+        # a normal tensor (the encoder made an inference-mode one) that autograd can follow
+        z = z.detach().to(device=self.device, dtype=self.sae.W_dec.dtype).clone()
+        z.requires_grad_(True)
+        with torch.enable_grad():
+            x_hat = self.sae.decode(z).T.reshape(1, -1, h, wd)
+            logit = self._head_logits(x_hat.float())[0]
+            (grad,) = torch.autograd.grad(logit, z)
+        attr = (z.detach() * grad).float()
+        return (
+            attr.sum(dim=0).double().cpu().numpy(),
+            PositionLatents.from_tensor(attr.cpu()),
+            float(logit.detach()),
         )
 
     @property
@@ -477,7 +684,7 @@ class Analyzer:
         Rebuilt when the backbone's weights change; ``runtime_name`` then says which one runs.
         """
         with self._runtime_lock:
-            backbone = self._backbone()
+            backbone = self._runtime_module()
             digest = self._digests(backbone)
             if self._runtime is None or self._runtime_digest != digest:
                 runtime = create_runtime(
@@ -570,7 +777,7 @@ class Analyzer:
         check_cancelled(progress)
         t0 = time.perf_counter()
         fmap = runtime(x)[0].to(self.device)  # (C, h, w) float32
-        pooled = fmap.mean(dim=(1, 2)).double().cpu().numpy()
+        pooled = self._pooled_head_features(fmap[None])[0]
         self._sync()
         t_bb = time.perf_counter() - t0
         if progress is not None:
@@ -593,13 +800,17 @@ class Analyzer:
         t_enc = time.perf_counter() - t0
         pooled_z = z.mean(0).cpu().numpy().astype(np.float32)
         latents = PositionLatents.from_tensor(z)
-        v = self.head_weights()[2]
-        v_t = torch.from_numpy(v.astype(np.float32)).to(z.device)
-        cam = (z @ v_t).reshape(h, w).double().cpu().numpy()
+        cams: dict[bytes, Any] = {}
+        if self._hooked is None:
+            v = self.head_weights()[2]
+            v_t = torch.from_numpy(v.astype(np.float32)).to(z.device)
+            cams[v.tobytes()] = (z @ v_t).reshape(h, w).double().cpu().numpy()
+        else:  # at a hook point: the rest of the backbone, forward and back
+            cams[self._hook_key()] = self._attribute(z, (h, w))
         self._sync()
         if progress is not None:
             progress.update(1)
-        return _SaeResult(latents, pooled_z, time.perf_counter() - t0, {v.tobytes(): cam}, t_enc)
+        return _SaeResult(latents, pooled_z, time.perf_counter() - t0, cams, t_enc)
 
     def _assemble(
         self,
@@ -612,15 +823,28 @@ class Analyzer:
         if entry.features.device.type != "cpu":
             entry.features = entry.features.cpu()
         latents, pooled_z = sae_result.latents, sae_result.pooled
-        w, c, v, bias = self.head_weights()
         C, h, wd = entry.features.shape
+        extra: dict[str, Any] = {}
+        if self._hooked is None:
+            w, c, v, bias = self.head_weights()
+            contributions = v * pooled_z.astype(np.float64)
+            rec_logit = float(contributions.sum() + bias)
+            cam = sae_result.cams.get(v.tobytes())  # precise CAM of this head, if computed
+            if cam is None:  # another head on cached latents (float16 when stored dense)
+                cam = latents.matvec(v).reshape(h, wd)
+                sae_result.cams[v.tobytes()] = cam
+            cam = cam + bias
+            extra["_weights"] = (v, bias)
+        else:
+            w, c = head_parts(self.classifier)
+            contributions, attributions, rec_logit = self._hook_terms(entry, sae_result)
+            bias = rec_logit - float(contributions.sum())
+            cam = attributions.matvec(np.full(attributions.shape[1], float(h * wd))) + bias
+            cam = cam.reshape(h, wd)
+            grid = (int(h), int(wd))
+            extra["_attributions"] = attributions
+            extra["_rerun"] = lambda z, _grid=grid: self._logit_of_latents(_grid, z)
         logit = float(entry.pooled_features @ w + c)
-        contributions = v * pooled_z.astype(np.float64)
-        cam = sae_result.cams.get(v.tobytes())  # precise CAM of this head, if computed
-        if cam is None:  # another head on cached latents (float16 when stored dense)
-            cam = latents.matvec(v).reshape(h, wd)
-            sae_result.cams[v.tobytes()] = cam
-        cam = cam + bias
         analysis = Analysis(
             probability=float(sigmoid(logit)),
             logit=logit,
@@ -630,7 +854,7 @@ class Analyzer:
             latents=latents,
             pooled_features=entry.pooled_features.astype(np.float32),
             logit_contributions=contributions,
-            reconstruction_logit=float(contributions.sum() + bias),
+            reconstruction_logit=rec_logit,
             cam=cam.astype(np.float32),
             heatmaps={},
             timings={},
@@ -638,7 +862,8 @@ class Analyzer:
             sop_instance_uid=str(getattr(record, "sop_instance_uid", "") or ""),
             preprocess=self.preprocess,
             features=_read_only(entry.features.numpy()),
-            _weights=(v, bias),
+            hook=self.hook,
+            **extra,
         )
         wanted = [] if neurons is None else [int(n) for n in neurons]
         if wanted:
@@ -694,7 +919,7 @@ class Analyzer:
             check_cancelled(progress)
             t0 = time.perf_counter()
             fmaps = runtime(x).to(self.device)  # (n, C, h, w) float32
-            pooled = fmaps.mean(dim=(2, 3)).double().cpu().numpy()
+            pooled = self._pooled_head_features(fmaps)
             self._sync()
             t_bb = (time.perf_counter() - t0) / len(chunk)
             for k, ((key, _), pre) in enumerate(zip(chunk, pres, strict=True)):
@@ -753,16 +978,22 @@ class Analyzer:
         z_all = z_all.float()
         self._sync()
         t_enc = (time.perf_counter() - t0) / len(entries)
-        v = self.head_weights()[2]
-        v_t = torch.from_numpy(v.astype(np.float32)).to(z_all.device)
-        cams = (z_all @ v_t).double().cpu()
+        if self._hooked is None:
+            v = self.head_weights()[2]
+            v_t = torch.from_numpy(v.astype(np.float32)).to(z_all.device)
+            cams = (z_all @ v_t).double().cpu().split(counts)
+        else:  # at a hook point the CAM needs the rest of the backbone (per image, below)
+            cams = [None] * len(counts)
         out = []
-        for f, z, cam in zip(fmaps, z_all.split(counts), cams.split(counts), strict=True):
+        for f, z, cam in zip(fmaps, z_all.split(counts), cams, strict=True):
             h, w = int(f.shape[1]), int(f.shape[2])
             pooled_z = z.mean(0).cpu().numpy().astype(np.float32)
             latents = PositionLatents.from_tensor(z)
-            cam_map = cam.reshape(h, w).numpy()
-            out.append(_SaeResult(latents, pooled_z, t_enc, {v.tobytes(): cam_map}, t_enc))
+            if cam is None:
+                maps = {self._hook_key(): self._attribute(z, (h, w))}
+            else:
+                maps = {v.tobytes(): cam.reshape(h, w).numpy()}
+            out.append(_SaeResult(latents, pooled_z, t_enc, maps, t_enc))
         return out
 
     def analyse_path(
@@ -783,3 +1014,9 @@ class Analyzer:
         result.timings["decode"] = t_decode
         result.timings["total"] += t_decode
         return result
+
+
+def sae_hook(config: dict | None) -> str:
+    """The hook point an SAE folder's config says it was trained at (``head`` when it says none)."""
+    training = (config or {}).get("training") or {}
+    return str(training.get("hook") or (config or {}).get("hook") or HEAD)

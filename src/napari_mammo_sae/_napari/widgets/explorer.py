@@ -23,7 +23,7 @@ from qtpy.QtWidgets import QStyledItemDelegate
 
 from .. import layers as L
 from .. import model_choice as mc
-from ..model_choice import Concept, Ranking, Source, TargetClass, Variant
+from ..model_choice import Concept, Layer, Ranking, Source, TargetClass, Variant
 from ..viewing import VIEW_COPY, install, mammogram_layers
 from . import _common as C
 
@@ -120,6 +120,8 @@ class NeuronExplorer(mw.Container):
         self.trust = mw.CheckBox(text="trust pickled Mammo-CLIP file (can run code)")
         self.concept = mw.ComboBox(label="concept", choices=C.choices(Concept))
         self.variant = mw.ComboBox(label="variant", choices=C.choices(Variant))
+        # which backbone layer the SAE reads (bundled weights; a chosen SAE folder says its own)
+        self.layer = mw.ComboBox(label="layer", choices=C.choices(Layer))
         self.target = mw.ComboBox(label="class", choices=C.choices(TargetClass, CLASS_LABELS))
         self.k = mw.SpinBox(label="top k", min=1, max=100, value=10)
         self.ranking = mw.ComboBox(label="ranking", choices=C.choices(Ranking))
@@ -148,7 +150,7 @@ class NeuronExplorer(mw.Container):
 
         self.extend([
             self.image, self.all_views, self.source, self.classifier_path, self.sae_path,
-            self.probe_path, self.trust, self.concept, self.variant, self.target, self.k,
+            self.probe_path, self.trust, self.concept, self.variant, self.layer, self.target, self.k,
             self.ranking, self.device, self.stack, row(self.run_button, self.cancel_button),
             self.probability, self.status, self.table,
             row(self.show_all, self.hide_all, self.remove_all, self.boxes_button),
@@ -192,6 +194,7 @@ class NeuronExplorer(mw.Container):
         custom = self.source.value is Source.files
         for w in (self.classifier_path, self.sae_path, self.probe_path, self.trust):
             w.enabled = custom
+        self.layer.enabled = not custom
 
     def choice(self) -> mc.ModelChoice:
         """The ModelChoice of the form (ConfigError when incomplete)."""
@@ -200,7 +203,9 @@ class NeuronExplorer(mw.Container):
         concept = self.concept.value.name
         device = self.device.value
         if self.source.value is Source.bundled:
-            return mc.bundled_choice(concept, self.variant.value.value, device)
+            return mc.bundled_choice(
+                concept, self.variant.value.value, device, layer=self.layer.value.name
+            )
         clf, sae = mc.weights_path(self.classifier_path.value), mc.weights_path(self.sae_path.value)
         if clf is None or sae is None:
             raise ConfigError("choose a classifier and an SAE (or use the bundled demo weights)")
@@ -333,11 +338,14 @@ class NeuronExplorer(mw.Container):
             else f" (ranked by logit contribution: no probe for {s.ranking})"
         )
         runtime = getattr(a, "runtime", None)
+        hook = getattr(a, "hook", "head")
+        where = "" if hook == "head" else f"; SAE at {hook} (interventions re-run the rest)"
         self.probability.value = f"P({s.concept}) = {a.probability:.3f}   SAE reconstruction: {a.reconstruction_probability:.3f}"
         self.status.value = (
             f"{cur.layer_name}: top {len(cur.neurons)} of {a.n_neurons} neurons for class "
             f"{s.target_class}{note}; {a.timings.get('total', 0):.2f} s"
             + (f" ({runtime} backbone)" if runtime else "")
+            + where
         )
         self._fill_table(cur)
         if tell:

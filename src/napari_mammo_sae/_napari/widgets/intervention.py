@@ -1,9 +1,12 @@
 """Interventions: switch SAE neurons off or keep only some, and see the prediction change at once.
 
-Uses the cached latents of the explorer's last run and the exact closed form that average pooling
-allows (``analysis.interventions``), so a slider move never reruns the backbone: the original, the
-SAE-reconstruction and the intervened probability update immediately, and so does the
-class-activation map of the (intervened) reconstruction, shown as a layer over the image.
+Uses the cached latents of the explorer's last run. At the last layer the exact closed form that
+average pooling allows (``analysis.interventions``) means a slider move never reruns the backbone:
+the original, the SAE-reconstruction and the intervened probability update immediately, and so does
+the class-activation map of the (intervened) reconstruction, shown as a layer over the image. With
+an SAE at an intermediate layer there is no closed form: each new neuron set decodes the edited
+latents and re-runs the rest of the backbone (``models.inference.RerunEngine``, tens of
+milliseconds for the demo model; the dock says so), and the CAM is gradient x activation.
 The form is magicgui widgets (mode enum, k slider, neuron spin box).
 Top-k uses the union of the top-k of each class, as the paper does (dataset rankings from the
 probe file when there is one, else this image's logit contributions).
@@ -173,7 +176,12 @@ class InterventionWidget(Container):
         self.reconstruction.value = f"{a.reconstruction_probability:.3f}"
         self.intervened.value = f"{result.probability:.3f}  ({result.delta_probability:+.3f})"
         shown = ", ".join(map(str, neurons[:20])) + (" ..." if len(neurons) > 20 else "")
-        self.neurons_label.value = f"{how} {len(neurons)} neurons: {shown}"
+        how_computed = (
+            "closed form"
+            if a.closed_form
+            else f"SAE at {a.hook}: the rest of the backbone re-run from the edited activations"
+        )
+        self.neurons_label.value = f"{how} {len(neurons)} neurons ({how_computed}): {shown}"
         self._update_cam(cur, neurons, how)
         return result
 
@@ -219,18 +227,8 @@ class InterventionWidget(Container):
         notify_error(f"intervention: could not add the CAM layer: {exc}")
 
     def cam(self, a: Any, neurons: list[int], how: str) -> np.ndarray:
-        """The intervened reconstruction's CAM, from the full CAM and only the set's columns."""
-        v, bias = a._weights
-        idx = np.asarray(sorted(set(int(n) for n in neurons)), dtype=np.int64)
-        if idx.size > a.n_neurons // 2:  # a large set: cheaper from its complement
-            idx = np.setdiff1d(np.arange(a.n_neurons), idx)
-            how = "keep" if how == "remove" else "remove"
-        full = a.cam.reshape(-1).astype(np.float64)  # computed in the worker: sum_j v_j z_j + bias
-        part = (
-            a.latents.columns(idx).astype(np.float64) @ v[idx] if idx.size else np.zeros_like(full)
-        )
-        flat = part + bias if how == "keep" else full - part
-        return np.asarray(flat, dtype=np.float32).reshape(a.grid)
+        """The intervened reconstruction's CAM (``Analysis.intervened_cam``)."""
+        return a.intervened_cam(neurons, how)
 
     def _update_cam(self, cur: Any, neurons: list[int], how: str) -> None:
         a = cur.analysis
