@@ -50,6 +50,8 @@ demo: venv
 screenshots: system-deps venv
 	xvfb-run -a -s "-screen 0 1920x1200x24" $(PY) scripts/screenshot_hanging.py
 	xvfb-run -a -s "-screen 0 1920x1200x24" $(PY) scripts/screenshots.py
+	MAMMO_SAE_SCREENSHOTS=docs/images xvfb-run -a -s "-screen 0 1920x1200x24" \
+		$(PY) -m pytest -q -p no:cacheprovider tests/gui/test_clinician_loop.py
 
 # Every benchmark as BENCHMARKS.md records it (the GUI one under xvfb-run; the SAE one against the
 # paper's library where its side environment exists); `$(PY) benchmarks/run_all.py --dry-run` lists them.

@@ -95,13 +95,26 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():
         z = sae.encode(acts[0].reshape(c, -1).T)
 
+    # the code a slider step runs in the interventions dock at a hook point: RerunEngine.logit ->
+    # the neuron mask on the image's latents, then Analyzer._logit_of_latents (decode, the rest of
+    # the backbone, pooling, head); checked once against the plain computation
+    from napari_mammo_sae.analysis.interventions import neuron_mask
+    from napari_mammo_sae.models.inference import Analyzer
+
+    analyzer = Analyzer(model, sae, size=(h, w), device="cpu", runtime="torch", hook=point.name)
+    z_np = z.float().numpy()
+    m = z_np.shape[1]
+
     def intermediate_step() -> float:
-        with torch.inference_mode():
-            zz = z.clone()
-            zz[:, off] = 0
-            x_hat = sae.decode(zz).T.reshape(1, c, gh, gw)
-            feats = rest_of_backbone(model, x_hat, point)
-            return float(torch.sigmoid(model.forward_head(feats)).reshape(-1)[0])
+        mask = neuron_mask(m, off.numpy(), "remove").astype(np.float32)
+        return analyzer._logit_of_latents((gh, gw), z_np * mask[None, :])
+
+    with torch.inference_mode():
+        zz = z.clone()
+        zz[:, off] = 0
+        plain = model.forward_head(rest_of_backbone(model, sae.decode(zz).T.reshape(1, c, gh, gw),
+                                                    point))  # fmt: skip
+    assert abs(intermediate_step() - float(plain.reshape(-1)[0])) < 1e-3
 
     head_sae = SparseAutoencoder(head_feats.shape[1], args.head_latents, "relu").eval()
     with torch.inference_mode():

@@ -18,8 +18,10 @@ The recipe (issue 7), every step a ``napari-mammo-sae`` subcommand run as a subp
                      and one small SAE per finetuned model at stage3 (64 channels, 512 latents).
 7. ``probe``       - class-wise mean latents, rankings and galleries for the bundled SAE (and, without
                      a head, for each stage3 SAE).
-8. ``shortcuts``   - the shortcut report (every cue x concept x layer) -> docs/evaluation/shortcuts.csv.
-9. ``evaluate``    - the paper's analyses on the test split -> docs/evaluation/.
+8. ``evaluate``    - the paper's analyses on the test split -> docs/evaluation/, and with ``--run``
+                     per (store, SAE, model): the shortcut report (every cue x concept x layer,
+                     shortcuts.csv) and localisation at each layer under both box rules
+                     (localisation.csv).
 
 Weights are stored in float16 to keep ``weights/`` under 40 MB; the pretrained-variant folders hold
 only their linear head and name the pretext folder their backbone comes from. Features, probes and
@@ -91,9 +93,14 @@ RECIPE = {
         "resample_every_epochs": 3,
     },
     # SAEs beyond the last layer (issue 12): one per finetuned model at each hook point; small
-    # inputs (64 channels at tinynet_d's stage3), so expansion 8 and a few epochs cost minutes
+    # inputs (64 channels at tinynet_d's stage3), so expansion 8 and a few epochs cost minutes.
+    # TopK (k = 8 of 512): ReLU + L1 left 326 of 512 latents on per token at 8e-4 and 121 at 1e-2
+    # (no neuron with more than 8% of its mass on any cue); TopK 8 gives neurons that fire only on
+    # a cue (clip: share 1.0). docs/EVALUATION.md has the sweep.
     "hooks": ["stage3"],
     "sae_hook": {
+        "kind": "topk",
+        "k": 8,
         "d_latent": 512,
         "l1_coefficient": 8e-4,
         "lr": 5e-4,
@@ -227,7 +234,8 @@ class Recipe:
         s = self.r[key]
         args = [
             "train", "--store", store, "--out", run_dir, "--split", "training",
-            "--kind", "relu", "--d-latent", s["d_latent"], "--l1-coefficient", s["l1_coefficient"],
+            "--kind", s.get("kind", "relu"), "--d-latent", s["d_latent"],
+            "--l1-coefficient", s["l1_coefficient"], *(["--k", s["k"]] if s.get("k") else []),
             "--lr", s["lr"], "--batch-size", s["batch_size"], "--epochs", s["epochs"],
             "--fraction", s["fraction"], "--resample-every-epochs", s["resample_every_epochs"],
             "--seed", self.r["seed"], "--device", self.device, "--quiet",
@@ -408,13 +416,12 @@ def main(argv: list[str] | None = None) -> int:
         for hook in recipe.get("hooks", []):
             store, shipped = hooked[(concept, hook)]
             runs += ["--run", store, shipped, out / f"finetuned-{concept}"]
-    r.cli("shortcuts", "--data", r.data, *runs, "--out", report / "shortcuts.csv",
-          "--k", recipe["shortcut_k"], "--quiet",
-          done=report / "shortcuts.csv", name="shortcuts")  # fmt: skip
+    # evaluate writes it (shortcuts.csv) with the layer localisation table (localisation.csv)
     heads = [out / f"{v}-{c}" for v in ("pretrained", "finetuned") for c in CONCEPTS]
     r.cli("evaluate", "--store", store_pre, store_ft["mass"], store_ft["calcification"],
           "--sae", sae_dir, "--heads", *heads, "--data", r.data, "--out", report,
           "--bootstrap", recipe["bootstrap"], "--seed", recipe["seed"], "--device", args.device,
+          *runs, "--shortcut-k", recipe["shortcut_k"],
           done=report / "index.html", name="evaluate")  # fmt: skip
 
     files = {}

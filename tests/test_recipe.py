@@ -44,6 +44,14 @@ def test_quick_recipe_writes_verified_weights_and_a_report(tmp_path):
     assert manifest["metrics"]["finetuned-calcification"]
     results = json.loads((report / "results.json").read_text())
     assert {"table1", "figure2", "table2", "figure4", "confounder"} <= set(results)
+    # evaluate --run: the shortcut report (every cue x concept x layer) and localisation per layer
+    layers = {r["layer"] for r in results["shortcuts"]}
+    cues = {r["cue"] for r in results["shortcuts"]}
+    assert layers == {"head", "stage3"} and {"marker", "lead", "clip", "site"} <= cues
+    assert {(r["layer"], r["method"]) for r in results["localisation"]} == {
+        (layer, method) for layer in layers for method in ("percentile", "contour")
+    }
+    assert (report / "shortcuts.csv").exists() and (report / "localisation.csv").exists()
     assert (report / "index.html").exists()
     # the summary is computed from those files
     summary = tmp_path / "EVAL.md"
@@ -52,4 +60,6 @@ def test_quick_recipe_writes_verified_weights_and_a_report(tmp_path):
          "--manifest", str(out / "MANIFEST.json"), "--out", str(summary)],
         check=True, capture_output=True, timeout=120,
     )  # fmt: skip
-    assert "## Summary: the paper's findings on known truth" in summary.read_text()
+    text = summary.read_text()
+    assert "## Summary: the paper's findings on known truth" in text
+    assert "## Shortcuts:" in text and "## Localisation at each layer" in text

@@ -8,7 +8,8 @@ One row per cue, concept and layer (``docs/evaluation/shortcuts.csv``):
     negatives") minus the mean on the test images with neither ("clean negatives"). Positive: the
     cue alone raises the prediction.
 ``cue_neurons``
-    THE RULE: among the top-k class-1 neurons (the ranking the rest of the report uses), those whose
+    THE RULE: among the top-k class-1 neurons (ranked by their mean contribution to the concept's
+    logit over the class-1 training images: ``pipeline.shortcuts.RANKING_TEXT``), those whose
     activation mass lies mostly on the cue's boxes - ``cue_share > 0.5``, where a neuron's
     ``cue_share`` is the sum of its activations over the feature cells that a cue box touches, over
     every test image, divided by the sum of its activations over all cells of every test image

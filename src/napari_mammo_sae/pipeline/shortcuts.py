@@ -155,26 +155,80 @@ def _rerun_probabilities(
     return np.asarray(out)
 
 
+#: the shortcut report's ranking of "top-k class-1 neurons" (the same for every cue and layer)
+SHORTCUT_RANKING = "logit"
+RANKING_TEXT = {
+    "class-mean": "class mean of pooled latents over the class-1 training images (paper eq. 2)",
+    "logit": "mean contribution to the concept's logit over the class-1 training images: "
+    "gradient x activation of the model's logit on the SAE reconstruction with respect to the "
+    "latents, summed over positions (exact at the last layer, where it is (W_dec^T w)_j times the "
+    "pooled latent; at a hook point through the rest of the backbone)",
+}
+
+
 def class1_top_neurons(
-    view: Any, sae: Any, concept: str, k: int, split: str = "training"
+    view: Any,
+    sae: Any,
+    concept: str,
+    k: int,
+    split: str = "training",
+    *,
+    ranking: str = "class-mean",
+    model: Any = None,
 ) -> list[int]:
-    """The top-k class-1 neurons by class mean of pooled latents over a split (the paper's eq. 2,
-    the ranking the report uses), computed from the store itself."""
+    """The top-k class-1 neurons over a split, computed from the store itself.
+
+    ``ranking``: ``class-mean`` (pooled latents, the paper's eq. 2: Table 2 and localisation use
+    it) or ``logit`` (each neuron's mean contribution to the concept's logit, ``RANKING_TEXT``: the
+    neurons that drive the prediction - a small, strong cue such as a clip carries little pooled
+    mass but much of the logit; needs ``model``, the concept classifier).
+    """
     import torch
 
+    if ranking not in RANKING_TEXT:
+        raise ConfigError(f"unknown ranking {ranking!r}: use {' or '.join(RANKING_TEXT)}")
+    if ranking == "logit" and model is None:
+        raise ConfigError("the logit ranking needs the concept model")
     labels = view.labels(concept)
     rows = [int(r) for r in view.rows(split) if labels[int(r)] == 1]
     if not rows:
         raise ConfigError(f"the store has no {split} image positive for {concept}: cannot rank")
     param = next(sae.parameters())
     total = None
-    with torch.inference_mode():
-        for r in rows:
-            tokens = torch.as_tensor(view.tokens(r), dtype=param.dtype, device=param.device)
-            pooled = sae.encode(tokens).mean(dim=0).double().cpu().numpy()
-            total = pooled if total is None else total + pooled
+    for r in rows:
+        if ranking == "logit":
+            score = _logit_attribution(view, r, sae, model)
+        else:
+            with torch.inference_mode():
+                tokens = torch.as_tensor(view.tokens(r), dtype=param.dtype, device=param.device)
+                score = sae.encode(tokens).mean(dim=0).double().cpu().numpy()
+        total = score if total is None else total + score
     mean = total / len(rows)
     return [int(n) for n in np.argsort(-mean, kind="stable")[: int(k)]]
+
+
+def _logit_attribution(view: Any, row: int, sae: Any, model: Any) -> np.ndarray:
+    """(m,) gradient x activation of the concept logit on the SAE reconstruction of one stored
+    image, summed over positions (the Analyzer's logit contributions, from the store)."""
+    import torch
+
+    from ..models.backbone import rest_of_backbone
+
+    hook = store_hook(view)
+    fmap = view.feature_map(row)
+    c, h, w = fmap.shape
+    param = next(sae.parameters())
+    with torch.inference_mode():
+        z = sae.encode(torch.as_tensor(fmap.reshape(c, -1).T, dtype=param.dtype,
+                                       device=param.device))  # fmt: skip
+    z = z.clone().requires_grad_(True)  # a normal tensor autograd can follow
+    mp = next(model.parameters())
+    with torch.enable_grad():
+        x_hat = sae.decode(z).T.reshape(1, c, h, w).to(device=mp.device, dtype=mp.dtype)
+        feats = x_hat if hook == "head" else rest_of_backbone(model, x_hat, hook)
+        logit = model.forward_head(feats).reshape(-1)[0]
+        (grad,) = torch.autograd.grad(logit, z)
+    return (z.detach() * grad).sum(dim=0).double().cpu().numpy()
 
 
 def shortcut_rows(
@@ -191,7 +245,7 @@ def shortcut_rows(
     if progress is not None:
         progress.set_total(len(runs) * len(cue_boxes))
     for view, sae, model, concept in runs:
-        top = class1_top_neurons(view, sae, concept, k)
+        top = class1_top_neurons(view, sae, concept, k, ranking=SHORTCUT_RANKING, model=model)
         encoded = encode_split(view, sae, concept, top)
         for cue, boxes in cue_boxes.items():
             check_cancelled(progress)
