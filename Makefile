@@ -58,7 +58,7 @@ screenshots: system-deps venv
 benchmarks: system-deps venv
 	$(PY) benchmarks/run_all.py
 
-# Trains the bundled demo weights from scratch (about 40 minutes on 2 CPU cores) and regenerates
+# Trains the bundled demo weights from scratch (about an hour on 2 CPU cores: 56 min measured) and regenerates
 # docs/evaluation/ and docs/EVALUATION.md from them.
 weights: venv
 	$(PY) scripts/make_weights.py --workers 1

@@ -31,7 +31,7 @@ parameters and the metrics.
 
 Each finished step is skipped when the script is run again (delete --work to start over).
 
-    .venv/bin/python scripts/make_weights.py                 # the real recipe (about 40 min on 2 CPU cores)
+    .venv/bin/python scripts/make_weights.py                 # the real recipe (about 56 min on 2 CPU cores)
     .venv/bin/python scripts/make_weights.py --quick --out /tmp/w --work /tmp/r   # seconds: a smoke run
 """
 
