@@ -250,3 +250,17 @@ def pydicom_data_file(name: str) -> Path:
         if path.is_file():
             return path
     raise AssertionError(f"test file {name} not found: install the dev extra (pydicom-data)")
+
+
+def tiny_classifier():
+    """timm test_efficientnet + a linear head, seeded, in eval mode, with a head bias of -0.3 (so
+    probabilities are not 0.5 by construction)."""
+    import torch
+
+    from napari_mammo_sae.pipeline.head_training import build_classifier
+
+    torch.manual_seed(0)
+    clf = build_classifier("test_efficientnet").eval()
+    with torch.no_grad():
+        clf.head.bias.fill_(-0.3)
+    return clf

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_helpers import PATIENT_VALUES, breast_image, write_mammogram
+from data_helpers import PATIENT_VALUES, breast_image, tiny_classifier, write_mammogram
 from napari_mammo_sae.dicom import read_mammogram
 from napari_mammo_sae.errors import ConfigError
 from napari_mammo_sae.models.inference import Analyzer, PositionLatents, resolve_device
@@ -21,13 +21,7 @@ torch.set_num_threads(2)
 
 
 def _classifier():
-    from napari_mammo_sae.pipeline.head_training import build_classifier
-
-    torch.manual_seed(0)
-    clf = build_classifier("test_efficientnet").eval()
-    with torch.no_grad():
-        clf.head.bias.fill_(-0.3)
-    return clf
+    return tiny_classifier()
 
 
 def _feature_dim(clf) -> int:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_helpers import breast_image, write_mammogram
+from data_helpers import breast_image, tiny_classifier, write_mammogram
 from napari_mammo_sae.dicom import read_mammogram
 from napari_mammo_sae.errors import ConfigError
 from napari_mammo_sae.models.backbone import features_at, rest_of_backbone
@@ -25,13 +25,7 @@ torch.set_num_threads(2)
 
 
 def _classifier():
-    from napari_mammo_sae.pipeline.head_training import build_classifier
-
-    torch.manual_seed(0)
-    clf = build_classifier("test_efficientnet").eval()
-    with torch.no_grad():
-        clf.head.bias.fill_(-0.3)
-    return clf
+    return tiny_classifier()
 
 
 def _sae(d: int) -> SparseAutoencoder:

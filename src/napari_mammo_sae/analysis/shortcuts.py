@@ -248,18 +248,23 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def write_shortcuts_csv(rows: Iterable[ShortcutRow], path: str | Path) -> Path:
-    """Write the report rows to a CSV (``docs/evaluation/shortcuts.csv``): the :data:`COLUMNS`,
+def write_rows_csv(rows: Iterable[Any], columns: Sequence[str], path: str | Path) -> Path:
+    """Write report rows (objects with ``as_dict()``) to a CSV with ``columns`` in that order:
     neurons joined by ';', booleans as true/false, floats with 4 decimals, NaN as 'nan'. Written to
-    a temporary file first, so a failure leaves the previous report intact."""
+    a temporary file first, so a failure leaves the previous file intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
     with tmp.open("w", newline="") as fh:
         writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(COLUMNS)
+        writer.writerow(columns)
         for row in rows:
             d = row.as_dict()
-            writer.writerow([_cell(d[c]) for c in COLUMNS])
+            writer.writerow([_cell(d[c]) for c in columns])
     os.replace(tmp, path)
     return path
+
+
+def write_shortcuts_csv(rows: Iterable[ShortcutRow], path: str | Path) -> Path:
+    """Write the report rows to ``docs/evaluation/shortcuts.csv`` (:data:`COLUMNS`)."""
+    return write_rows_csv(rows, COLUMNS, path)

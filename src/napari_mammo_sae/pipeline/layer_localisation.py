@@ -45,9 +45,7 @@ re-implements the ranking (``shortcuts.class1_top_neurons``) or the boxes and AP
 
 from __future__ import annotations
 
-import csv
 import math
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -314,28 +312,9 @@ def localisation_rows(
 
 
 # --- the CSV -------------------------------------------------------------------------------------
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, list):
-        return ";".join(str(int(v)) for v in value)
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4f}"
-    return str(value)
-
-
 def write_localisation_csv(rows: Iterable[LocalisationRow], path: str | Path) -> Path:
-    """Write the rows to ``localisation.csv``: the :data:`COLUMNS`, neurons joined by ';', floats
-    with 4 decimals, NaN as 'nan'. Written to a temporary file first, so a failure leaves the
-    previous file intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    with tmp.open("w", newline="") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(COLUMNS)
-        for row in rows:
-            d = row.as_dict()
-            writer.writerow([_cell(d[c]) for c in COLUMNS])
-    os.replace(tmp, path)
-    return path
+    """Write the rows to ``localisation.csv``: the :data:`COLUMNS`, formatted as the shortcut
+    report is (``analysis.shortcuts.write_rows_csv``: atomic, NaN as 'nan')."""
+    from ..analysis.shortcuts import write_rows_csv
+
+    return write_rows_csv(rows, COLUMNS, path)
