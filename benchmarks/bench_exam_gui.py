@@ -24,6 +24,9 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# the explorer remembers the model paths it is given: keep the benchmark's temporary ones out of
+# the user's settings (and start from napari's defaults)
+os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="bench-exam-gui-settings-")
 WINDOW = (1600, 1000)
 
 
