@@ -13,7 +13,10 @@ bundled finetuned calcification model and its stage-3 SAE:
    shortcut must be what ``docs/evaluation/shortcuts.csv`` (``make weights``, the committed weights)
    reports for clip x calcification x stage3: if the row is isolated, the cue-only negative's
    probability drops and a real positive keeps its own; if not (the committed weights: the clip
-   neuron carries almost none of the reliance, docs/EVALUATION.md), switching it off leaves both.
+   neuron carries almost none of the reliance, docs/EVALUATION.md), switching it off leaves both;
+5. what does remove it: a box drawn around the clip (one 5 mm cell wider) and the dock's region
+   mode - every latent under it off, the rest of the backbone re-run - brings the cue-only
+   negative down by at least half its excess over clean negatives.
 
 With ``MAMMO_SAE_SCREENSHOTS=<folder>`` the test also saves the viewer at step 4 as
 ``clinician_loop.png`` there (``make screenshots`` writes docs/images/).
@@ -238,10 +241,29 @@ def test_find_label_and_switch_off_a_shortcut_neuron(viewer, loop_data, qtbot, t
         assert result.probability <= before - MIN_DROP * (before - clean)
     else:  # as the report says: the cue's neuron does not carry the reliance
         assert abs(result.probability - before) < MIN_DROP * (before - clean)
+
+    # 5. what does remove it: the reader draws a box around the clip, one cell (5 mm) wider on
+    # each side, and switches off everything under it (the rest of the backbone re-run)
+    pad = 5.0 / a.geometry.spacing_mm[0]
+    x0, y0, x1, y1 = np.asarray(cue_boxes, dtype=float).reshape(-1, 4).T
+    box = np.array([[y0.min() - pad, x0.min() - pad], [y1.max() + pad, x1.max() + pad]])
+    placement = viewer.layers[image_layer].metadata["placement"]
+    viewer.add_shapes([placement.edge_to_world(box)], shape_type="rectangle",
+                      name="region around the clip", edge_color="#ffffff",
+                      face_color="transparent", units=("mm", "mm"))  # fmt: skip
+    iw.mode.value = Mode.region
+    region = iw.recompute()
+    assert region is not None and region.mode == "region", iw.intervened.value
+    print(
+        f"clip image: P {before:.3f}, clip neuron off {result.probability:.3f}, "
+        f"region off {region.probability:.3f}, clean negatives {clean:.3f}"
+    )
+    assert region.probability <= before - MIN_DROP * (before - clean)
     shot = os.environ.get("MAMMO_SAE_SCREENSHOTS")
     if shot:
         _screenshot(viewer, a, shortcut, cue_boxes, image_layer,
                     Path(shot) / "clinician_loop.png", qtbot)  # fmt: skip
+    iw.mode.value = Mode.spurious
 
     # ... and on a real positive (without the cue) the finding keeps its probability
     viewer.layers.clear()

@@ -564,3 +564,17 @@ def test_an_sae_at_stage3_reruns_the_rest_of_the_backbone_in_the_docks(viewer, e
     assert "re-run" in iw.neurons_label.value
     np.testing.assert_allclose(iw.cam(a, list(range(8)), "remove"),
                                a.intervened_cam(list(range(8)), "remove"), atol=1e-6)  # fmt: skip
+    # a region: every latent off under the boxes of the selected Shapes layer, re-run
+    iw.mode.value = Mode.region
+    assert "select the Shapes layer" in (iw.recompute() or iw.intervened.value)
+    cur = w.session.current
+    r0, c0, r1, c1 = a.geometry.feature_cell_box(a.grid, 4, 3)  # one cell, original pixels
+    inner = np.array([[r0 + 1, c0 + 1], [r1 - 1, c1 - 1]], dtype=float)
+    corners = cur.placement.edge_to_world(inner)
+    viewer.add_shapes([corners], shape_type="rectangle", name="region")
+    result = iw.recompute()
+    cells = np.zeros(a.grid, bool)
+    cells[4, 3] = True
+    assert result.mode == "region"
+    assert result.logit == pytest.approx(a.region_intervention(cells).logit, abs=1e-6)
+    assert "1 of 96 feature cells" in iw.neurons_label.value

@@ -286,6 +286,36 @@ class Analysis:
             self._engine = InterventionEngine(self.pooled_latents, weights=self._weights)
         return self._engine
 
+    def region_intervention(self, cells: np.ndarray) -> Any:
+        """Switch every latent off on the feature cells ``cells`` ((h, w) bool, e.g. the cells a
+        box the reader drew touches) and keep the rest: the InterventionResult (mode "region", no
+        neuron set). At the last layer the closed form - those positions' CAM terms replaced by
+        the CAM's constant part; at a hook point the edited latents re-run through the rest of
+        the backbone.
+
+        A shortcut that no single neuron carries but that sits in one place of the image (the
+        phantom's clip, docs/EVALUATION.md) is removed this way."""
+        from ..analysis.interventions import InterventionResult
+
+        mask = np.asarray(cells, dtype=bool)
+        if mask.shape != tuple(self.grid):
+            raise ConfigError(f"the region must be a {self.grid[0]} x {self.grid[1]} cell mask")
+        flat = mask.reshape(-1)
+        if self._rerun is None:
+            if self._weights is None:
+                raise ConfigError(
+                    "this analysis holds no head weights: analyse it with an Analyzer"
+                )
+            cam = np.asarray(self.cam, dtype=np.float64).reshape(-1)
+            logit = float(np.where(flat, self.cam_bias, cam).mean())
+        else:
+            z = self.latents.toarray()
+            z[flat] = 0.0
+            logit = float(self._rerun(z))
+        rec = float(self.reconstruction_logit)
+        return InterventionResult("region", np.zeros(0, dtype=np.int64), logit,
+                                  float(sigmoid(logit)), rec, float(sigmoid(rec)))  # fmt: skip
+
     def _position_terms(self, idx: np.ndarray) -> np.ndarray:
         """(P,) sum over the neurons ``idx`` of each position's share of the CAM."""
         if self._attributions is not None:

@@ -36,6 +36,7 @@ class Mode(Enum):
     spurious = "all neurons labelled spurious: remove"
     study_spurious = "every neuron the study's readers call spurious: remove"
     single = "single neuron: keep only"
+    region = "everything under the selected Shapes layer's boxes: remove"
 
 
 def parse_neurons(text: str, m: int) -> list[int]:
@@ -154,12 +155,51 @@ class InterventionWidget(Container):
             return sorted({int(n) for n in self.session.study.consensus_spurious()}), "remove"
         return [int(self.single.value)], "keep"
 
+    def region_cells(self, cur: Any) -> np.ndarray:
+        """(h, w) bool: the feature cells the boxes of the selected Shapes layer touch on the
+        current image (ValueError when no Shapes layer is selected or no box falls on it)."""
+        from ...analysis.shortcuts import cue_cells
+
+        layer = self.viewer.layers.selection.active
+        if layer is None or layer._type_string != "shapes":
+            raise ValueError("select the Shapes layer that holds the region's boxes")
+        if cur.placement is None:
+            raise ValueError("this image has no placement in the viewer")
+        boxes = L.shapes_to_boxes(cur.placement, [np.asarray(d) for d in layer.data])
+        if not boxes:
+            raise ValueError(f"no box of {layer.name!r} lies on {cur.layer_name}")
+        return cue_cells(cur.analysis.geometry, boxes, cur.analysis.grid)
+
+    def _recompute_region(self, cur: Any) -> Any:
+        a = cur.analysis
+        try:
+            cells = self.region_cells(cur)
+        except ValueError as exc:
+            self.intervened.value = str(exc)
+            return None
+        result = a.region_intervention(cells)
+        self.last = result
+        self.original.value = f"{a.probability:.3f}"
+        self.reconstruction.value = f"{a.reconstruction_probability:.3f}"
+        self.intervened.value = f"{result.probability:.3f}  ({result.delta_probability:+.3f})"
+        how = (
+            "closed form" if a.closed_form else f"SAE at {a.hook}: the rest of the backbone re-run"
+        )
+        self.neurons_label.value = (
+            f"every latent off on {int(cells.sum())} of {cells.size} feature cells ({how})"
+        )
+        cam = np.where(cells, a.cam_bias, np.asarray(a.cam, dtype=np.float64)).astype(np.float32)
+        self._update_cam(cur, cam)
+        return result
+
     def recompute(self, *_: Any) -> Any:
         """Recompute the intervened probability and CAM (closed form); returns the result."""
         cur = self.session.current
         if cur is None:
             self.intervened.value = "run the neuron explorer first"
             return None
+        if self.mode.value is Mode.region:
+            return self._recompute_region(cur)
         try:
             neurons, how = self.neuron_set()
         except Exception as exc:  # bad custom text, unreadable label database
@@ -182,7 +222,7 @@ class InterventionWidget(Container):
             else f"SAE at {a.hook}: the rest of the backbone re-run from the edited activations"
         )
         self.neurons_label.value = f"{how} {len(neurons)} neurons ({how_computed}): {shown}"
-        self._update_cam(cur, neurons, how)
+        self._update_cam(cur, self.cam(a, neurons, how))
         return result
 
     def _show_cam(self, layer: Any, limits: tuple[float, float], thumbnail: bool = True) -> None:
@@ -230,9 +270,8 @@ class InterventionWidget(Container):
         """The intervened reconstruction's CAM (``Analysis.intervened_cam``)."""
         return a.intervened_cam(neurons, how)
 
-    def _update_cam(self, cur: Any, neurons: list[int], how: str) -> None:
+    def _update_cam(self, cur: Any, cam: np.ndarray) -> None:
         a = cur.analysis
-        cam = self.cam(a, neurons, how)
         name = f"{cur.layer_name} · CAM (intervened)"
         tf = L.heatmap_transform(a.geometry, a.grid, cur.placement)
         # one colour scale per image: that of the CAM with every neuron, so switching neurons off
