@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 
 import pytest
@@ -17,6 +18,15 @@ os.environ["XDG_CONFIG_HOME"] = os.path.join(_HOME, "config")
 os.environ["XDG_DATA_HOME"] = os.path.join(_HOME, "data")
 # ... and a throw-away cache folder (the PACS instance cache, the backbone's ONNX exports)
 os.environ["XDG_CACHE_HOME"] = os.path.join(_HOME, "cache")
+
+
+# A run stopped with SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so the session fixtures'
+# teardown still stops the PostgreSQL and Orthanc servers they started (SIGKILL cannot be caught).
+def _stop_like_ctrl_c(signum, frame):  # noqa: ARG001 - a signal handler's signature
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
 
 # GUI tests load Mesa's libLLVM; torch's lazy triton import after that segfaults. The napari side
 # of the plugin guards against it on import: do it before any test creates a canvas.
