@@ -13,7 +13,8 @@ from data_helpers import breast_image, tiny_classifier, write_mammogram
 from napari_mammo_sae.dicom import read_mammogram
 from napari_mammo_sae.errors import ConfigError
 from napari_mammo_sae.models.backbone import features_at, rest_of_backbone
-from napari_mammo_sae.models.inference import Analyzer, RerunEngine, sae_hook
+from napari_mammo_sae.models.folders import sae_hook
+from napari_mammo_sae.models.inference import Analyzer, RerunEngine
 from napari_mammo_sae.models.sae import SparseAutoencoder
 from napari_mammo_sae.preprocess import preprocess_mammoclip
 

@@ -563,7 +563,7 @@ def test_an_sae_at_stage3_reruns_the_rest_of_the_backbone_in_the_docks(viewer, e
     assert result.logit == pytest.approx(logit, abs=1e-4)
     assert "re-run" in iw.neurons_label.value
     np.testing.assert_allclose(iw.cam(a, list(range(8)), "remove"),
-                               a.intervened_cam(list(range(8)), "remove"), atol=1e-6)  # fmt: skip
+                               a.reconstruction_cam(list(range(8)), "remove"), atol=1e-6)  # fmt: skip
     # a region: every latent off under the boxes of the selected Shapes layer, re-run
     iw.mode.value = Mode.region
     assert "select the Shapes layer" in (iw.recompute() or iw.intervened.value)
@@ -571,10 +571,18 @@ def test_an_sae_at_stage3_reruns_the_rest_of_the_backbone_in_the_docks(viewer, e
     r0, c0, r1, c1 = a.geometry.feature_cell_box(a.grid, 4, 3)  # one cell, original pixels
     inner = np.array([[r0 + 1, c0 + 1], [r1 - 1, c1 - 1]], dtype=float)
     corners = cur.placement.edge_to_world(inner)
-    viewer.add_shapes([corners], shape_type="rectangle", name="region")
+    region = viewer.add_shapes([corners], shape_type="rectangle", name="region")
     result = iw.recompute()
     cells = np.zeros(a.grid, bool)
     cells[4, 3] = True
     assert result.mode == "region"
     assert result.logit == pytest.approx(a.region_intervention(cells).logit, abs=1e-6)
     assert "1 of 96 feature cells" in iw.neurons_label.value
+    # the reader moves the box: the dock follows without another click
+    r0, c0, r1, c1 = a.geometry.feature_cell_box(a.grid, 7, 5)
+    inner = np.array([[r0 + 1, c0 + 1], [r1 - 1, c1 - 1]], dtype=float)
+    region.data = [cur.placement.edge_to_world(inner)]
+    moved = np.zeros(a.grid, bool)
+    moved[7, 5] = True
+    assert iw.last.logit == pytest.approx(a.region_intervention(moved).logit, abs=1e-6)
+    assert iw.last.logit != pytest.approx(result.logit, abs=1e-9)

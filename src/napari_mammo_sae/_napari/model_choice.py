@@ -161,7 +161,7 @@ def _load_sae(path: Path) -> tuple[Any, str]:
     if not path.exists():
         raise CheckpointError(f"no SAE at {path}: choose a folder written by 'train' or a .pt file")
     if path.is_dir():
-        from ..models.inference import sae_hook
+        from ..models.folders import sae_hook
         from ..models.weights import load_weights
 
         sae, config = load_weights(path)

@@ -32,6 +32,15 @@ def load_sae(folder: str | Path) -> Any:
     return sae.eval()
 
 
+def sae_hook(config: dict | None, default: str | None = "head") -> str | None:
+    """The backbone layer an SAE folder's config says it was trained at (``train`` records
+    ``training.hook``); ``default`` when it says none (SAEs from before hook points, or saved by
+    hand: the analysis then reads the last layer, and the channel check catches a mismatch)."""
+    training = (config or {}).get("training") or {}
+    hook = training.get("hook") or (config or {}).get("hook")
+    return str(hook) if hook else default
+
+
 def sae_sha256(folder: str | Path) -> str:
     """sha256 of an SAE folder's model.safetensors (the key the GUI looks probes up by)."""
     from .weights import sha256_file

@@ -324,7 +324,7 @@ class Analysis:
         v, _ = self._weights
         return self.latents.columns(idx).astype(np.float64) @ v[idx]
 
-    def intervened_cam(self, neurons: Any = None, mode: str = "remove") -> np.ndarray:
+    def reconstruction_cam(self, neurons: Any = None, mode: str = "remove") -> np.ndarray:
         """Reconstruction CAM (h, w) with ``neurons`` kept or removed (None: nothing removed),
         from the full CAM and only the set's (or, for a large set, its complement's) columns.
 
@@ -337,22 +337,13 @@ class Analysis:
         m = self.n_neurons
         full = np.asarray(self.cam, dtype=np.float64).reshape(-1)
         bias = self.cam_bias
-        if neurons is None:
-            idx = np.zeros(0, dtype=np.int64)
-        else:
-            idx = np.asarray(sorted({int(n) for n in np.asarray(neurons).reshape(-1)}), np.int64)
-        if idx.size and (idx.min() < 0 or idx.max() >= m):
-            raise ConfigError(f"neuron indices must lie in [0, {m}) for this SAE")
+        idx = _neuron_index(neurons, m)  # sorted, unique, checked
         if idx.size > m // 2:  # a large set: cheaper from its complement
             idx = np.setdiff1d(np.arange(m), idx)
             mode = "keep" if mode == "remove" else "remove"
         part = self._position_terms(idx) if idx.size else np.zeros_like(full)
         flat = part + bias if mode == "keep" else full - part
         return np.asarray(flat, dtype=np.float32).reshape(self.grid)
-
-    def reconstruction_cam(self, neurons: Any = None, mode: str = "remove") -> np.ndarray:
-        """Reconstruction CAM (h, w) with ``neurons`` kept or removed (default: nothing removed)."""
-        return self.intervened_cam(neurons, mode)
 
     @property
     def cam_bias(self) -> float:
@@ -555,10 +546,11 @@ class Analyzer:
     ) -> Analyzer:
         """An Analyzer from a classifier weights folder ('train-head') and an SAE folder ('train');
         the hook point is the one the SAE was trained at (its config), unless ``hook=`` is given."""
-        from .folders import load_model_folder, load_sae
+        from .folders import load_model_folder, load_sae, sae_hook
+        from .weights import read_config
 
         classifier, config = load_model_folder(classifier_folder)
-        kw.setdefault("hook", sae_hook(load_model_folder(sae_folder)[1]))
+        kw.setdefault("hook", sae_hook(read_config(sae_folder)))
         return cls(classifier, load_sae(sae_folder), config=config, **kw)
 
     def with_models(self, classifier: Any = None, sae: Any = None) -> Analyzer:
@@ -1044,9 +1036,3 @@ class Analyzer:
         result.timings["decode"] = t_decode
         result.timings["total"] += t_decode
         return result
-
-
-def sae_hook(config: dict | None) -> str:
-    """The hook point an SAE folder's config says it was trained at (``head`` when it says none)."""
-    training = (config or {}).get("training") or {}
-    return str(training.get("hook") or (config or {}).get("hook") or HEAD)

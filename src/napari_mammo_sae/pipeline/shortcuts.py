@@ -273,7 +273,8 @@ def open_run(store: str | Path, sae: str | Path, head: str | Path) -> tuple[Any,
     (mass or calcification), the store extracted with its backbone (StoreError otherwise), the SAE
     trained at the store's layer and reading its channels (ConfigError otherwise)."""
     from ..errors import StoreError
-    from ..models.folders import backbone_signature, load_model_folder, load_sae
+    from ..models.folders import backbone_signature, load_model_folder, load_sae, sae_hook
+    from ..models.weights import read_config
     from .store import open as open_store
 
     view = open_store(store)
@@ -289,7 +290,7 @@ def open_run(store: str | Path, sae: str | Path, head: str | Path) -> tuple[Any,
                 "'extract --weights' made with this model"
             )
         model_sae = load_sae(sae).float()
-        trained_on = (load_model_folder(sae)[1].get("training") or {}).get("hook")
+        trained_on = sae_hook(read_config(sae), default=None)  # the config alone: loaded once
         if trained_on and trained_on != view.hook:
             raise ConfigError(
                 f"the SAE {sae} was trained at {trained_on}, the store {store} holds "

@@ -64,6 +64,7 @@ class InterventionWidget(Container):
         self._cam_pending: dict[str, Any] = {}  # CAM layers built, not yet in the viewer
         self._cam_stale: dict[str, tuple[float, float]] = {}  # hidden CAMs: limits to apply
         self._cam_watched: set[int] = set()  # CAM layers whose visibility we follow
+        self._region_watched: set[int] = set()  # Shapes layers whose boxes the region mode follows
         self._order_of: tuple[Any, Any] | None = None  # the class scores _order was sorted from
         self._order: tuple[np.ndarray, np.ndarray] = (np.zeros(0, int), np.zeros(0, int))
         self._thumbnail_timer = QTimer(self.native)
@@ -177,20 +178,35 @@ class InterventionWidget(Container):
         except ValueError as exc:
             self.intervened.value = str(exc)
             return None
+        layer = self.viewer.layers.selection.active
+        if id(layer) not in self._region_watched:  # a moved or redrawn box updates the result
+            self._region_watched.add(id(layer))
+            layer.events.data.connect(self._region_changed)
         result = a.region_intervention(cells)
+        self._show(a, result, f"every latent off on {int(cells.sum())} of {cells.size} feature "
+                              f"cells ({self._how(a)})")  # fmt: skip
+        cam = np.where(cells, a.cam_bias, np.asarray(a.cam, dtype=np.float64)).astype(np.float32)
+        self._update_cam(cur, cam)
+        return result
+
+    def _region_changed(self, _event: Any = None) -> None:
+        if self.mode.value is Mode.region:
+            self.recompute()
+
+    @staticmethod
+    def _how(a: Any) -> str:
+        """How the intervened probability is computed for this analysis (said in the dock)."""
+        if a.closed_form:
+            return "closed form"
+        return f"SAE at {a.hook}: the rest of the backbone re-run from the edited activations"
+
+    def _show(self, a: Any, result: Any, text: str) -> None:
+        """The three probabilities and the set's description."""
         self.last = result
         self.original.value = f"{a.probability:.3f}"
         self.reconstruction.value = f"{a.reconstruction_probability:.3f}"
         self.intervened.value = f"{result.probability:.3f}  ({result.delta_probability:+.3f})"
-        how = (
-            "closed form" if a.closed_form else f"SAE at {a.hook}: the rest of the backbone re-run"
-        )
-        self.neurons_label.value = (
-            f"every latent off on {int(cells.sum())} of {cells.size} feature cells ({how})"
-        )
-        cam = np.where(cells, a.cam_bias, np.asarray(a.cam, dtype=np.float64)).astype(np.float32)
-        self._update_cam(cur, cam)
-        return result
+        self.neurons_label.value = text
 
     def recompute(self, *_: Any) -> Any:
         """Recompute the intervened probability and CAM (closed form); returns the result."""
@@ -206,22 +222,12 @@ class InterventionWidget(Container):
             notify_error(f"intervention: {exc}")
             return None
         a = cur.analysis
-        engine = a.intervention()
-        result = engine.apply(neurons, how)
-        self.last = result
+        result = a.intervention().apply(neurons, how)
         # the DICOM export (PACS dock) reports it with the image it was applied to
         self.session.last_intervention = result
         self.session.last_intervention_layer = cur.layer_name
-        self.original.value = f"{a.probability:.3f}"
-        self.reconstruction.value = f"{a.reconstruction_probability:.3f}"
-        self.intervened.value = f"{result.probability:.3f}  ({result.delta_probability:+.3f})"
         shown = ", ".join(map(str, neurons[:20])) + (" ..." if len(neurons) > 20 else "")
-        how_computed = (
-            "closed form"
-            if a.closed_form
-            else f"SAE at {a.hook}: the rest of the backbone re-run from the edited activations"
-        )
-        self.neurons_label.value = f"{how} {len(neurons)} neurons ({how_computed}): {shown}"
+        self._show(a, result, f"{how} {len(neurons)} neurons ({self._how(a)}): {shown}")
         self._update_cam(cur, self.cam(a, neurons, how))
         return result
 
@@ -267,8 +273,8 @@ class InterventionWidget(Container):
         notify_error(f"intervention: could not add the CAM layer: {exc}")
 
     def cam(self, a: Any, neurons: list[int], how: str) -> np.ndarray:
-        """The intervened reconstruction's CAM (``Analysis.intervened_cam``)."""
-        return a.intervened_cam(neurons, how)
+        """The intervened reconstruction's CAM (``Analysis.reconstruction_cam``)."""
+        return a.reconstruction_cam(neurons, how)
 
     def _update_cam(self, cur: Any, cam: np.ndarray) -> None:
         a = cur.analysis
