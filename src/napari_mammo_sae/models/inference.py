@@ -44,7 +44,7 @@ from ..analysis.interventions import (
 from ..errors import ConfigError
 from ..geometry import Geometry
 from ..progress import Progress, check_cancelled
-from .backbone import HEAD, at_hook, resolve_hook
+from .backbone import HEAD, at_hook, resolve_hook, rest_of_backbone
 from .runtime import OnnxRuntime, create_runtime, default_runtime, resolve_runtime
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -663,21 +663,9 @@ class Analyzer:
         return terms
 
     def _attribute(self, z: torch.Tensor, grid: tuple[int, int]) -> tuple:
-        """Gradient x activation of the reconstruction's logit for latents z (P, m)."""
-        h, wd = grid
-        # a normal tensor (the encoder made an inference-mode one) that autograd can follow
-        z = z.detach().to(device=self.device, dtype=self.sae.W_dec.dtype).clone()
-        z.requires_grad_(True)
-        with torch.enable_grad():
-            x_hat = self.sae.decode(z).T.reshape(1, -1, h, wd)
-            logit = self._head_logits(x_hat.float())[0]
-            (grad,) = torch.autograd.grad(logit, z)
-        attr = (z.detach() * grad).float()
-        return (
-            attr.sum(dim=0).double().cpu().numpy(),
-            PositionLatents.from_tensor(attr.cpu()),
-            float(logit.detach()),
-        )
+        """(contributions, per-position attributions, logit) for latents z (P, m)."""
+        attr, logit = latent_attribution(self.sae, self.classifier, self.hook, z, grid)
+        return attr.sum(dim=0).double().numpy(), PositionLatents.from_tensor(attr), logit
 
     @property
     def signature(self) -> str:
@@ -1036,3 +1024,25 @@ class Analyzer:
         result.timings["decode"] = t_decode
         result.timings["total"] += t_decode
         return result
+
+
+def latent_attribution(
+    sae: Any, classifier: Any, hook: str, z: torch.Tensor, grid: tuple[int, int]
+) -> tuple[torch.Tensor, float]:
+    """Gradient x activation of a concept classifier's logit on the SAE decoding of per-position
+    latents ``z`` (P, m) at ``hook``: ((P, m) float32 on the CPU, the logit). The layers after the
+    hook, average pooling and the linear head are run differentiably; at the last layer the logit
+    is linear in the latents, so this is exactly (W_dec^T w)_j z_pj / P. The Analyzer's
+    contributions and CAM at a hook point and the shortcut report's logit ranking both use it."""
+    h, w = grid
+    param = sae.W_dec
+    # a normal tensor (an encoder under inference_mode makes one autograd cannot follow)
+    z = z.detach().to(device=param.device, dtype=param.dtype).clone().requires_grad_(True)
+    weight, bias = head_parts(classifier)
+    with torch.enable_grad():
+        x_hat = sae.decode(z).T.reshape(1, -1, h, w).float()
+        feats = x_hat if hook == HEAD else rest_of_backbone(classifier, x_hat, hook)
+        w_t = torch.as_tensor(weight, dtype=feats.dtype, device=feats.device)
+        logit = feats.mean(dim=(2, 3))[0] @ w_t + float(bias)
+        (grad,) = torch.autograd.grad(logit, z)
+    return (z.detach() * grad).float().cpu(), float(logit.detach())

@@ -212,23 +212,16 @@ def _logit_attribution(view: Any, row: int, sae: Any, model: Any) -> np.ndarray:
     image, summed over positions (the Analyzer's logit contributions, from the store)."""
     import torch
 
-    from ..models.backbone import rest_of_backbone
+    from ..models.inference import latent_attribution
 
-    hook = store_hook(view)
     fmap = view.feature_map(row)
     c, h, w = fmap.shape
     param = next(sae.parameters())
     with torch.inference_mode():
         z = sae.encode(torch.as_tensor(fmap.reshape(c, -1).T, dtype=param.dtype,
                                        device=param.device))  # fmt: skip
-    z = z.clone().requires_grad_(True)  # a normal tensor autograd can follow
-    mp = next(model.parameters())
-    with torch.enable_grad():
-        x_hat = sae.decode(z).T.reshape(1, c, h, w).to(device=mp.device, dtype=mp.dtype)
-        feats = x_hat if hook == "head" else rest_of_backbone(model, x_hat, hook)
-        logit = model.forward_head(feats).reshape(-1)[0]
-        (grad,) = torch.autograd.grad(logit, z)
-    return (z.detach() * grad).sum(dim=0).double().cpu().numpy()
+    attr, _ = latent_attribution(sae, model, store_hook(view), z, (h, w))
+    return attr.sum(dim=0).double().numpy()
 
 
 def shortcut_rows(
