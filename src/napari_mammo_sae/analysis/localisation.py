@@ -130,20 +130,20 @@ def map_boxes(
     if n == 0:
         return []
     out: list[ScoredBox] = []
-    index = np.arange(1, n + 1)
-    maxima = ndimage.maximum(heat, labels, index)
-    means = ndimage.mean(heat, labels, index)
     for k, sl in enumerate(ndimage.find_objects(labels)):
         if sl is None:
             continue
         rows, cols = sl
+        own = labels[sl] == k + 1  # the component within its bounding box
         if method == "contour":
-            filled = ndimage.binary_fill_holes(labels[sl] == k + 1)
-            if _contour_area(filled) < min_area:
+            if _contour_area(ndimage.binary_fill_holes(own)) < min_area:
                 continue
         box = (float(cols.start), float(rows.start), float(cols.stop), float(rows.stop))
-        value = float(maxima[k] if score == "max" else means[k])
-        out.append(ScoredBox(box, value))
+        # the score from the component's own pixels (scipy's labelled maximum/mean over the whole
+        # map cost 0.03 s per map at 768 x 480, most of evaluate's localisation time)
+        values = heat[sl][own]
+        value = values.max() if score == "max" else values.mean(dtype=np.float64)
+        out.append(ScoredBox(box, float(value)))
     out.sort(key=lambda b: -b.score)
     return out
 
