@@ -248,6 +248,12 @@ def test_find_label_and_switch_off_a_shortcut_neuron(viewer, loop_data, qtbot, t
     x0, y0, x1, y1 = np.asarray(cue_boxes, dtype=float).reshape(-1, 4).T
     box = np.array([[y0.min() - pad, x0.min() - pad], [y1.max() + pad, x1.max() + pad]])
     placement = viewer.layers[image_layer].metadata["placement"]
+    truth = []  # the planted clip's truth box, shown (the region box is the reader's)
+    for bx0, by0, bx1, by1 in cue_boxes:
+        corners = np.array([[by0, bx0], [by0, bx1], [by1, bx1], [by1, bx0]], dtype=float)
+        truth.append(placement.edge_to_world(corners))
+    viewer.add_shapes(truth, shape_type="rectangle", edge_color="#00e5ff", face_color="transparent",
+                      edge_width=0.5, name="planted cue (truth)", units=("mm", "mm"))  # fmt: skip
     viewer.add_shapes([placement.edge_to_world(box)], shape_type="rectangle",
                       name="region around the clip", edge_color="#ffffff",
                       face_color="transparent", units=("mm", "mm"))  # fmt: skip
@@ -261,7 +267,7 @@ def test_find_label_and_switch_off_a_shortcut_neuron(viewer, loop_data, qtbot, t
     assert region.probability <= before - MIN_DROP * (before - clean)
     shot = os.environ.get("MAMMO_SAE_SCREENSHOTS")
     if shot:
-        _screenshot(viewer, a, shortcut, cue_boxes, image_layer,
+        _screenshot(viewer, a, shortcut, image_layer,
                     Path(shot) / "clinician_loop.png", qtbot)  # fmt: skip
     iw.mode.value = Mode.spurious
 
@@ -283,7 +289,7 @@ def _cue_boxes_by_image(data: Path, cue: str) -> dict:
     return load_cue_boxes(data)[cue]
 
 
-def _screenshot(viewer, a, neuron, boxes, image_layer, path: Path, qtbot) -> None:
+def _screenshot(viewer, a, neuron, image_layer, path: Path, qtbot) -> None:
     """The viewer as the radiologist sees it at step 4, zoomed on the clip: the neuron's map on the
     cue, the cue's box, the docks with the label and the intervened probability."""
     from napari_mammo_sae._napari import layers as L
@@ -294,12 +300,7 @@ def _screenshot(viewer, a, neuron, boxes, image_layer, path: Path, qtbot) -> Non
     viewer.add_image(heat, name=f"{image_layer} · clip neuron n{neuron}", colormap=L.neuron_colormap(0),
                      blending="additive", contrast_limits=(0.0, float(heat.max()) or 1.0),
                      interpolation2d="linear", units=("mm", "mm"), **tf)  # fmt: skip
-    rects = []
-    for x0, y0, x1, y1 in boxes:
-        corners = np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]], dtype=float)
-        rects.append(placement.edge_to_world(corners))
-    viewer.add_shapes(rects, shape_type="rectangle", edge_color="#00e5ff", face_color="transparent",
-                      edge_width=1.0, name="planted cue (truth)", units=("mm", "mm"))  # fmt: skip
+    rects = [np.asarray(d) for d in viewer.layers["planted cue (truth)"].data]
     for lay in viewer.layers:  # the image, the clip neuron and the truth box; the top-k hidden
         if (lay.metadata.get("mammo_sae") or {}).get("kind") == "neuron":
             lay.visible = False
