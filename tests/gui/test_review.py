@@ -445,7 +445,9 @@ def test_overlay_batch_always_ends_even_when_a_layer_step_fails(viewer, exam, qt
     monkeypatch.setattr(type(w), "_insert_layer", recording_insert)
     _run(w, qtbot)
     monkeypatch.undo()  # the recorder holds the window: drop it before napari's leak check
-    assert seen == [False, False]
+    # the shown neuron's layer goes in with repaints held; the hidden rank's after the overlays are
+    # shown, with the window repainting between inserts (the reader is looking by then)
+    assert seen == [False, True]
     assert not w._batching and not canvas._pause_scene_graph and window.updatesEnabled()
     w.remove_overlays()
 

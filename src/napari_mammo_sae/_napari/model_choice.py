@@ -281,8 +281,8 @@ def analyse_layers(
         bar.close()
     results: dict[str, ImageResult] = {}
     used = ranking
-    for name, record, placement in targets:
-        yield f"analysing {name}"
+    for i, (name, record, placement) in enumerate(targets):
+        yield f"analysing {name}" + (f" ({i + 1} of {len(targets)})" if len(targets) > 1 else "")
         try:
             analysis = models.analyzer.analyse(record)
         except MammoSAEError as exc:

@@ -256,8 +256,9 @@ class QuietBatch:
     at 1600x1000), hence Qt's advice for bulk changes: hold repaints, repaint once.
     """
 
-    def __init__(self, viewer: Any, widget: Any = None) -> None:
+    def __init__(self, viewer: Any, widget: Any = None, *, hold_repaints: bool = True) -> None:
         self.viewer, self.widget = viewer, widget
+        self.hold_repaints = hold_repaints
         self.open = False
         self._held: Any = None  # the window whose repaints are held
 
@@ -266,7 +267,7 @@ class QuietBatch:
             return
         self.viewer.layers.events.begin_batch()
         self.open = True
-        window = main_window(self.viewer, self.widget)
+        window = main_window(self.viewer, self.widget) if self.hold_repaints else None
         if window is not None and window.updatesEnabled():
             window.setUpdatesEnabled(False)
             self._held = window

@@ -99,6 +99,9 @@ class NeuronExplorer(mw.Container):
         self._used = "class_mean"  # the ranking the last run used
         # the layer steps of a run go in inside one layers batch with the window's repaints held
         self._batch = C.QuietBatch(napari_viewer, self.native)
+        self._later_batch = C.QuietBatch(napari_viewer, self.native, hold_repaints=False)
+        self._shown_neuron: int | None = None  # the neuron whose layers are visible
+        self.shown_at: float | None = None  # perf_counter when a run's overlays were last shown
         self.last_error: str | None = None
         settings = C.load_settings()
         install(napari_viewer)  # workstation viewing (window/level, magnifier, view keys)
@@ -245,7 +248,10 @@ class NeuronExplorer(mw.Container):
         self.worker = create_worker(
             _analyse, s.label_db, targets, choice, ranking=s.ranking, target_class=s.target_class,
             k=self.k.value, shapes=annotation_shapes(self.viewer),
-            _progress={"desc": "Mammo-SAE analysis"},
+            # no napari progress bar: its status-bar spinner animates for as long as one is open,
+            # and under software OpenGL every frame recomposites the whole window - about 4.5
+            # CPU-seconds taken from the backbone over a four-view run. The status line below
+            # says which view is being analysed; a first ONNX export still shows in napari.
         )  # fmt: skip
         self.worker.yielded.connect(self.status.native.setText)  # progress texts
         self.worker.returned.connect(self._done)
@@ -278,13 +284,19 @@ class NeuronExplorer(mw.Container):
         """Run and wait (for scripts such as the demo); returns the status line."""
         import time
 
-        from qtpy.QtWidgets import QApplication
+        from qtpy.QtCore import QEventLoop, QTimer
 
         worker = self.run()
-        t0 = time.time()
-        while worker is not None and self.is_busy() and time.time() - t0 < timeout_s:
-            QApplication.processEvents()
-            time.sleep(0.02)
+        if worker is not None:  # a real event loop: timers fire on time, deferred deletes run
+            loop = QEventLoop()
+            t0 = time.time()
+            timer = QTimer()
+            timer.timeout.connect(
+                lambda: loop.quit() if not self.is_busy() or time.time() - t0 > timeout_s else None
+            )
+            timer.start(10)
+            loop.exec()
+            timer.stop()
         return self.probability.value or self.status.value
 
     def _done(self, value: tuple) -> None:
@@ -304,11 +316,19 @@ class NeuronExplorer(mw.Container):
         freeze_long_lived_objects()
         s.current_layer = self.image_name if self.image_name in results else next(iter(results))
         self._used = used
-        # the last steps in turns of their own: texts and table; the other docks; the top neuron
-        self._pending = [*self._layer_steps(results), lambda: self._publish(used, tell=False),
-                         lambda: s.analysis_changed.emit(s),
-                         lambda: s.set_neuron(int(s.current.neurons[0]))]  # fmt: skip
+        top = self._shown_neuron = int(s.current.neurons[0])
+        shown, rest = self._layer_steps(results)
+        # the last steps in turns of their own: texts and table; the other docks; the top neuron.
+        # Then the reader has the overlays, and the hidden layers of the other neurons follow.
+        self._pending = [*shown, lambda: self._publish(used, tell=False),
+                         lambda: s.analysis_changed.emit(s), lambda: s.set_neuron(top),
+                         self._mark_shown, *rest]  # fmt: skip
         self._drain()
+
+    def _mark_shown(self) -> None:
+        import time
+
+        self.shown_at = time.perf_counter()
 
     def show_view(self, layer_name: str) -> bool:
         """Make an analysed view the current one: its texts, table and top neuron; False if none."""
@@ -370,11 +390,18 @@ class NeuronExplorer(mw.Container):
                 out.append(lay)
         return out
 
-    def _layer_steps(self, results: dict[str, mc.ImageResult]) -> list:
-        """Small GUI-thread steps (one layer each) that bring the overlays up to date."""
+    def _layer_steps(self, results: dict[str, mc.ImageResult]) -> tuple[list, list]:
+        """Small GUI-thread steps (one layer each) that bring the overlays up to date: (those the
+        reader sees - the shown neuron's layer in each view, or the stacks - and the rest).
+
+        A napari insert costs about 100 ms of the GUI thread under software OpenGL, so the hidden
+        layers of the other ranks (36 of 40 for a four-view exam at top 10) go in after the shown
+        ones are painted and the table is filled, one per event-loop turn.
+        """
         vmax = max(float(r.maps.max()) for r in results.values()) or 1.0
         stack = self.stack.value
         steps: list = []
+        later: list = []
         for name, res in results.items():
             a = res.analysis
             tf = L.heatmap_transform(a.geometry, a.grid, res.placement)
@@ -393,19 +420,25 @@ class NeuronExplorer(mw.Container):
                 if lay.name not in wanted:
                     steps.append(lambda lay=lay: self.viewer.layers.remove(lay))
             for lname, spec in wanted.items():
-                steps.append(
+                shown = stack or spec[1].get("neuron") == self._shown_neuron
+                (steps if shown else later).append(
                     lambda lname=lname, spec=spec: self._put_layer(lname, spec, vmax, stack)
                 )
         steps.append(self._boxes_on_top)
         # napari re-arranges and redraws the whole scene graph on every insert, and each insert
         # makes the window repaint: the batch defers both to one update each, in steps of their own
         b = self._batch
-        return [b.begin, *steps, b.end, b.release]
+        if not later:
+            return [b.begin, *steps, b.end, b.release], []
+        # the hidden layers: the scene graph batched, but the window repaints between inserts
+        # (the reader is looking at the viewer by then)
+        lb = self._later_batch
+        return [b.begin, *steps, b.end, b.release], [lb.begin, *later, self._boxes_on_top, lb.end]
 
     @property
     def _batching(self) -> bool:
-        """True while the layers batch of a run's layer steps is open."""
-        return self._batch.open
+        """True while a layers batch of a run's layer steps is open."""
+        return self._batch.open or self._later_batch.open
 
     def _put_layer(self, lname: str, spec: tuple, vmax: float, stack: bool) -> None:
         """Update the overlay layer ``lname`` in place, or build it and queue its insertion.
@@ -415,7 +448,7 @@ class NeuronExplorer(mw.Container):
         event-loop turns. Hidden layers are built hidden, so nothing is drawn for them.
         """
         data, meta, transform, rank = spec
-        visible = stack or meta.get("rank") == 0
+        visible = stack or meta.get("neuron") == self._shown_neuron
         if lname in self.viewer.layers:
             lay = self.viewer.layers[lname]
             lay.data = data
@@ -457,12 +490,13 @@ class NeuronExplorer(mw.Container):
             step()
         except Exception as exc:  # a layer step must never take the viewer down
             self._pending.clear()
-            try:
-                self._batch.end()
-            except Exception:  # noqa: BLE001 - already failing: report the first error
-                pass
-            finally:
-                self._batch.release()
+            for batch in (self._batch, self._later_batch):
+                try:
+                    batch.end()
+                except Exception:  # noqa: BLE001 - already failing: report the first error
+                    pass
+                finally:
+                    batch.release()
             self._fail(f"could not show the overlays: {exc}")
             self._finished()
             return
@@ -486,6 +520,7 @@ class NeuronExplorer(mw.Container):
             self.viewer.layers.remove(lay)
 
     def _show_neuron(self, neuron: int) -> None:
+        self._shown_neuron = neuron  # also for layers still to come in
         for lay in self._overlay_layers():
             meta = lay.metadata[OVERLAY_KEY]
             want = meta.get("neuron") == neuron
