@@ -3,8 +3,8 @@
     xvfb-run -a -s "-screen 0 1920x1200x24" .venv/bin/python benchmarks/bench_gui.py
 
 1. overlay memory: bytes of the neuron layers' data vs the base image layer's (target <= 1%);
-2. the longest GUI event-loop stall from pressing Run to the layers shown - a 5 ms QTimer records
-   the gaps between its ticks (target <= 100 ms);
+2. the longest GUI event-loop stall from pressing Run until every layer is in (the shown ones, then
+   the other ranks' hidden ones) - a 5 ms QTimer records the gaps between its ticks (target <= 100 ms);
 3. an intervention slider update (closed form + CAM layer refresh) with 16,384 latents
    (target <= 50 ms);
 4. with the bundled demo weights (``weights/``), a CBIS-DDSM file from opening to overlays shown
@@ -278,11 +278,17 @@ def main() -> int:
         t = time.perf_counter()
         viewer.open(str(path), plugin="napari-mammo-sae")
         w._refresh_images()
+        w.shown_at = None
         w.run_blocking()
         QApplication.processEvents()
-        open_to_overlays = time.perf_counter() - t
+        all_in = time.perf_counter() - t
+        if w.shown_at is None:
+            print("error:", w.last_error)
+            return 1
+        # shown: the top neuron's layer painted, texts and table filled; the other ranks' hidden
+        # layers go in after that, one per turn, while the reader looks
         print(f"| CBIS-DDSM {path.name}: open -> overlays shown, bundled default (models loaded) | "
-              f"{open_to_overlays:.2f} s | <= 3 s |")  # fmt: skip
+              f"{w.shown_at - t:.2f} s (every layer in: {all_in:.2f} s) | <= 3 s |")  # fmt: skip
         viewer.close()
     print(
         "command: xvfb-run -a -s '-screen 0 1920x1200x24' .venv/bin/python benchmarks/bench_gui.py"

@@ -445,9 +445,9 @@ def test_overlay_batch_always_ends_even_when_a_layer_step_fails(viewer, exam, qt
     monkeypatch.setattr(type(w), "_insert_layer", recording_insert)
     _run(w, qtbot)
     monkeypatch.undo()  # the recorder holds the window: drop it before napari's leak check
-    # the shown neuron's layer goes in with repaints held; the hidden rank's after the overlays are
-    # shown, with the window repainting between inserts (the reader is looking by then)
-    assert seen == [False, True]
+    # the shown neuron's layer, then (after the overlays are shown) the hidden rank's: each insert
+    # with the window's repaints held
+    assert seen == [False, False]
     assert not w._batching and not canvas._pause_scene_graph and window.updatesEnabled()
     w.remove_overlays()
 
@@ -588,3 +588,40 @@ def test_an_sae_at_stage3_reruns_the_rest_of_the_backbone_in_the_docks(viewer, e
     moved[7, 5] = True
     assert iw.last.logit == pytest.approx(a.region_intervention(moved).logit, abs=1e-6)
     assert iw.last.logit != pytest.approx(result.logit, abs=1e-9)
+
+
+def test_overlays_are_shown_before_the_hidden_ranks_layers_go_in(viewer, exam, qtbot, monkeypatch):
+    """The reader gets the top neuron's layer, texts and table first; the other ranks' hidden
+    layers follow one per turn, and a neuron chosen meanwhile is visible when its layer arrives.
+    No napari progress bar runs meanwhile (its spinner recomposites the window every frame)."""
+    from napari.utils import progress
+
+    w = _explorer(viewer, exam, qtbot, k=4)
+    state: dict = {"bars": []}
+    mark = type(w)._mark_shown
+
+    def at_shown(self) -> None:
+        mark(self)
+        state["layers"] = len(self._overlay_layers())
+        state["table"] = self.table.shape[0]
+        state["pending"] = len(self._pending)
+        # the reader picks rank 3 before its layer is in
+        self.session.set_neuron(int(self.session.current.neurons[2]))
+
+    # on the class: a magicgui Container treats instance attributes as its widgets
+    monkeypatch.setattr(type(w), "_mark_shown", at_shown)
+    w.shown_at = None
+    worker = w.run()
+    assert worker is not None, w.last_error
+    worker.yielded.connect(lambda _text: state["bars"].append(len(progress._all_instances)))
+    qtbot.waitUntil(lambda: not w.is_busy(), timeout=120_000)
+    monkeypatch.undo()
+    assert w.last_error is None and w.shown_at is not None, w.last_error
+    assert state["layers"] == 1 and state["table"] == 4 and state["pending"] > 0
+    assert state["bars"] and set(state["bars"]) == {0}  # no napari progress bar during the run
+    layers = w._overlay_layers()
+    assert len(layers) == 4
+    neurons = [int(n) for n in w.session.current.neurons]
+    visible = [lay.metadata["mammo_sae"]["neuron"] for lay in layers if lay.visible]
+    assert visible == [neurons[2]]  # the chosen one, inserted after the choice
+    assert not w._batching and viewer.window._qt_window.updatesEnabled()

@@ -99,7 +99,7 @@ class NeuronExplorer(mw.Container):
         self._used = "class_mean"  # the ranking the last run used
         # the layer steps of a run go in inside one layers batch with the window's repaints held
         self._batch = C.QuietBatch(napari_viewer, self.native)
-        self._later_batch = C.QuietBatch(napari_viewer, self.native, hold_repaints=False)
+        self._later_batch = C.QuietBatch(napari_viewer, self.native)
         self._shown_neuron: int | None = None  # the neuron whose layers are visible
         self.shown_at: float | None = None  # perf_counter when a run's overlays were last shown
         self.last_error: str | None = None
@@ -430,10 +430,13 @@ class NeuronExplorer(mw.Container):
         b = self._batch
         if not later:
             return [b.begin, *steps, b.end, b.release], []
-        # the hidden layers: the scene graph batched, but the window repaints between inserts
-        # (the reader is looking at the viewer by then)
+        # the hidden layers, while the reader looks: each in a batch of its own over three turns
+        # (insert; scene graph; repaint), so no turn holds both an insert and a repaint
         lb = self._later_batch
-        return [b.begin, *steps, b.end, b.release], [lb.begin, *later, self._boxes_on_top, lb.end]
+        rest = [
+            s for step in [*later, self._boxes_on_top] for s in (lb.begin, step, lb.end, lb.release)
+        ]
+        return [b.begin, *steps, b.end, b.release], rest
 
     @property
     def _batching(self) -> bool:
