@@ -625,3 +625,23 @@ def test_overlays_are_shown_before_the_hidden_ranks_layers_go_in(viewer, exam, q
     visible = [lay.metadata["mammo_sae"]["neuron"] for lay in layers if lay.visible]
     assert visible == [neurons[2]]  # the chosen one, inserted after the choice
     assert not w._batching and viewer.window._qt_window.updatesEnabled()
+
+
+def test_interleaved_batches_hold_the_window_until_the_last_release(viewer):
+    """The explorer's hidden-layer inserts and the interventions' CAM insert interleave: one's
+    release must not let the window repaint inside the other's insert."""
+    from napari_mammo_sae._napari.widgets._common import QuietBatch
+
+    window = viewer.window._qt_window
+    first, second = QuietBatch(viewer), QuietBatch(viewer)
+    first.begin()
+    second.begin()
+    assert not window.updatesEnabled()
+    first.end()
+    first.release()
+    assert not window.updatesEnabled()  # the second still holds it
+    first.release()  # a repeated release changes nothing
+    assert not window.updatesEnabled()
+    second.end()
+    second.release()
+    assert window.updatesEnabled()

@@ -256,9 +256,8 @@ class QuietBatch:
     at 1600x1000), hence Qt's advice for bulk changes: hold repaints, repaint once.
     """
 
-    def __init__(self, viewer: Any, widget: Any = None, *, hold_repaints: bool = True) -> None:
+    def __init__(self, viewer: Any, widget: Any = None) -> None:
         self.viewer, self.widget = viewer, widget
-        self.hold_repaints = hold_repaints
         self.open = False
         self._held: Any = None  # the window whose repaints are held
 
@@ -267,10 +266,16 @@ class QuietBatch:
             return
         self.viewer.layers.events.begin_batch()
         self.open = True
-        window = main_window(self.viewer, self.widget) if self.hold_repaints else None
-        if window is not None and window.updatesEnabled():
-            window.setUpdatesEnabled(False)
-            self._held = window
+        window = main_window(self.viewer, self.widget)
+        if window is not None and self._held is None:
+            # counted per window: two docks' batches interleave (the explorer's hidden layers and
+            # the interventions' CAM layer), and one's release must not repaint inside the other's
+            held = _HOLDS.get(id(window), 0)
+            if held or window.updatesEnabled():
+                if not held:
+                    window.setUpdatesEnabled(False)
+                _HOLDS[id(window)] = held + 1
+                self._held = window
 
     def end(self) -> None:
         if self.open:
@@ -280,7 +285,14 @@ class QuietBatch:
     def release(self) -> None:
         window, self._held = self._held, None
         if window is not None:
-            window.setUpdatesEnabled(True)
+            held = _HOLDS.pop(id(window), 1) - 1
+            if held > 0:
+                _HOLDS[id(window)] = held
+            else:
+                window.setUpdatesEnabled(True)
+
+
+_HOLDS: dict[int, int] = {}  # id(main window) -> QuietBatches holding its repaints now
 
 
 def insert_in_turns(viewer: Any, layer: Any, widget: Any = None, on_error: Any = None) -> None:
