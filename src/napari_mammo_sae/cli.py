@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .hugepages import avoid_hugepage_stalls
+
+    avoid_hugepage_stalls()  # extract, evaluate and export read many mammograms
     logging.basicConfig(
         level=logging.DEBUG
         if args.verbose > 1

@@ -55,3 +55,8 @@ def guard_triton() -> str:
 
 
 guard_triton()
+
+# fresh large numpy arrays (every mammogram read) can stall on huge-page compaction: see hugepages
+from ..hugepages import avoid_hugepage_stalls  # noqa: E402
+
+avoid_hugepage_stalls()
