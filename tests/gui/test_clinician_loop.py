@@ -229,9 +229,9 @@ def test_find_label_and_switch_off_a_shortcut_neuron(viewer, loop_data, qtbot, t
     assert lw.record("spurious") is not None
 
     # 4. switching off every neuron labelled spurious: the rest of the backbone re-run
-    iw.mode.value = Mode.spurious
-    result = iw.recompute()
-    assert list(result.neurons) == [shortcut]
+    iw.mode.value = Mode.spurious  # the verdicts are read in a worker, then it recomputes
+    qtbot.waitUntil(lambda: iw.last is not None and list(iw.last.neurons) == [shortcut])
+    result = iw.last
     assert "re-run" in iw.neurons_label.value
     assert result.logit == pytest.approx(a.intervention().apply([shortcut], "remove").logit)
     before = result.reconstruction_probability

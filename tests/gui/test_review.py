@@ -493,7 +493,11 @@ def test_explorer_picker_follows_layers_status_names_runtime_and_export_seam(
     assert any("not available" in str(n.message) for n in seen)
 
 
-def test_intervention_modes_spurious_labels_and_the_study_consensus(viewer, exam, qtbot, tmp_path):
+def test_intervention_modes_spurious_labels_and_the_study_consensus(
+    viewer, exam, qtbot, tmp_path, monkeypatch
+):
+    import threading
+
     from napari_mammo_sae._napari.widgets.intervention import InterventionWidget, Mode
     from napari_mammo_sae.labels import LabelStore
 
@@ -507,8 +511,24 @@ def test_intervention_modes_spurious_labels_and_the_study_consensus(viewer, exam
     s.label_db = tmp_path / "labels.sqlite"
     with LabelStore(s.label_db) as store:
         store.add(s.sae_hash, 7, "spurious", rater="ann")
+    opened_on = []
+    init = LabelStore.__init__
+
+    def recording_init(self, *args, **kwargs):
+        opened_on.append(threading.current_thread() is threading.main_thread())
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(LabelStore, "__init__", recording_init)
     iw.mode.value = Mode.spurious
+    assert iw.intervened.value == "reading the verdicts..."  # read in a worker, shown when there
+    qtbot.waitUntil(lambda: iw.last is not None and list(iw.last.neurons) == [7], timeout=30_000)
     assert iw.neuron_set() == ([7], "remove")
+    with LabelStore(s.label_db) as store:  # a new verdict: read again
+        store.add(s.sae_hash, 9, "spurious", rater="ann")
+    s.verdicts_changed.emit()
+    qtbot.waitUntil(lambda: list(iw.last.neurons) == [7, 9], timeout=30_000)
+    monkeypatch.undo()
+    assert opened_on[0] is False and opened_on.count(False) == 2  # never on the GUI thread
 
     class Study:
         def consensus_spurious(self):

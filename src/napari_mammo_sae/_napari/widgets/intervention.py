@@ -23,7 +23,7 @@ from magicgui.widgets import ComboBox, Container, Label, LineEdit, Slider, SpinB
 from qtpy.QtCore import QTimer
 
 from .. import layers as L
-from ._common import choices, get_session, insert_in_turns, notify_error
+from ._common import choices, get_session, insert_in_turns, keep_alive, notify_error
 
 CAM_KEY = "mammo_sae_cam"
 
@@ -37,6 +37,14 @@ class Mode(Enum):
     study_spurious = "every neuron the study's readers call spurious: remove"
     single = "single neuron: keep only"
     region = "everything under the selected Shapes layer's boxes: remove"
+
+
+def _read_spurious(label_db: Any, sae_hash: str) -> list[int]:
+    """Worker: the neurons with a current 'spurious' verdict for this SAE."""
+    from ...labels import LabelStore
+
+    with LabelStore(label_db) as store:
+        return [int(n) for n in store.spurious_neurons(sae_hash)]
 
 
 def parse_neurons(text: str, m: int) -> list[int]:
@@ -67,6 +75,9 @@ class InterventionWidget(Container):
         self._region_watched: set[int] = set()  # Shapes layers whose boxes the region mode follows
         self._order_of: tuple[Any, Any] | None = None  # the class scores _order was sorted from
         self._order: tuple[np.ndarray, np.ndarray] = (np.zeros(0, int), np.zeros(0, int))
+        # ((label database, SAE hash), neurons labelled spurious) once read; the key being read
+        self._spurious_known: tuple[tuple, list[int]] | None = None
+        self._spurious_reading: tuple | None = None
         self._thumbnail_timer = QTimer(self.native)
         self._thumbnail_timer.setSingleShot(True)
         self._thumbnail_timer.setInterval(300)
@@ -101,6 +112,7 @@ class InterventionWidget(Container):
         self.session.analysis_changed.connect(lambda _s: QTimer.singleShot(0, self.recompute))
         self.session.neuron_changed.connect(self._neuron_changed)
         self.session.study_changed.connect(self._study_changed)
+        self.session.verdicts_changed.connect(self._verdicts_changed)
         self.recompute()
 
     def _modes(self, _widget: Any = None) -> list[tuple[str, Mode]]:
@@ -146,15 +158,51 @@ class InterventionWidget(Container):
                 self.custom.value, m
             ), "keep" if mode is Mode.custom_keep else "remove"
         if mode is Mode.spurious:
-            from ...labels import LabelStore
-
-            with LabelStore(self.session.label_db) as store:
-                return store.spurious_neurons(self.session.sae_hash), "remove"
+            neurons = self._spurious()
+            if neurons is None:
+                raise ValueError("the verdicts are still being read from the label database")
+            return neurons, "remove"
         if mode is Mode.study_spurious:
             if self.session.study is None:
                 raise ValueError("no reading study is open in the labelling dock")
             return sorted({int(n) for n in self.session.study.consensus_spurious()}), "remove"
         return [int(self.single.value)], "keep"
+
+    def _spurious(self) -> list[int] | None:
+        """The neurons labelled spurious for this SAE; None while a worker reads them (the label
+        database may be a PostgreSQL server across the network: never on the GUI thread)."""
+        from napari.qt.threading import create_worker
+
+        key = (str(self.session.label_db), self.session.sae_hash)
+        if self._spurious_known is not None and self._spurious_known[0] == key:
+            return self._spurious_known[1]
+        if self._spurious_reading != key:
+            self._spurious_reading = key
+            worker = create_worker(_read_spurious, self.session.label_db, self.session.sae_hash)
+            worker.returned.connect(lambda neurons, key=key: self._spurious_read(key, neurons))
+            worker.errored.connect(lambda exc, key=key: self._spurious_failed(key, exc))
+            keep_alive(worker)
+            worker.start()
+        return None
+
+    def _spurious_read(self, key: tuple, neurons: list[int]) -> None:
+        if self._spurious_reading != key:  # the database or SAE changed meanwhile: read again
+            return
+        self._spurious_reading = None
+        self._spurious_known = (key, [int(n) for n in neurons])
+        if self.mode.value is Mode.spurious:
+            self.recompute()
+
+    def _spurious_failed(self, key: tuple, exc: Exception) -> None:
+        if self._spurious_reading == key:
+            self._spurious_reading = None
+        self.intervened.value = "the verdicts could not be read"
+        notify_error(f"intervention: cannot read the verdicts: {exc}")
+
+    def _verdicts_changed(self) -> None:
+        self._spurious_known = None
+        if self.mode.value is Mode.spurious:
+            self.recompute()
 
     def region_cells(self, cur: Any) -> np.ndarray:
         """(h, w) bool: the feature cells the boxes of the selected Shapes layer touch on the
@@ -216,6 +264,9 @@ class InterventionWidget(Container):
             return None
         if self.mode.value is Mode.region:
             return self._recompute_region(cur)
+        if self.mode.value is Mode.spurious and self._spurious() is None:
+            self.intervened.value = "reading the verdicts..."  # recomputed when they arrive
+            return None
         try:
             neurons, how = self.neuron_set()
         except Exception as exc:  # bad custom text, unreadable label database
