@@ -241,3 +241,59 @@ def test_analysis_of_another_image_or_missing_source_is_refused(exported, cbis_f
     with pytest.raises(ExportError, match="could not be read"):
         export_analysis(ExportInput(tmp_path / "gone.dcm", analysis, identity), tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_region_intervention_is_reported_with_its_boxes(analyzer, cbis_files, tmp_path):
+    """The interventions dock's region mode: one planar ROI per box on the source image, each with
+    the probability after switching off everything under all the boxes; valid for dciodvfy."""
+    source = cbis_files[0]
+    record = read_mammogram(source)
+    analysis = analyzer.analyse(record)
+    cells = np.zeros(analysis.grid, bool)
+    cells[2:4, 1:3] = True
+    iv = analysis.region_intervention(cells)
+    boxes = ((100.0, 200.0, 400.0, 600.0), (900.5, 1000.0, 1100.0, 1250.25))
+    summary = InterventionSummary(
+        "region", (), iv.probability, iv.logit, boxes=boxes, cells=int(cells.sum())
+    )
+    identity = ModelIdentity("clf", "a" * 64, "sae", "b" * 64, "calcification")
+    result = export_analysis(
+        ExportInput(source, analysis, identity, neurons=[0, 1], scores=[2.0, 1.0],
+                    intervention=summary, record=record),
+        tmp_path,
+    )  # fmt: skip
+    assert dciodvfy_errors(result.report) == []
+    sr = pydicom.dcmread(result.report)
+    nums = sr_numbers(sr)
+    assert nums["P-INTERV"] == [iv.probability, iv.probability]
+    assert nums["CELLS-INTERV"] == [4.0, 4.0]
+    assert "N-INTERV" not in nums
+    regions = []
+
+    def walk(items):
+        for it in items:
+            if it.ValueType == "SCOORD":
+                regions.append(np.asarray(it.GraphicData, dtype=float).reshape(-1, 2))
+            if "ContentSequence" in it:
+                walk(it.ContentSequence)
+
+    walk(sr.ContentSequence)
+    assert len(regions) == 2
+    for (x0, y0, x1, y1), got in zip(boxes, regions, strict=True):
+        np.testing.assert_allclose(got, [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]])
+    groups = hd.sr.srread(result.report).content.get_planar_roi_measurement_groups()
+    assert len(groups) == 2 and all(g.roi is not None for g in groups)
+
+
+def test_a_region_intervention_without_boxes_is_refused(analyzer, cbis_files, tmp_path):
+    source = cbis_files[0]
+    record = read_mammogram(source)
+    analysis = analyzer.analyse(record)
+    summary = InterventionSummary("region", (), 0.5, 0.0)
+    identity = ModelIdentity("clf", "a" * 64, "sae", "b" * 64, "calcification")
+    with pytest.raises(ExportError, match="needs the boxes"):
+        export_analysis(
+            ExportInput(source, analysis, identity, neurons=[0], intervention=summary,
+                        record=record),
+            tmp_path,
+        )  # fmt: skip

@@ -62,10 +62,14 @@ class ModelIdentity:
 class InterventionSummary:
     """An intervention that was applied: which neurons, how, and the head's answer after it."""
 
-    mode: str  # "keep" | "remove"
+    mode: str  # "keep" | "remove" | "region" (every latent off under the boxes; no neuron set)
     neurons: tuple[int, ...]
     probability: float
     logit: float
+    # "region": the reader's boxes, (x0, y0, x1, y1) in the source image's pixels, and the feature
+    # cells they switched off
+    boxes: tuple[tuple[float, float, float, float], ...] = ()
+    cells: int = 0
 
 
 @dataclass
@@ -284,6 +288,42 @@ def _measurement(value: str, meaning: str, number: float, unit: str = "1", unit_
     )
 
 
+def _region_groups(header: Any, iv: InterventionSummary, concept: Any, algorithm: Any) -> list:
+    """A region intervention: one planar-ROI group per box (its rectangle on the source image),
+    each with the probability and logit after switching off everything under *all* the boxes."""
+    import highdicom as hd
+
+    if not iv.boxes:
+        raise ExportError("a region intervention needs the boxes it switched off")
+    out = []
+    for i, (x0, y0, x1, y1) in enumerate(iv.boxes, start=1):
+        corners = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=float)
+        region = hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=corners,
+            source_image=hd.sr.SourceImageForRegion.from_source_image(header),
+        )
+        out.append(
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=hd.UID(),
+                    identifier=f"intervention region box {i} of {len(iv.boxes)}"[:64],
+                ),
+                referenced_region=region,
+                finding_type=concept,
+                algorithm_id=algorithm,
+                measurements=[
+                    _measurement(
+                        "P-INTERV", "Concept probability after intervention", iv.probability
+                    ),
+                    _measurement("LOGIT-INTERV", "Concept logit after intervention", iv.logit),
+                    _measurement("CELLS-INTERV", "Feature cells switched off", iv.cells),
+                ],
+            )
+        )
+    return out
+
+
 def build_report(header: Any, inp: ExportInput, neurons, scores, scales, seg=None):
     """Comprehensive SR with a TID 1500 measurement report of the analysis."""
     import highdicom as hd
@@ -354,7 +394,9 @@ def build_report(header: Any, inp: ExportInput, neurons, scores, scales, seg=Non
                 qualitative_evaluations=evaluations or None,
             )
         )
-    if inp.intervention is not None:
+    if inp.intervention is not None and inp.intervention.mode == "region":
+        groups.extend(_region_groups(header, inp.intervention, concept, algorithm))
+    elif inp.intervention is not None:
         iv = inp.intervention
         groups.append(
             hd.sr.MeasurementsAndQualitativeEvaluations(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pydicom
 import pytest
 import torch
@@ -166,3 +167,27 @@ def test_export_action_writes_the_three_objects_of_each_analysed_image(
     assert sr_numbers(sr)["P-ORIG"] == [analysis.probability]
     assert sr_numbers(sr)["P-INTERV"] == [pytest.approx(applied.probability)]
     assert sr_numbers(sr)["N-INTERV"] == [1]
+
+    # a region intervention replaces it: the SR then holds the box on the source image
+    placement = layer.metadata["placement"]
+    rows, cols = record.shape
+    box = np.array([[rows * 0.25, cols * 0.25], [rows * 0.5, cols * 0.5]])
+    viewer.add_shapes([placement.edge_to_world(box)], shape_type="rectangle", name="region")
+    dock.mode.value = Mode.region
+    region = dock.last
+    assert region is not None and region.mode == "region", dock.intervened.value
+    assert session.last_intervention is region
+    worker = start_export(viewer, tmp_path / "out-region")
+    with qtbot.waitSignal(worker.finished, timeout=60_000):
+        pass
+    sr = pydicom.dcmread(next((tmp_path / "out-region").glob("*.SR.dcm")))
+    nums = sr_numbers(sr)
+    assert nums["P-INTERV"] == [pytest.approx(region.probability)] and "N-INTERV" not in nums
+    assert (
+        nums["CELLS-INTERV"] == [session.last_intervention_region[1]]
+        and nums["CELLS-INTERV"][0] > 0
+    )
+    ((x0, y0, x1, y1),) = session.last_intervention_region[0]
+    assert (x0, y0, x1, y1) == pytest.approx(
+        (cols * 0.25, rows * 0.25, cols * 0.5, rows * 0.5), abs=0.01
+    )

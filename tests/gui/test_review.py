@@ -589,6 +589,7 @@ def test_an_sae_at_stage3_reruns_the_rest_of_the_backbone_in_the_docks(viewer, e
     # a region: every latent off under the boxes of the selected Shapes layer, re-run
     iw.mode.value = Mode.region
     assert "select the Shapes layer" in (iw.recompute() or iw.intervened.value)
+    assert w.session.last_intervention is None  # nothing shown: nothing for the DICOM export
     cur = w.session.current
     r0, c0, r1, c1 = a.geometry.feature_cell_box(a.grid, 4, 3)  # one cell, original pixels
     inner = np.array([[r0 + 1, c0 + 1], [r1 - 1, c1 - 1]], dtype=float)
@@ -608,6 +609,11 @@ def test_an_sae_at_stage3_reruns_the_rest_of_the_backbone_in_the_docks(viewer, e
     moved[7, 5] = True
     assert iw.last.logit == pytest.approx(a.region_intervention(moved).logit, abs=1e-6)
     assert iw.last.logit != pytest.approx(result.logit, abs=1e-9)
+    # what the PACS dock's export will record: this result, its image and the moved box
+    s = w.session
+    assert s.last_intervention is iw.last and s.last_intervention_layer == cur.layer_name
+    (box,), n_cells = s.last_intervention_region
+    assert n_cells == 1 and box == pytest.approx((c0 + 1, r0 + 1, c1 - 1, r1 - 1), abs=1e-3)
 
 
 def test_overlays_are_shown_before_the_hidden_ranks_layers_go_in(viewer, exam, qtbot, monkeypatch):

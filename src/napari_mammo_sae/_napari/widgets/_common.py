@@ -104,6 +104,8 @@ class ReviewSession:
         # image layer it was applied to; the DICOM export puts it in that image's SR
         self.last_intervention: Any = None
         self.last_intervention_layer: str | None = None
+        # for a region intervention: (its boxes in the image's pixels, feature cells switched off)
+        self.last_intervention_region: tuple | None = None
         self._study: Any = None
 
     @property

@@ -225,12 +225,20 @@ class InterventionWidget(Container):
             cells = self.region_cells(cur)
         except ValueError as exc:
             self.intervened.value = str(exc)
+            self.session.last_intervention = None  # what the dock shows is no result: export none
             return None
         layer = self.viewer.layers.selection.active
         if id(layer) not in self._region_watched:  # a moved or redrawn box updates the result
             self._region_watched.add(id(layer))
             layer.events.data.connect(self._region_changed)
         result = a.region_intervention(cells)
+        # the DICOM export records it with its boxes (source-image pixels) on that image
+        self.session.last_intervention = result
+        self.session.last_intervention_layer = cur.layer_name
+        self.session.last_intervention_region = (
+            tuple(L.shapes_to_boxes(cur.placement, [np.asarray(d) for d in layer.data])),
+            int(cells.sum()),
+        )
         self._show(a, result, f"every latent off on {int(cells.sum())} of {cells.size} feature "
                               f"cells ({self._how(a)})")  # fmt: skip
         cam = np.where(cells, a.cam_bias, np.asarray(a.cam, dtype=np.float64)).astype(np.float32)
@@ -277,6 +285,7 @@ class InterventionWidget(Container):
         # the DICOM export (PACS dock) reports it with the image it was applied to
         self.session.last_intervention = result
         self.session.last_intervention_layer = cur.layer_name
+        self.session.last_intervention_region = None
         shown = ", ".join(map(str, neurons[:20])) + (" ..." if len(neurons) > 20 else "")
         self._show(a, result, f"{how} {len(neurons)} neurons ({self._how(a)}): {shown}")
         self._update_cam(cur, self.cam(a, neurons, how))

@@ -362,6 +362,7 @@ def start_export(viewer: Any, folder: str | Path, stow_url: str | None = None) -
     opened_from = {r.layer_name: _layer_source(viewer, r) for r in results}
     iv = getattr(session, "last_intervention", None)
     iv_layer = getattr(session, "last_intervention_layer", None)
+    boxes, cells = getattr(session, "last_intervention_region", None) or ((), 0)
     folder = Path(folder)
 
     def work():
@@ -381,7 +382,8 @@ def start_export(viewer: Any, folder: str | Path, stow_url: str | None = None) -
                 verdicts=_verdicts(session, neurons), record=r.placement.record,
                 intervention=None if iv is None or r.layer_name != iv_layer else InterventionSummary(
                     str(iv.mode), tuple(int(n) for n in iv.neurons), float(iv.probability),
-                    float(iv.logit),
+                    float(iv.logit), boxes=tuple(boxes) if iv.mode == "region" else (),
+                    cells=int(cells) if iv.mode == "region" else 0,
                 ),
             )  # fmt: skip
             out.append(export_analysis(inp, folder))
