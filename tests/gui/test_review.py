@@ -671,3 +671,46 @@ def test_interleaved_batches_hold_the_window_until_the_last_release(viewer):
     second.end()
     second.release()
     assert window.updatesEnabled()
+
+
+def test_analyse_on_open_takes_the_views_as_the_reader_adds_them(viewer, exam, qtbot, monkeypatch):
+    """With *analyse on open* the first view of an exam starts a run and the views napari adds
+    while it runs join that run's queue: one run, every view analysed, no Run click."""
+    import threading
+
+    from napari_mammo_sae.models.inference import Analyzer
+
+    w = _explorer(viewer, exam, qtbot, k=2)
+    viewer.layers.clear()
+    files = sorted(next((exam / "data" / "images").iterdir()).glob("*.dicom"))
+    assert len(files) == 4
+    viewer.open(str(files[0]), plugin=PLUGIN)  # the option is off: nothing runs
+    qtbot.wait(50)
+    assert w.worker is None and not w.session.results
+    w.on_open.value = True
+    viewer.layers.clear()
+    release = threading.Event()
+    analyse = Analyzer.analyse
+    runs = []
+
+    def held(self, record, *args, **kwargs):  # the first view waits until the others are open
+        release.wait(30)
+        return analyse(self, record, *args, **kwargs)
+
+    monkeypatch.setattr(Analyzer, "analyse", held)
+    done = type(w)._done
+    monkeypatch.setattr(type(w), "_done", lambda self, value: (runs.append(1), done(self, value)))
+    viewer.open(str(files[0]), plugin=PLUGIN)
+    qtbot.waitUntil(lambda: w.worker is not None, timeout=10_000)
+    viewer.open([str(f) for f in files[1:]], plugin=PLUGIN)
+    assert len(w._queue) == 4  # the running analysis took the three later views
+    release.set()
+    qtbot.waitUntil(lambda: not w.is_busy() and not w._open_scheduled, timeout=120_000)
+    from napari_mammo_sae._napari.widgets import _common
+
+    assert _common.load_settings()["analyse_on_open"] is True  # remembered
+    monkeypatch.setattr(Analyzer, "analyse", analyse)
+    assert w.last_error is None, w.last_error
+    names = [lay.name for lay in viewer.layers if "record" in lay.metadata]
+    assert sorted(w.session.results) == sorted(names) and len(runs) == 1
+    assert {lay.metadata["mammo_sae"]["image"] for lay in w._overlay_layers()} == set(names)

@@ -281,8 +281,11 @@ def analyse_layers(
         bar.close()
     results: dict[str, ImageResult] = {}
     used = ranking
-    for i, (name, record, placement) in enumerate(targets):
-        yield f"analysing {name}" + (f" ({i + 1} of {len(targets)})" if len(targets) > 1 else "")
+    i = 0
+    while i < len(targets):  # the list may grow while this runs (views of an exam being opened)
+        name, record, placement = targets[i]
+        i += 1
+        yield f"analysing {name}" + (f" ({i} of {len(targets)})" if len(targets) > 1 else "")
         try:
             analysis = models.analyzer.analyse(record)
         except MammoSAEError as exc:

@@ -102,6 +102,9 @@ class NeuronExplorer(mw.Container):
         self._later_batch = C.QuietBatch(napari_viewer, self.native)
         self._shown_neuron: int | None = None  # the neuron whose layers are visible
         self.shown_at: float | None = None  # perf_counter when a run's overlays were last shown
+        self._queue: list | None = None  # the running open-analysis's targets (it takes appends)
+        self._open_again = False  # an open-analysis is owed when the current run ends
+        self._open_scheduled = False
         self.last_error: str | None = None
         settings = C.load_settings()
         install(napari_viewer)  # workstation viewing (window/level, magnifier, view keys)
@@ -115,6 +118,11 @@ class NeuronExplorer(mw.Container):
         self.image = mw.create_widget(annotation=napari.layers.Image, label="image",
                                    options={"choices": self._image_choices})  # fmt: skip
         self.all_views = mw.CheckBox(text="every view of the exam")
+        # a CAD-like habit: the overlays come with the exam, no Run needed
+        self.on_open = mw.CheckBox(
+            text="analyse every view as an exam opens",
+            value=bool(settings.get("analyse_on_open", False)),
+        )
         self.source = mw.ComboBox(label="model", choices=C.choices(Source))
         tip = "a checkpoint (.pth, .pt), or any file inside one of our weights folders"
         self.classifier_path = path("classifier", "classifier_path", tooltip=tip)
@@ -152,8 +160,8 @@ class NeuronExplorer(mw.Container):
             return mw.Container(widgets=widgets, layout="horizontal", labels=False)
 
         self.extend([
-            self.image, self.all_views, self.source, self.classifier_path, self.sae_path,
-            self.probe_path, self.trust, self.concept, self.variant, self.layer, self.target, self.k,
+            self.image, self.all_views, self.on_open, self.source, self.classifier_path,
+            self.sae_path, self.probe_path, self.trust, self.concept, self.variant, self.layer, self.target, self.k,
             self.ranking, self.device, self.stack, row(self.run_button, self.cancel_button),
             self.probability, self.status, self.table,
             row(self.show_all, self.hide_all, self.remove_all, self.boxes_button),
@@ -176,6 +184,8 @@ class NeuronExplorer(mw.Container):
         self.image.changed.connect(self._image_changed)
         # napari refreshes a docked widget's layer pickers itself; this also covers an undocked one
         napari_viewer.layers.events.inserted.connect(self._refresh_images)
+        napari_viewer.layers.events.inserted.connect(self._layer_inserted)
+        self.on_open.changed.connect(lambda v: C.save_settings(analyse_on_open=bool(v)))
         napari_viewer.layers.events.removed.connect(self._refresh_images)
         self._refresh_images()
         self._source_changed()
@@ -217,21 +227,25 @@ class NeuronExplorer(mw.Container):
                       probe_path=str(probe) if probe else "")  # fmt: skip
         return mc.ModelChoice(clf, sae, probe, self.trust.value, device)
 
-    def targets(self) -> list[tuple[str, Any, Any]]:
+    def targets(self, every_view: bool | None = None) -> list[tuple[str, Any, Any]]:
         """(layer name, record, placement) of the image(s) to analyse."""
         layers = mammogram_layers(self.viewer)
-        if not self.all_views.value:
+        if not (self.all_views.value if every_view is None else every_view):
             layers = [lay for lay in layers if lay.name == self.image_name]
         return [(lay.name, lay.metadata["record"], lay.metadata["placement"]) for lay in layers]
 
     # --- running --------------------------------------------------------------------------------
-    def run(self, *_: Any) -> Any:
-        """Start the analysis in a worker thread; returns the worker (None when refused)."""
+    def run(self, *_: Any, every_view: bool | None = None, queue: bool = False) -> Any:
+        """Start the analysis in a worker thread; returns the worker (None when refused).
+
+        ``queue``: views the reader adds while it runs are appended to its targets (the worker
+        takes them in turn) - the *analyse on open* run.
+        """
         from napari.qt.threading import create_worker
 
         from ...errors import MammoSAEError
 
-        targets = self.targets()
+        targets = self.targets(every_view)
         if not targets:
             C.notify_error(
                 "No mammogram to analyse: open a DICOM file with the napari-mammo-sae reader"
@@ -253,6 +267,7 @@ class NeuronExplorer(mw.Container):
             # CPU-seconds taken from the backbone over a four-view run. The status line below
             # says which view is being analysed; a first ONNX export still shows in napari.
         )  # fmt: skip
+        self._queue = targets if queue else None
         self.worker.yielded.connect(self.status.native.setText)  # progress texts
         self.worker.returned.connect(self._done)
         self.worker.errored.connect(lambda exc: self._fail(str(exc)))
@@ -271,9 +286,48 @@ class NeuronExplorer(mw.Container):
 
     def _finished(self) -> None:
         self.worker = None
+        self._queue = None
         if self._pending:
             return
         self.run_button.enabled, self.cancel_button.enabled = True, False
+        if self._open_again:  # views opened too late for the last run
+            self._open_again = False
+            self._schedule_open_run()
+
+    # --- analyse on open ----------------------------------------------------------------------
+    def _layer_inserted(self, event: Any) -> None:
+        """With *analyse on open*, a mammogram the reader adds joins the running open-analysis
+        (the worker takes it next) or starts one in the next event-loop turn."""
+        layer = getattr(event, "value", None)
+        if not self.on_open.value or layer is None or layer not in mammogram_layers(self.viewer):
+            return
+        if self._queue is not None:
+            self._queue.append((layer.name, layer.metadata["record"], layer.metadata["placement"]))
+        elif self.is_busy():
+            self._open_again = True
+        else:
+            self._schedule_open_run()
+
+    def _schedule_open_run(self) -> None:
+        from qtpy.QtCore import QTimer
+
+        if not self._open_scheduled:
+            self._open_scheduled = True
+            QTimer.singleShot(0, self._run_on_open)
+
+    def _run_on_open(self) -> None:
+        from ...errors import MammoSAEError
+
+        self._open_scheduled = False
+        if self.is_busy():
+            self._open_again = True
+            return
+        try:
+            self.choice()
+        except MammoSAEError:  # no model chosen yet: say so, no error dialog on every open
+            self.status.value = "analyse on open: choose the model, then open the exam again"
+            return
+        self.run(every_view=True, queue=True)
 
     def _fail(self, message: str) -> None:
         self.last_error = message
@@ -301,9 +355,12 @@ class NeuronExplorer(mw.Container):
 
     def _done(self, value: tuple) -> None:
         models, results, used = value
+        queued, self._queue = self._queue, None
         if models is None:  # a typed error from the worker: `used` holds its message
             self._fail(used)
             return
+        if queued is not None:  # a view added after the worker's last look: run again after
+            self._open_again = any(name not in results for name, _r, _p in queued)
         s = self.session
         s.models, s.sae_hash, s.probe = models, models.sae_hash, models.probe
         s.probe_path = models.choice.probe
