@@ -98,19 +98,6 @@ def main(argv: list[str] | None = None) -> int:
     opened: list[float] = []
     all_in: list[float] = []
 
-    def wait_on_open(timeout_s: float = 600.0) -> None:
-        """Wait in an event loop until the open-analysis (and any run it owes) is done."""
-        from qtpy.QtCore import QEventLoop, QTimer
-
-        loop, timer, start = QEventLoop(), QTimer(), time.perf_counter()
-        settled = lambda: not (w.is_busy() or w._open_scheduled or w._open_again)  # noqa: E731
-        timer.timeout.connect(
-            lambda: loop.quit() if settled() or time.perf_counter() - start > timeout_s else None
-        )
-        timer.start(10)
-        loop.exec()
-        timer.stop()
-
     def open_on_open() -> float:
         """*analyse on open*: seconds from open to the overlays of every view shown."""
         viewer.layers.clear()
@@ -119,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         w.shown_at = None
         t0 = time.perf_counter()
         viewer.open(paths, plugin="napari-mammo-sae")
-        wait_on_open()
+        w.wait_idle()
         all_in_on_open.append(time.perf_counter() - t0)
         w.on_open.value = False
         views = {lay.name for lay in viewer.layers if "record" in lay.metadata}

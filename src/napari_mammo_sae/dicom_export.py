@@ -288,6 +288,15 @@ def _measurement(value: str, meaning: str, number: float, unit: str = "1", unit_
     )
 
 
+def _intervention_measurements(iv: InterventionSummary, extent: Any) -> list:
+    """The head's answer after an intervention, and its extent (neurons or feature cells)."""
+    return [
+        _measurement("P-INTERV", "Concept probability after intervention", iv.probability),
+        _measurement("LOGIT-INTERV", "Concept logit after intervention", iv.logit),
+        extent,
+    ]
+
+
 def _region_groups(header: Any, iv: InterventionSummary, concept: Any, algorithm: Any) -> list:
     """A region intervention: one planar-ROI group per box (its rectangle on the source image),
     each with the probability and logit after switching off everything under *all* the boxes."""
@@ -312,13 +321,9 @@ def _region_groups(header: Any, iv: InterventionSummary, concept: Any, algorithm
                 referenced_region=region,
                 finding_type=concept,
                 algorithm_id=algorithm,
-                measurements=[
-                    _measurement(
-                        "P-INTERV", "Concept probability after intervention", iv.probability
-                    ),
-                    _measurement("LOGIT-INTERV", "Concept logit after intervention", iv.logit),
-                    _measurement("CELLS-INTERV", "Feature cells switched off", iv.cells),
-                ],
+                measurements=_intervention_measurements(
+                    iv, _measurement("CELLS-INTERV", "Feature cells switched off", iv.cells)
+                ),
             )
         )
     return out
@@ -407,13 +412,9 @@ def build_report(header: Any, inp: ExportInput, neurons, scores, scales, seg=Non
                 finding_type=concept,
                 algorithm_id=algorithm,
                 source_images=source,
-                measurements=[
-                    _measurement(
-                        "P-INTERV", "Concept probability after intervention", iv.probability
-                    ),
-                    _measurement("LOGIT-INTERV", "Concept logit after intervention", iv.logit),
-                    _measurement("N-INTERV", "Neurons in the intervention", len(iv.neurons)),
-                ],
+                measurements=_intervention_measurements(
+                    iv, _measurement("N-INTERV", "Neurons in the intervention", len(iv.neurons))
+                ),
             )
         )
     observer = hd.sr.ObservationContext(

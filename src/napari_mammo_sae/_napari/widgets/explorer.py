@@ -99,7 +99,6 @@ class NeuronExplorer(mw.Container):
         self._used = "class_mean"  # the ranking the last run used
         # the layer steps of a run go in inside one layers batch with the window's repaints held
         self._batch = C.QuietBatch(napari_viewer, self.native)
-        self._later_batch = C.QuietBatch(napari_viewer, self.native)
         self._shown_neuron: int | None = None  # the neuron whose layers are visible
         self.shown_at: float | None = None  # perf_counter when a run's overlays were last shown
         self._queue: list | None = None  # the running open-analysis's targets (it takes appends)
@@ -336,22 +335,27 @@ class NeuronExplorer(mw.Container):
 
     def run_blocking(self, timeout_s: float = 600.0) -> str:
         """Run and wait (for scripts such as the demo); returns the status line."""
+        if self.run() is not None:
+            self.wait_idle(timeout_s)
+        return self.probability.value or self.status.value
+
+    def wait_idle(self, timeout_s: float = 600.0) -> None:
+        """Wait until no analysis runs, its layers are in and no open-analysis is owed - in a real
+        event loop, so timers fire on time and Qt's deferred deletes run (scripts, benchmarks)."""
         import time
 
         from qtpy.QtCore import QEventLoop, QTimer
 
-        worker = self.run()
-        if worker is not None:  # a real event loop: timers fire on time, deferred deletes run
-            loop = QEventLoop()
-            t0 = time.time()
-            timer = QTimer()
-            timer.timeout.connect(
-                lambda: loop.quit() if not self.is_busy() or time.time() - t0 > timeout_s else None
-            )
-            timer.start(10)
-            loop.exec()
-            timer.stop()
-        return self.probability.value or self.status.value
+        def idle() -> bool:
+            return not (self.is_busy() or self._open_scheduled or self._open_again)
+
+        loop, timer, t0 = QEventLoop(), QTimer(), time.time()
+        timer.timeout.connect(
+            lambda: loop.quit() if idle() or time.time() - t0 > timeout_s else None
+        )
+        timer.start(10)
+        loop.exec()
+        timer.stop()
 
     def _done(self, value: tuple) -> None:
         models, results, used = value
@@ -489,7 +493,7 @@ class NeuronExplorer(mw.Container):
             return [b.begin, *steps, b.end, b.release], []
         # the hidden layers, while the reader looks: each in a batch of its own over three turns
         # (insert; scene graph; repaint), so no turn holds both an insert and a repaint
-        lb = self._later_batch
+        lb = self._batch  # closed and released by then: the same batch, opened per layer
         rest = [
             s for step in [*later, self._boxes_on_top] for s in (lb.begin, step, lb.end, lb.release)
         ]
@@ -498,7 +502,7 @@ class NeuronExplorer(mw.Container):
     @property
     def _batching(self) -> bool:
         """True while a layers batch of a run's layer steps is open."""
-        return self._batch.open or self._later_batch.open
+        return self._batch.open
 
     def _put_layer(self, lname: str, spec: tuple, vmax: float, stack: bool) -> None:
         """Update the overlay layer ``lname`` in place, or build it and queue its insertion.
@@ -550,13 +554,12 @@ class NeuronExplorer(mw.Container):
             step()
         except Exception as exc:  # a layer step must never take the viewer down
             self._pending.clear()
-            for batch in (self._batch, self._later_batch):
-                try:
-                    batch.end()
-                except Exception:  # noqa: BLE001 - already failing: report the first error
-                    pass
-                finally:
-                    batch.release()
+            try:
+                self._batch.end()
+            except Exception:  # noqa: BLE001 - already failing: report the first error
+                pass
+            finally:
+                self._batch.release()
             self._fail(f"could not show the overlays: {exc}")
             self._finished()
             return
