@@ -275,6 +275,32 @@ def test_sparse_and_dense_latent_storage(setup, records):
         st.columns([8])
 
 
+def test_kept_latent_buffer_is_reused_and_never_leaks_into_a_result(setup, records):
+    clf, _ = setup
+    sae = _sae(_feature_dim(clf), -0.02)
+    an = Analyzer(clf, sae, size=SIZE, device="cpu")
+    first = an.analyse(records[0], neurons=[3])
+    buffer = an._workspace
+    assert buffer is not None and buffer.shape == (24, M)
+    kept = (first.latents.toarray().copy(), first.pooled_latents.copy(), first.cam.copy())
+    second = an.analyse(records[1], neurons=[3])
+    assert an._workspace is buffer  # the same buffer, not a fresh one per image
+    for got, want in zip(
+        (first.latents.toarray(), first.pooled_latents, first.cam), kept, strict=True
+    ):
+        np.testing.assert_array_equal(got, want)  # the second encode did not overwrite the first
+    fmap = torch.from_numpy(second.features.copy())  # the backbone features the analyzer used
+    with torch.no_grad():
+        z = sae.encode(fmap.reshape(fmap.shape[0], -1).T)
+    np.testing.assert_array_equal(second.latents.toarray(), z.numpy())
+    # while another thread holds the buffer, an encode gets a fresh array
+    assert an._take_workspace(z[:, :1]) is not None
+    try:
+        assert an._take_workspace(z[:, :1]) is None
+    finally:
+        an._workspace_lock.release()
+
+
 def test_analyse_path_times_decode_and_has_no_patient_data(setup, records, files):
     clf, sae = setup
     an = Analyzer(clf, sae, size=SIZE, device="cpu")

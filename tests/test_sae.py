@@ -210,3 +210,19 @@ def test_batchtopk_threshold_is_saved_and_an_old_file_without_one_is_refused_in_
     # ReLU and TopK state dicts carry no threshold (bundled weights unchanged)
     assert "threshold" not in SparseAutoencoder(D, M).state_dict()
     assert "threshold" not in SparseAutoencoder(D, M, kind="topk", k=4).config()
+
+
+def test_encode_into_a_kept_buffer_gives_the_same_latents():
+    g = torch.Generator().manual_seed(0)
+    sae = SparseAutoencoder(16, 48, generator=g).eval()
+    x = torch.randn(10, 16, generator=g)
+    out = torch.full((10, 48), float("nan"))
+    with torch.no_grad():
+        want = sae.encode(x)
+        got = sae.encode(x, out=out)
+    assert got is out and torch.equal(got, want) and (got >= 0).all()
+    # recording gradients, or a buffer of the wrong shape: a fresh array, the buffer untouched
+    spare = torch.full((10, 48), -1.0)
+    assert sae.encode(x, out=spare) is not spare and (spare == -1).all()
+    with torch.no_grad():
+        assert sae.encode(x, out=torch.empty(9, 48)).shape == (10, 48)

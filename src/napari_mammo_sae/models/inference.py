@@ -149,11 +149,12 @@ class PositionLatents:
                 return cls(shape, dense=z.half().cpu().numpy())
             values = torch.flatten(z)[flat_t].float().cpu().numpy()
             return cls._csr_from_flat(shape, flat_t.cpu().numpy(), values)
-        zn = z.detach().float().numpy()
-        if np.count_nonzero(zn) > max_density * zn.size:
+        flat_z = torch.flatten(z.detach().float())
+        flat_t = flat_z.nonzero().reshape(-1)  # torch's is ~3x numpy's flatnonzero here
+        if flat_t.numel() > max_density * flat_z.numel():
             return cls(shape, dense=z.detach().half().numpy())  # torch converts fast
-        flat = np.flatnonzero(zn)
-        return cls._csr_from_flat(shape, flat, zn.reshape(-1)[flat])
+        flat = flat_t.numpy()
+        return cls._csr_from_flat(shape, flat, flat_z.numpy()[flat])
 
     @classmethod
     def _csr_from_flat(cls, shape, flat: np.ndarray, values: np.ndarray) -> PositionLatents:
@@ -539,6 +540,8 @@ class Analyzer:
         self._runtime: Any = None
         self._runtime_digest = ""
         self._runtime_lock = threading.Lock()
+        self._workspace: torch.Tensor | None = None
+        self._workspace_lock = threading.Lock()
 
     @classmethod
     def from_weights(
@@ -803,9 +806,36 @@ class Analyzer:
         t0 = time.perf_counter()
         C, h, w = fmap.shape
         tokens = fmap.to(self.device).reshape(C, h * w).T
-        with torch.inference_mode(), self._autocast():
-            z = self.sae.encode(tokens)
-        z = z.float()
+        # a ReLU SAE's latents go into one kept (P, m) buffer: the fresh arrays otherwise made per
+        # image (91 MB each for 1,392 positions x 16,384 latents) cost page faults every view
+        workspace = self._take_workspace(tokens) if self._hooked is None else None
+        try:
+            with torch.inference_mode(), self._autocast():
+                z = self.sae.encode(tokens, out=workspace)
+            z = z.float()
+            return self._sae_result(z, (h, w), t0, progress)
+        finally:
+            if workspace is not None:
+                self._workspace_lock.release()
+
+    def _take_workspace(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """The kept latent buffer for ``tokens`` (lock held; release it), or None when in use,
+        when the SAE computes in another precision or is not a ReLU SAE."""
+        if self.sae.kind != "relu" or self.dtype != torch.float32:
+            return None
+        if not self._workspace_lock.acquire(blocking=False):
+            return None  # another thread is encoding: it gets a fresh array
+        shape = (tokens.shape[0], self.sae.d_latent)
+        ws = self._workspace
+        if ws is None or ws.shape != shape or ws.device != tokens.device:
+            ws = self._workspace = torch.empty(shape, dtype=torch.float32, device=tokens.device)
+        return ws
+
+    def _sae_result(
+        self, z: torch.Tensor, grid: tuple[int, int], t0: float, progress: Progress | None
+    ) -> _SaeResult:
+        """Compact latents, their mean and the CAM of float32 ``z`` (which is not kept)."""
+        h, w = grid
         self._sync()
         t_enc = time.perf_counter() - t0
         pooled_z = z.mean(0).cpu().numpy().astype(np.float32)

@@ -247,8 +247,27 @@ class SparseAutoencoder(nn.Module):
                 local = comm.all_gather_cat(local)
             return local.topk(min(n, local.numel())).values[-1].clamp_min(0.0)
 
-    def encode(self, x: torch.Tensor, *, batch_select: bool | None = None) -> torch.Tensor:
-        """Latents z (..., m) of inputs x (..., d) (BatchTopK: see :meth:`activate`)."""
+    def encode(
+        self, x: torch.Tensor, *, batch_select: bool | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Latents z (..., m) of inputs x (..., d) (BatchTopK: see :meth:`activate`).
+
+        ``out``: a (B, m) buffer of x's dtype and device to write a ReLU SAE's latents of 2-D ``x``
+        into, in place and without gradients (the same numbers: ``linear`` is this ``addmm``), so
+        that repeated encodes reuse one buffer instead of two fresh (B, m) arrays each; ignored for
+        the other kinds, for other shapes and when gradients are recorded.
+        """
+        if (
+            out is not None
+            and self.kind == "relu"
+            and x.dim() == 2
+            and out.shape == (x.shape[0], self.d_latent)
+            and out.dtype == x.dtype == self.W_enc.dtype
+            and out.device == x.device
+            and not torch.is_grad_enabled()
+        ):
+            torch.addmm(self.b_enc, x - self.b_dec, self.W_enc.t(), out=out)
+            return out.relu_()
         return self.activate(self.pre_activation(x), batch_select=batch_select)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
