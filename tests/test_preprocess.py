@@ -88,6 +88,20 @@ def test_to_uint8_inverts_monochrome1():
     assert to_uint8(px, "MONOCHROME1").dtype == np.uint8
 
 
+def test_to_uint8_in_row_blocks_equals_mammoclips_whole_image_formula():
+    # 3,000 rows of 700: three row blocks; the formula on the whole image, as their numpy code
+    rng = np.random.default_rng(3)
+    px = (rng.random((3000, 700)) * 4095 + 17).astype(np.float32)
+    px[2999, 699] = 4200.5  # the extremes in the last block
+    px[2998, 0] = 3.25
+    for photometric in ("MONOCHROME2", "MONOCHROME1"):
+        img = np.amax(px) - px if photometric == "MONOCHROME1" else px.copy()
+        img -= np.min(img)
+        img /= np.max(img)
+        want = (img * 255).astype(np.uint8)
+        np.testing.assert_array_equal(to_uint8(px, photometric), want)
+
+
 def test_to_uint8_refuses_constant_image():
     with pytest.raises(UnsupportedImageError, match="single grey value"):
         to_uint8(np.full((4, 4), 7.0, np.float32))

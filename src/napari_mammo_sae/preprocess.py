@@ -126,20 +126,25 @@ def border_crop(pixels: np.ndarray, border: int = BORDER) -> np.ndarray:
 def to_uint8(pixels: np.ndarray, photometric: str = "MONOCHROME2") -> np.ndarray:
     """MONOCHROME1 inversion, min-max to [0, 1], times 255, cast to uint8 truncating (float32)."""
     data = np.asarray(pixels, dtype=np.float32)
-    if photometric == "MONOCHROME1":
-        data = np.amax(data) - data  # new array, ours to modify
-        shifted = data
-        shifted -= np.min(data)
-    else:
-        shifted = data - np.min(data)
-    top = np.max(shifted)
+    hi, lo = np.max(data), np.min(data)
+    # float32 rounding is monotonic, so the min and max of the shifted image are the shifted min
+    # and max: MONOCHROME1's ``max - x`` has minimum exactly 0 (nothing to subtract) and maximum
+    # ``max - min``. That lets the image go through in row blocks of ~1M pixels, with the same
+    # operations in the same order, instead of a float32 copy of the whole image.
+    mono1 = photometric == "MONOCHROME1"
+    top = hi - lo
     if not top > 0:
         raise UnsupportedImageError(
             "the image has a single grey value: there is nothing to analyse; check the file"
         )
-    shifted /= top
-    shifted *= 255
-    return shifted.astype(np.uint8)
+    out = np.empty(data.shape, dtype=np.uint8)
+    step = max(1, (1 << 20) // max(1, data.shape[-1]))
+    for r in range(0, data.shape[0], step):
+        block = hi - data[r : r + step] if mono1 else data[r : r + step] - lo
+        block /= top
+        block *= 255
+        np.copyto(out[r : r + step], block, casting="unsafe")  # truncating, as astype(uint8)
+    return out
 
 
 def run_scores(on: np.ndarray) -> np.ndarray:
@@ -266,12 +271,11 @@ def _apply_taps(
         if not w.any():
             continue  # adding exact zeros changes nothing
         idx = np.minimum(start + k, n_in - 1)
+        # x's taps converted to ``dtype`` and weighted in one pass (the same float products)
         if axis == 0:
-            term = x[idx].astype(dtype)
-            term *= w[:, None]
+            term = np.multiply(x[idx], w[:, None], dtype=dtype)
         else:
-            term = x[:, idx].astype(dtype)
-            term *= w[None, :]
+            term = np.multiply(x[:, idx], w[None, :], dtype=dtype)
         if out is None:
             out = term
         else:
