@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     w.sae_path.value = tmp / "sae"
     w.device.value = "cpu"
     w.k.value = 10
+    w.on_open.value = False  # the open-then-Run flow first (on by default; timed apart below)
 
     opened: list[float] = []
     all_in: list[float] = []

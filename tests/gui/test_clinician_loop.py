@@ -148,6 +148,7 @@ def viewer(make_napari_viewer, tmp_path, monkeypatch):
 
 
 def _run(explorer, qtbot):
+    explorer.wait_idle(300)  # an image the reader just opened is being analysed on open
     worker = explorer.run()
     assert worker is not None, explorer.last_error
     qtbot.waitUntil(lambda: not explorer.is_busy(), timeout=300_000)

@@ -312,6 +312,7 @@ def test_bad_inputs_notify_and_never_crash(make_napari_viewer, exam, tmp_path, m
     notification_manager.notification_ready.connect(seen.append)
     viewer = make_napari_viewer()
     w = NeuronExplorer(viewer)
+    w.on_open.value = False  # this is about Run with bad inputs, not the analysis on open
     assert w.run() is None  # no image layer
     viewer.open(str(next((exam / "data" / "images").iterdir())), plugin=PLUGIN)
     w.source.value = Source.files
@@ -681,12 +682,17 @@ def test_analyse_on_open_takes_the_views_as_the_reader_adds_them(viewer, exam, q
     from napari_mammo_sae.models.inference import Analyzer
 
     w = _explorer(viewer, exam, qtbot, k=2)
+    assert w.on_open.value is True  # on by default: the overlays come with the exam, as CAD's do
+    w.on_open.value = False
     viewer.layers.clear()
     files = sorted(next((exam / "data" / "images").iterdir()).glob("*.dicom"))
     assert len(files) == 4
     viewer.open(str(files[0]), plugin=PLUGIN)  # the option is off: nothing runs
     qtbot.wait(50)
     assert w.worker is None and not w.session.results
+    from napari_mammo_sae._napari.widgets import _common
+
+    assert _common.load_settings()["analyse_on_open"] is False  # remembered off
     w.on_open.value = True
     viewer.layers.clear()
     release = threading.Event()
@@ -704,10 +710,11 @@ def test_analyse_on_open_takes_the_views_as_the_reader_adds_them(viewer, exam, q
     qtbot.waitUntil(lambda: w.worker is not None, timeout=10_000)
     viewer.open([str(f) for f in files[1:]], plugin=PLUGIN)
     assert len(w._queue) == 4  # the running analysis took the three later views
+    worker = w.worker
+    assert w.run() is None and w.worker is worker  # no second run beside it
+    assert "analysis is running" in w.status.value
     release.set()
     qtbot.waitUntil(lambda: not w.is_busy() and not w._open_scheduled, timeout=120_000)
-    from napari_mammo_sae._napari.widgets import _common
-
     assert _common.load_settings()["analyse_on_open"] is True  # remembered
     monkeypatch.setattr(Analyzer, "analyse", analyse)
     assert w.last_error is None, w.last_error

@@ -120,7 +120,7 @@ class NeuronExplorer(mw.Container):
         # a CAD-like habit: the overlays come with the exam, no Run needed
         self.on_open = mw.CheckBox(
             text="analyse every view as an exam opens",
-            value=bool(settings.get("analyse_on_open", False)),
+            value=bool(settings.get("analyse_on_open", True)),
         )
         self.source = mw.ComboBox(label="model", choices=C.choices(Source))
         tip = "a checkpoint (.pth, .pt), or any file inside one of our weights folders"
@@ -244,6 +244,9 @@ class NeuronExplorer(mw.Container):
 
         from ...errors import MammoSAEError
 
+        if self.is_busy():  # e.g. the analysis of an exam being opened (the Run button is off)
+            self.status.value = "an analysis is running: wait for it, or Cancel it"
+            return None
         targets = self.targets(every_view)
         if not targets:
             C.notify_error(
@@ -335,6 +338,7 @@ class NeuronExplorer(mw.Container):
 
     def run_blocking(self, timeout_s: float = 600.0) -> str:
         """Run and wait (for scripts such as the demo); returns the status line."""
+        self.wait_idle(timeout_s)  # an analysis of views being opened may be running
         if self.run() is not None:
             self.wait_idle(timeout_s)
         return self.probability.value or self.status.value
