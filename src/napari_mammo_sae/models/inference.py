@@ -143,18 +143,14 @@ class PositionLatents:
     ) -> PositionLatents:
         """Store (P, m) latents: CSR float32 if the non-zero fraction is <= max_density."""
         shape = (int(z.shape[0]), int(z.shape[1]))
-        if z.device.type != "cpu":  # find the non-zeros on the device, move only those
-            flat_t = torch.flatten(z).nonzero().reshape(-1)
-            if flat_t.numel() > max_density * z.numel():
-                return cls(shape, dense=z.half().cpu().numpy())
-            values = torch.flatten(z)[flat_t].float().cpu().numpy()
-            return cls._csr_from_flat(shape, flat_t.cpu().numpy(), values)
-        flat_z = torch.flatten(z.detach().float())
-        flat_t = flat_z.nonzero().reshape(-1)  # torch's is ~3x numpy's flatnonzero here
+        # the non-zeros are found where z lives (torch's nonzero is also ~3x numpy's flatnonzero
+        # on a CPU), and only they move
+        flat_z = torch.flatten(z.detach())
+        flat_t = flat_z.nonzero().reshape(-1)
         if flat_t.numel() > max_density * flat_z.numel():
-            return cls(shape, dense=z.detach().half().numpy())  # torch converts fast
-        flat = flat_t.numpy()
-        return cls._csr_from_flat(shape, flat, flat_z.numpy()[flat])
+            return cls(shape, dense=z.detach().half().cpu().numpy())
+        values = flat_z[flat_t].float().cpu().numpy()
+        return cls._csr_from_flat(shape, flat_t.cpu().numpy(), values)
 
     @classmethod
     def _csr_from_flat(cls, shape, flat: np.ndarray, values: np.ndarray) -> PositionLatents:
