@@ -197,6 +197,7 @@ def test_intervened_probability_equals_the_core_closed_form(viewer, exam, qtbot)
     assert set(viewer.layers.selection) == selected
     qtbot.waitUntil(lambda: viewer.window._qt_window.updatesEnabled(), timeout=10_000)
     assert not viewer.window._qt_viewer.canvas._pause_scene_graph
+    assert cam in viewer.window._qt_viewer.controls.widgets  # its panel, a turn after the insert
     # the widget's fast CAM equals the core's for both modes and for large sets
     for how, ns in [
         ("remove", list(neurons)),
@@ -438,9 +439,14 @@ def test_overlay_batch_always_ends_even_when_a_layer_step_fails(viewer, exam, qt
     seen = []
     insert = type(w)._insert_layer
 
+    controls = viewer.window._qt_viewer.controls
+    no_controls_yet = []
+
     def recording_insert(self, layer):
         seen.append(window.updatesEnabled())  # repaints are held while the overlays go in
         insert(self, layer)
+        # napari's layer-controls panel is built in a step of its own, after the insert
+        no_controls_yet.append(layer in viewer.layers and layer not in controls.widgets)
 
     # on the class: a magicgui Container treats instance attributes as its widgets
     monkeypatch.setattr(type(w), "_insert_layer", recording_insert)
@@ -449,8 +455,14 @@ def test_overlay_batch_always_ends_even_when_a_layer_step_fails(viewer, exam, qt
     # the shown neuron's layer, then (after the overlays are shown) the hidden rank's: each insert
     # with the window's repaints held
     assert seen == [False, False]
+    assert no_controls_yet == [True, True]
+    overlays = w._overlay_layers()
+    assert len(overlays) == 2 and all(lay in controls.widgets for lay in overlays)
+    viewer.layers.selection.active = overlays[0]  # selecting one shows its own panel
+    assert controls.currentWidget() is controls.widgets[overlays[0]]
     assert not w._batching and not canvas._pause_scene_graph and window.updatesEnabled()
     w.remove_overlays()
+    assert not any(lay in controls.widgets for lay in overlays)
 
     def broken(self, layer):
         raise RuntimeError("boom")

@@ -536,8 +536,9 @@ class NeuronExplorer(mw.Container):
         self._pending.insert(0, lambda: self._insert_layer(lay))
 
     def _insert_layer(self, layer: Any) -> None:
-        """Add a built overlay on top, leaving the user's layer selection as it was."""
-        C.append_without_selecting(self.viewer, layer)
+        """Add a built overlay on top, leaving the user's layer selection as it was; its layer
+        controls follow in the next step."""
+        self._pending.insert(0, C.append_without_selecting(self.viewer, layer, controls_later=True))
 
     def _boxes_on_top(self) -> None:
         """Annotation boxes stay above the heatmaps."""
