@@ -669,7 +669,7 @@ def test_overlays_are_shown_before_the_hidden_ranks_layers_go_in(viewer, exam, q
 def test_interleaved_batches_hold_the_window_until_the_last_release(viewer):
     """The explorer's hidden-layer inserts and the interventions' CAM insert interleave: one's
     release must not let the window repaint inside the other's insert."""
-    from napari_mammo_sae._napari.widgets._common import QuietBatch
+    from napari_mammo_sae._napari.inserts import QuietBatch
 
     window = viewer.window._qt_window
     first, second = QuietBatch(viewer), QuietBatch(viewer)

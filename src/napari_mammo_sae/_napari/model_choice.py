@@ -259,8 +259,12 @@ def analyse_layers(
     target_class: int,
     k: int,
     shapes: list[np.ndarray],
+    label_db: Any = None,
 ) -> tuple[Any, dict[str, ImageResult], str]:
-    """Worker body (no Qt): load models, analyse each (name, record, placement), rank, score boxes."""
+    """Worker body (no Qt): load models, analyse each (name, record, placement), rank, score boxes.
+
+    ``label_db``: opened once at the end, so the dock's first read of the verdicts (imports and a
+    schema check, 270 ms) does not land on the GUI thread."""
     from ..analysis.localisation import box_agreement
     from ..errors import MammoSAEError
     from .layers import shapes_to_boxes
@@ -301,4 +305,11 @@ def analyse_layers(
                 else float("nan")
             )
         results[name] = ImageResult(name, analysis, placement, top, scores, maps, ious, boxes)
+    if label_db is not None:
+        from ..labels import LabelStore
+
+        try:
+            LabelStore(label_db).close()
+        except Exception:  # noqa: BLE001 - the table says '?' when the database cannot be read
+            pass
     return models, results, used

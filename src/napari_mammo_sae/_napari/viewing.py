@@ -29,6 +29,7 @@ VIEW_KEYS = {"F1": "R CC", "F2": "L CC", "F3": "R MLO", "F4": "L MLO"}
 HANGING_KEY, OVERLAYS_KEY, RESET_KEY, MAGNIFIER_KEY = "F5", "H", "W", "M"
 MAGNIFIER = "mammo_sae_magnifier"  # metadata key of the loupe layer
 VIEW_COPY = "mammo_sae_view_copy"  # metadata key of a one-view copy of a boxes layer
+OVERLAY_KEY = "mammo_sae"  # metadata key of the neuron explorer's heatmap layers
 DRAG_UNITS_PER_PIXEL = 1 / 400  # a 400-pixel drag moves the window by the image's value range
 
 _STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -49,6 +50,20 @@ def mammogram_layers(viewer: Any) -> list[Any]:
         for lay in viewer.layers
         if lay._type_string == "image" and "record" in lay.metadata and "placement" in lay.metadata
     ]
+
+
+def annotation_shapes(viewer: Any) -> list[np.ndarray]:
+    """Every rectangle/polygon of the viewer's annotation Shapes layers (world coords): not the
+    planted-marker layer, not one-view copies of boxes already counted."""
+    shapes = []
+    for lay in viewer.layers:
+        if lay._type_string != "shapes" or VIEW_COPY in lay.metadata:
+            continue
+        name = lay.name.lower()
+        if "confounder" in name or "marker" in name or lay.metadata.get(OVERLAY_KEY) == "marker":
+            continue
+        shapes.extend(np.asarray(s) for s in lay.data)
+    return shapes
 
 
 def file_window(layer: Any) -> tuple[float, float]:
@@ -263,7 +278,7 @@ class Workstation:
                 copies += self._boxes_of(lay, target, views)
             elif self._owner(lay, views) not in (target, None):
                 lay.visible = False
-        from .widgets._common import append_without_selecting as append_quietly
+        from .inserts import append_without_selecting as append_quietly
 
         for copy in copies:
             append_quietly(self.viewer, copy)
@@ -331,7 +346,7 @@ class Workstation:
         self.magnifier.bounding_box.visible = True
         self.magnifier.bounding_box.points = False
         self.magnifier.bounding_box.line_color = "#ffcc00"
-        from .widgets._common import append_without_selecting as append_quietly
+        from .inserts import append_without_selecting as append_quietly
 
         append_quietly(self.viewer, self.magnifier)
         self.magnify(self.viewer.cursor.position)
@@ -410,7 +425,7 @@ class Workstation:
                              contrast_limits=o.contrast_limits, metadata={MAGNIFIER: True},
                              interpolation2d="nearest", scale=scale, translate=translate)  # fmt: skip
                 self._loupe_heat[id(o)] = copy
-                from .widgets._common import append_without_selecting
+                from .inserts import append_without_selecting
 
                 append_without_selecting(self.viewer, copy)
             else:

@@ -21,14 +21,14 @@ import numpy as np
 from magicgui import widgets as mw
 from qtpy.QtWidgets import QStyledItemDelegate
 
+from .. import inserts
 from .. import layers as L
 from .. import model_choice as mc
 from ..model_choice import Concept, Layer, Ranking, Source, TargetClass, Variant
-from ..viewing import VIEW_COPY, install, mammogram_layers
+from ..viewing import OVERLAY_KEY, annotation_shapes, install, mammogram_layers
 from . import _common as C
 
 CLASS_LABELS = {TargetClass.present: "1 (finding present)", TargetClass.absent: "0 (absent)"}
-OVERLAY_KEY = "mammo_sae"
 COLUMNS = ("rank", "neuron", "score", "logit contrib.", "max act.", "box IoU", "verdict")
 
 
@@ -59,34 +59,6 @@ def _existing(path: Any) -> str:
     return text if text and Path(text).exists() else ""
 
 
-def annotation_shapes(viewer: Any) -> list[np.ndarray]:
-    """Every rectangle/polygon of the viewer's annotation Shapes layers (world coords)."""
-    shapes = []
-    for lay in viewer.layers:
-        if lay._type_string != "shapes":
-            continue
-        name = lay.name.lower()
-        if "confounder" in name or "marker" in name or lay.metadata.get(OVERLAY_KEY) == "marker":
-            continue
-        if VIEW_COPY in lay.metadata:  # a one-view copy of boxes that are already counted
-            continue
-        shapes.extend(np.asarray(s) for s in lay.data)
-    return shapes
-
-
-def _analyse(label_db: Any, *args: Any, **kwargs: Any) -> Any:
-    """The worker: the analysis, then a first open of the verdict database (imports and schema
-    check took 270 ms, on the GUI thread when the table was first filled)."""
-    out = yield from mc.analyse_layers(*args, **kwargs)
-    try:
-        from ...labels import LabelStore
-
-        LabelStore(label_db).close()
-    except Exception:  # noqa: BLE001 - the table says '?' when the database cannot be read
-        pass
-    return out
-
-
 class NeuronExplorer(mw.Container):
     """Dock widget: choose image, model, concept, class, k and ranking; Run; inspect the top neurons."""
 
@@ -98,7 +70,7 @@ class NeuronExplorer(mw.Container):
         self._pending: list = []
         self._used = "class_mean"  # the ranking the last run used
         # the layer steps of a run go in inside one layers batch with the window's repaints held
-        self._batch = C.QuietBatch(napari_viewer, self.native)
+        self._batch = inserts.QuietBatch(napari_viewer, self.native)
         self._shown_neuron: int | None = None  # the neuron whose layers are visible
         self.shown_at: float | None = None  # perf_counter when a run's overlays were last shown
         self._queue: list | None = None  # the running open-analysis's targets (it takes appends)
@@ -262,8 +234,8 @@ class NeuronExplorer(mw.Container):
         s.concept, s.variant = self.concept.value.name, self.variant.value.value
         s.target_class, s.ranking = int(self.target.value), self.ranking.value.name
         self.worker = create_worker(
-            _analyse, s.label_db, targets, choice, ranking=s.ranking, target_class=s.target_class,
-            k=self.k.value, shapes=annotation_shapes(self.viewer),
+            mc.analyse_layers, targets, choice, ranking=s.ranking, target_class=s.target_class,
+            k=self.k.value, shapes=annotation_shapes(self.viewer), label_db=s.label_db,
             # no napari progress bar: its status-bar spinner animates for as long as one is open,
             # and under software OpenGL every frame recomposites the whole window - about 4.5
             # CPU-seconds taken from the backbone over a four-view run. The status line below
@@ -538,7 +510,9 @@ class NeuronExplorer(mw.Container):
     def _insert_layer(self, layer: Any) -> None:
         """Add a built overlay on top, leaving the user's layer selection as it was; its layer
         controls follow in the next step."""
-        self._pending.insert(0, C.append_without_selecting(self.viewer, layer, controls_later=True))
+        self._pending.insert(
+            0, inserts.append_without_selecting(self.viewer, layer, controls_later=True)
+        )
 
     def _boxes_on_top(self) -> None:
         """Annotation boxes stay above the heatmaps."""

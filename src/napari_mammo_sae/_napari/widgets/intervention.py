@@ -23,7 +23,8 @@ from magicgui.widgets import ComboBox, Container, Label, LineEdit, Slider, SpinB
 from qtpy.QtCore import QTimer
 
 from .. import layers as L
-from ._common import choices, get_session, insert_in_turns, keep_alive, notify_error
+from ..inserts import insert_in_turns
+from ._common import choices, get_session, keep_alive, notify_error
 
 CAM_KEY = "mammo_sae_cam"
 

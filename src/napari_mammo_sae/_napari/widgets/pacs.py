@@ -29,7 +29,8 @@ from magicgui.widgets import (
     Table,
 )
 
-from ._common import get_session, insert_in_turns, keep_alive, notify_error, notify_info
+from ..inserts import insert_in_turns
+from ._common import get_session, keep_alive, notify_error, notify_info
 
 log = logging.getLogger(__name__)
 
@@ -264,9 +265,10 @@ class PacsDock(Container):
             )
             return
         data, kwargs, kind = self._pending.pop(0)
-        insert_in_turns(self.viewer, Layer.create(data, kwargs, kind), self.native, self._failed)
         self._opened += 1
-        QTimer.singleShot(30, self._add_next)
+        # the next view once this one is in (its turns done): "opened" means every view is in
+        insert_in_turns(self.viewer, Layer.create(data, kwargs, kind), self.native, self._failed,
+                        on_done=lambda: QTimer.singleShot(0, self._add_next))  # fmt: skip
 
     def cancel(self, *_: Any) -> None:
         """Stop the retrieve after the image in flight (what arrived stays cached)."""
@@ -413,7 +415,7 @@ def export_analysis_dialog(viewer: Any) -> None:
     from qtpy.QtWidgets import QFileDialog, QInputDialog
 
     from ...pacs.settings import load_settings
-    from ._common import main_window
+    from ..inserts import main_window
 
     if not get_session(viewer).results:
         notify_error("nothing to export: analyse an image with the Neuron explorer first")
