@@ -255,3 +255,60 @@ def test_the_outbox_sends_in_order_and_keeps_what_the_store_refuses(tmp_path):
             create_study(store, "s1", sae_hash=SAE, concept="mass", neurons={1: "given"},
                          readers=["ann"])  # fmt: skip
             StudyReader(store, "s1", outbox)
+
+
+def test_what_the_labelling_dock_shows_is_built_without_qt(tmp_path, monkeypatch):
+    from napari_mammo_sae.labels import reading
+
+    monkeypatch.setattr("napari_mammo_sae.labels.outbox.default_outbox_path",
+                        lambda: tmp_path / "out.sqlite")  # fmt: skip
+    db = tmp_path / "s.sqlite"
+    with LabelStore(db) as store:
+        # free labelling: history newest first, counts, Cohen's kappa, verdicts vs the boxes
+        for rater in ("ann", "bob"):
+            store.add("free", 1, "clinical", rater, "on the cluster" if rater == "ann" else "")
+            store.add("free", 2, "spurious", rater)
+        store.add("free", 2, "clinical", "ann", image_uid="1.2.840.123456789")  # one image only
+        lines, text = reading.neuron_texts(store, "free", 1, box_iou={1: 0.6, 2: 0.0, 3: np.nan})
+        assert [line.split("  ")[1] for line in lines] == [
+            "bob: clinical",
+            "ann: clinical - on the cluster",
+        ]
+        assert lines[0][10] == " " and lines[0][16:22] == " UTC  "  # "YYYY-MM-DD HH:MM UTC  "
+        assert reading.neuron_texts(store, "free", 2)[0][0].endswith(
+            "ann: clinical [image ...23456789]"
+        )
+        assert text.splitlines() == [
+            "verdicts: clinical 2, spurious 2, unsure 0",
+            "Cohen's kappa ann vs bob: 1.00 (2 neurons)",
+            "vs box agreement (IoU >= 0.25 = on lesion), 2 neurons: 100% agree, kappa 1.00; "
+            "clinical on/off 1/0, spurious on/off 0/1",
+        ]
+        store.add("free", 1, "unsure", "cy")
+        assert "Fleiss' kappa, 3 raters: " in reading.neuron_texts(store, "free", 1)[1]
+        assert "kappa: needs a second rater" in reading.agreement_text(store, "other")
+        # a study: blinded until the reader's own verdict, the study's agreement, progress
+        create_study(store, "s1", sae_hash=SAE, concept="mass",
+                     neurons=choose_neurons(given=[3, 8]), readers=["ann", "bob"])  # fmt: skip
+        store.add(SAE, 8, "clinical", "bob", study="s1")
+    reader = reading.open_reader(db, "s1", "ann")
+    try:
+        lines, text = reading.neuron_texts(reader.store, SAE, 8, reader)
+        assert lines == [] and "Krippendorff's alpha" in text and "the dock hides them" in text
+        assert reading.progress_text(reader) == "<b>0 of 2</b> neurons in study s1"
+        reader.record(8, "spurious")
+        lines, _ = reading.neuron_texts(reader.store, SAE, 8, reader)
+        assert [line.split("  ")[1] for line in lines] == ["ann: spurious", "bob: clinical"]
+        reader.record(3, "clinical")
+        done = reading.progress_text(reader)
+        assert done == "<b>2 of 2</b> neurons in study s1 - all done, thank you"
+    finally:
+        reader.store.close()
+    with pytest.raises(StudyError, match="not one of the readers"):
+        reading.open_reader(db, "s1", "zed")
+    # the address the dock keeps: never with a password
+    assert reading.without_password("postgresql://ann:secret@db:5432/labels") == (
+        "postgresql://ann@db:5432/labels"
+    )
+    assert reading.without_password("postgresql://ann@db/labels") is None
+    assert reading.without_password(str(db)) is None

@@ -330,6 +330,56 @@ def test_a_password_typed_into_the_url_is_never_kept(make_napari_viewer, setting
     assert "Hunter2-secret" not in _common.settings_path().read_text()
 
 
+def test_the_file_buttons_open_dialogs_and_use_the_chosen_file(
+    make_napari_viewer, settings, monkeypatch
+):
+    import magicgui.widgets
+    from qtpy.QtWidgets import QFileDialog
+
+    from napari_mammo_sae._napari.widgets import labelling
+
+    w = _widget(make_napari_viewer(), settings / "f.sqlite", sae=SAE)
+    w.record("clinical")
+    asked, answers = [], iter([str(settings / "out.csv"), str(settings / "out.csv"), None])
+
+    def dialog(mode, caption, start, filter, parent=None):
+        asked.append((mode, caption, start, filter))
+        return next(answers)
+
+    monkeypatch.setattr(magicgui.widgets, "show_file_dialog", dialog)
+    export, import_ = w.io
+    export.native.click()
+    assert "exported 1 verdicts to out.csv" in w.saved.text()
+    import_.native.click()
+    assert "imported 0 new verdicts from out.csv" in w.saved.text()
+    sae_browse = w.form[3][1]
+    sae_browse.native.click()  # cancelled: nothing hashed
+    assert w.worker is None and w.sae.text() == SAE
+    assert asked == [
+        ("w", "Export verdicts", "verdicts.csv", "CSV (*.csv)"),
+        ("r", "Import verdicts", "", "CSV (*.csv)"),
+        ("r", "SAE weights", "", "SAE weights (*.safetensors *.pt *.pth)"),
+    ]
+    # the database: a save dialog that opens an existing file without asking to overwrite it
+    seen = []
+
+    class SaveDialog:  # stands in for QFileDialog in the widget's module (Qt's class untouched)
+        Option = QFileDialog.Option
+
+        @staticmethod
+        def getSaveFileName(*args, **kwargs):  # noqa: N802 - Qt's name
+            seen.append(kwargs)
+            return str(settings / "g.sqlite"), ""
+
+    monkeypatch.setattr(labelling, "QFileDialog", SaveDialog)
+    w.form[0][1].native.click()
+    assert (
+        w.db_path.text() == str(settings / "g.sqlite")
+        and w.session.label_db == settings / "g.sqlite"
+    )
+    assert seen[0]["options"] == QFileDialog.Option.DontConfirmOverwrite
+
+
 def test_a_reader_outside_the_study_is_told_so(make_napari_viewer, settings, qtbot):
     from napari_mammo_sae.labels.study import create_study
 

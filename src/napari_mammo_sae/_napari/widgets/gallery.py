@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from magicgui.widgets import Container, FileEdit, Label, PushButton, SpinBox
 
+from ...errors import MammoSAEError
 from ..gallery_tiles import Tile, draw_tiles, gallery_tiles  # noqa: F401 - Tile for users
 from ._common import (
     get_session,
@@ -53,9 +54,7 @@ class NeuronGallery(Container):
                                "probe .npz or its folder (default: the explorer's)", filter="*.npz")  # fmt: skip
         self.store_path = path("store", "gallery_store", "r",
                                "feature store .h5 (optional: no backbone reruns)", filter="*.h5 *.hdf5")  # fmt: skip
-        self.neuron = SpinBox(
-            label="neuron", min=0, max=1 << 20, value=int(self.session.neuron or 0)
-        )
+        self.neuron = SpinBox(label="neuron", max=1 << 20, value=int(self.session.neuron or 0))
         self.neuron.native.setKeyboardTracking(False)
         self.count = SpinBox(label="crops", min=1, max=16, value=12)
         self.show_button = PushButton(text="show gallery")
@@ -92,14 +91,14 @@ class NeuronGallery(Container):
         path = Path(text)
         if path.is_dir():
             if not s.sae_hash:
-                raise _Refused("a probe folder needs the explorer's SAE: choose the .npz file")
+                raise MammoSAEError("a probe folder needs the explorer's SAE: choose the .npz file")
             found = find_probe(path, s.sae_hash, s.concept)
             if found is None:
-                raise _Refused(f"no probe for this SAE and {s.concept} in {path.name}")
+                raise MammoSAEError(f"no probe for this SAE and {s.concept} in {path.name}")
             path = found
         result = load_probe(path)
         if s.sae_hash and result.sae_sha256 != s.sae_hash:
-            raise _Refused(f"{path.name} was made for another SAE than the explorer's")
+            raise MammoSAEError(f"{path.name} was made for another SAE than the explorer's")
         return result
 
     # --- loading --------------------------------------------------------------------------------
@@ -107,13 +106,10 @@ class NeuronGallery(Container):
         """Load the neuron's tiles in a worker; returns the worker (None when refused)."""
         from napari.qt.threading import create_worker
 
-        from ...errors import MammoSAEError
-
-        s = self.session
         neuron = int(self.neuron.value)
         try:
             probe = self.probe()
-        except (_Refused, MammoSAEError) as exc:
+        except MammoSAEError as exc:  # an input it cannot use, a probe file it cannot read
             return self._refuse(str(exc))
         if probe is None:
             return self._refuse(
@@ -128,7 +124,7 @@ class NeuronGallery(Container):
         data = Path(path_text(self.data_dir))
         if not path_text(self.data_dir) or not (data / "images").is_dir():
             return self._refuse("choose the dataset folder (it holds images/<study>/<image>)")
-        analyzer = s.models.analyzer if s.models is not None else None
+        analyzer = getattr(self.session.models, "analyzer", None)  # None: no explorer run yet
         store = path_text(self.store_path) or None
         if analyzer is None and store is None:
             return self._refuse(
@@ -142,11 +138,10 @@ class NeuronGallery(Container):
         self.last_error = None
         self.status.value = f"loading neuron {neuron}..."
         self._shown_neuron = neuron
-        self.worker = create_worker(
+        self.worker = worker = create_worker(
             gallery_tiles, neuron, probe, data, self.count.value, analyzer=analyzer,
             store_path=store, _progress={"desc": f"gallery: neuron {neuron}"},
         )  # fmt: skip
-        worker = self.worker
         worker.returned.connect(lambda tiles, n=neuron, w=worker: self._draw(n, tiles, w))
         worker.errored.connect(lambda exc, w=worker: self._failed(exc, w))
         keep_alive(worker)
@@ -159,7 +154,6 @@ class NeuronGallery(Container):
             self.worker = None
         self.status.value = message
         self.last_error = message
-        return None
 
     def _failed(self, exc: Exception, worker: Any) -> None:
         if worker is self.worker:
@@ -211,12 +205,7 @@ class NeuronGallery(Container):
         )  # fmt: skip
         self.viewer.layers.selection.active = image
         # centre the view on the strongest cell
-        i, j = t.cell
         scale, translate = np.asarray(transform["scale"]), np.asarray(transform["translate"])
-        self.viewer.camera.center = tuple(translate + scale * np.array([i, j]))
+        self.viewer.camera.center = tuple(translate + scale * np.asarray(t.cell))
         notify_info(f"opened {t.path.name} with neuron {neuron}")
         return [*layers, overlay]
-
-
-class _Refused(Exception):
-    """An input the gallery cannot use (shown in its status line)."""

@@ -2,8 +2,9 @@
 
 Keyboard (on the canvas, whatever layer is active, and in this widget): 1 clinical, 2 spurious,
 3 unsure, ] next neuron, [ previous neuron. The form is built from magicgui widgets (a verdict
-enum drives the buttons); the history list and the password prompt stay plain Qt, which magicgui
-has no read-only list or masked prompt for.
+enum drives the buttons) and uses magicgui's file dialogs; the history list, the password prompt
+and the database file dialog stay plain Qt, which magicgui has no read-only list, masked prompt or
+save dialog without an overwrite question (an existing database is opened, not replaced) for.
 
 Where verdicts go: the "database" field takes an SQLite file (the default; written and committed
 before "saved" is shown) or a ``postgresql://USER@HOST:PORT/DATABASE`` URL (no password in it: the
@@ -25,7 +26,7 @@ import collections
 import contextlib
 import enum
 import functools
-import math
+import html
 import os
 import weakref
 from datetime import UTC, datetime
@@ -49,6 +50,7 @@ from qtpy.QtWidgets import (
 from ...errors import DatabaseAuthError
 from ...labels import LabelStore, default_path
 from ...labels.db import URL_ENV, is_server_url
+from ...labels.reading import neuron_texts, open_reader, progress_text, without_password
 from ._common import get_session, keep_alive, load_settings, notify_error, save_settings
 
 
@@ -60,13 +62,14 @@ class VerdictChoice(enum.Enum):
     unsure = "unsure"
 
 
-KEYS = {"1": "clinical", "2": "spurious", "3": "unsure", "]": +1, "[": -1}
-KEY_NAMES = {"1": "clinical", "2": "spurious", "3": "unsure", "]": "next", "[": "previous"}
+KEYS = {"1": "clinical", "2": "spurious", "3": "unsure", "]": "next", "[": "previous"}
+STEPS = {"next": +1, "previous": -1}
+KEYS_BY_VERDICT = {v: k for k, v in KEYS.items() if v not in STEPS}
 VERDICT_COLOURS = {"clinical": "#34c759", "spurious": "#ff3b30", "unsure": "#ffcc00"}
+RED, AMBER = "#ff453a", "#ff9f0a"  # the status line: not saved / queued
 
 # live widgets by id (a viewer's key press finds the widget docked in that viewer)
 _LIVE: dict[int, weakref.ref] = {}
-_USER_KEYS_INSTALLED = False
 
 
 def _live_widget(viewer: Any) -> LabellingWidget | None:
@@ -86,10 +89,7 @@ def _fallback(viewer: Any, key: str) -> None:
     from napari.utils.key_bindings import coerce_keybinding
 
     kb = coerce_keybinding(key)
-    layer = viewer.layers.selection.active
-    for parent in (layer, viewer):
-        if parent is None:
-            continue
+    for parent in (p for p in (viewer.layers.selection.active, viewer) if p is not None):
         maps = [parent.keymap] + [getattr(c, "class_keymap", {}) for c in type(parent).__mro__]
         for keymap in maps:
             func = keymap.get(kb)
@@ -100,67 +100,48 @@ def _fallback(viewer: Any, key: str) -> None:
                 return
 
 
-def _on_user_key(key: str) -> None:
-    """A key of ours pressed on a canvas: act in that viewer's labelling widget."""
-    import napari
-
-    viewer = napari.current_viewer()
-    if viewer is None:
-        return
-    w = _live_widget(viewer)
-    if w is None:
-        _fallback(viewer, key)
-    else:
-        w.key_action(key)
-
-
-def _install_user_keys() -> None:
-    """Bind our keys in napari's user keymap: it takes precedence over the active layer's keys
-    (an image layer uses 1/2 for its modes), so 1/2/3 record verdicts whatever layer is active."""
-    global _USER_KEYS_INSTALLED
-    if _USER_KEYS_INSTALLED:
-        return
+def _install_user_keys(install: bool = True) -> None:
+    """Bind our keys in napari's user keymap (``install=False``: take them out again). It takes
+    precedence over the active layer's keys (an image layer uses 1/2 for its modes), so 1/2/3
+    record verdicts whatever layer is active. Binding again is harmless (overwrite)."""
     try:
-        from napari.utils.key_bindings import USER_KEYMAP, bind_key
+        from napari.utils.key_bindings import USER_KEYMAP, bind_key, coerce_keybinding
 
         for key in KEYS:
-            bind_key(USER_KEYMAP, key, _named(_on_user_key, key), overwrite=True)
-        _USER_KEYS_INSTALLED = True
+            if install:
+                bind_key(USER_KEYMAP, key, _on_key(key), overwrite=True)
+            else:
+                USER_KEYMAP.pop(coerce_keybinding(key), None)  # type: ignore[attr-defined]
     except Exception:  # noqa: BLE001 - older/newer napari: the viewer bindings still work
         pass
 
 
 def _forget(widget_id: int, *_: Any) -> None:
     """A labelling widget was destroyed; give the keys back to napari when none is left."""
-    global _USER_KEYS_INSTALLED
     _LIVE.pop(widget_id, None)
-    if _LIVE or not _USER_KEYS_INSTALLED:
-        return
-    try:
-        from napari.utils.key_bindings import USER_KEYMAP, coerce_keybinding
-
-        for key in KEYS:
-            USER_KEYMAP.pop(coerce_keybinding(key), None)  # type: ignore[attr-defined]
-    except Exception:  # noqa: BLE001
-        pass
-    _USER_KEYS_INSTALLED = False
+    if not _LIVE:
+        _install_user_keys(install=False)
 
 
-def _named(func: Any, key: str) -> Any:
-    """``func`` with ``key`` bound, as a plain function (napari's keymaps read ``__name__``)."""
+def _on_key(key: str) -> Any:
+    """What napari calls for ``key`` (a plain function: its keymaps read ``__name__``): act in
+    that viewer's labelling widget. A viewer's keymap passes the viewer; the user keymap passes
+    nothing (the current viewer, and without a widget there the key does what it does in napari).
+    """
 
-    def bound(*args: Any) -> None:
-        func(key, *args)
+    def on_key(viewer: Any = None) -> None:
+        import napari
 
-    bound.__name__ = f"mammo_sae_label_key_{KEY_NAMES[key]}"
-    bound.__doc__ = f"napari-mammo-sae labelling: {KEYS[key]}"
-    return bound
+        target = viewer if viewer is not None else napari.current_viewer()
+        w = _live_widget(target)
+        if w is not None:
+            w.key_action(key)
+        elif viewer is None and target is not None:
+            _fallback(target, key)
 
-
-def _viewer_key(key: str, viewer: Any) -> None:
-    w = _live_widget(viewer)
-    if w is not None:
-        w.key_action(key)
+    on_key.__name__ = f"mammo_sae_label_key_{KEYS[key]}"
+    on_key.__doc__ = f"napari-mammo-sae labelling: {KEYS[key]}"
+    return on_key
 
 
 def ask_password(parent: QWidget, question: str) -> str | None:
@@ -209,7 +190,7 @@ class LabellingWidget(QWidget):
         sae_browse.max_width = 28
         sae_browse.tooltip = "hash an SAE weights file (model.safetensors or a .pt)"
         prev_b, next_b = PushButton(text="[ prev"), PushButton(text="next ]")
-        self.form_neuron = SpinBox(value=0, min=0, max=1 << 20, label="neuron")
+        self.form_neuron = SpinBox(value=int(self.session.neuron or 0), max=1 << 20, label="neuron")
         self.form_per_image = CheckBox(text="about this image only", value=False)
         self.form_per_image.tooltip = (
             "store the verdict for the explorer's current image (its SOPInstanceUID) instead of "
@@ -224,7 +205,9 @@ class LabellingWidget(QWidget):
         import_ = PushButton(text="import CSV...")
 
         def row(*widgets, label=""):
-            return Container(widgets=list(widgets), layout="horizontal", labels=False, label=label)
+            c = Container(widgets=list(widgets), layout="horizontal", labels=False, label=label)
+            c.margins = (0, 0, 0, 0)
+            return c
 
         self.form = Container(
             widgets=[
@@ -239,11 +222,7 @@ class LabellingWidget(QWidget):
                 self.form_progress,
             ]
         )
-        for c in self.form:
-            if isinstance(c, Container):
-                c.margins = (0, 0, 0, 0)
-        self.io = Container(widgets=[export, import_], layout="horizontal", labels=False)
-        self.io.margins = (0, 0, 0, 0)
+        self.io = row(export, import_)
 
         # Qt handles the rest of the code (and older scripts and tests) use
         self.db_path = self.form_db.native
@@ -254,8 +233,6 @@ class LabellingWidget(QWidget):
         self.sae.setPlaceholderText("from the explorer, or paste a hash / pick the SAE file")
         self.neuron = self.form_neuron.native
         self.neuron.setKeyboardTracking(False)
-        if self.session.neuron is not None:
-            self.neuron.setValue(int(self.session.neuron))
         self.per_image = self.form_per_image.native
         self.note = self.form_note.native
         self.note.setPlaceholderText("optional note")
@@ -276,23 +253,23 @@ class LabellingWidget(QWidget):
         self.agreement.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
 
         layout = QVBoxLayout(self)
-        layout.addWidget(self.form.native)
-        layout.addWidget(self.saved)
-        layout.addWidget(QLabel("<b>history of this neuron</b>"))
-        layout.addWidget(self.history)
-        layout.addWidget(QLabel("<b>agreement</b>"))
-        layout.addWidget(self.agreement)
-        layout.addWidget(self.io.native)
+        for part in [self.form.native, self.saved, QLabel("<b>history of this neuron</b>"),
+                     self.history, QLabel("<b>agreement</b>"), self.agreement,
+                     self.io.native]:  # fmt: skip
+            layout.addWidget(part)
         layout.addStretch(1)
 
         for verdict, b in self.verdict_buttons.items():
             b.changed.connect(lambda _=None, v=verdict: self.record(v))
         prev_b.changed.connect(lambda _=None: self.step(-1))
         next_b.changed.connect(lambda _=None: self.step(+1))
-        export.changed.connect(lambda _=None: self._export_dialog())
-        import_.changed.connect(lambda _=None: self._import_dialog())
-        db_browse.changed.connect(lambda _=None: self._db_dialog())
-        sae_browse.changed.connect(lambda _=None: self._sae_dialog())
+        csv = "CSV (*.csv)"
+        export.changed.connect(self._pick(self.export_csv, "Export verdicts", csv, "verdicts.csv"))
+        import_.changed.connect(self._pick(self.import_csv, "Import verdicts", csv))
+        sae_browse.changed.connect(
+            self._pick(self.hash_sae, "SAE weights", "SAE weights (*.safetensors *.pt *.pth)")
+        )
+        db_browse.changed.connect(self._db_dialog)
         open_study.changed.connect(lambda _=None: self.open_study())
         close_study.changed.connect(lambda _=None: self.close_study())
         self.neuron.valueChanged.connect(self._spin_changed)
@@ -318,23 +295,22 @@ class LabellingWidget(QWidget):
             shortcut.setContext(Qt.ShortcutContext.WidgetWithChildrenShortcut)
             shortcut.activated.connect(functools.partial(self.key_action, key))
             # the viewer's own keymap (used when no layer is active) ...
-            self.viewer.bind_key(key, _named(_viewer_key, key), overwrite=True)
+            self.viewer.bind_key(key, _on_key(key), overwrite=True)
         # ... and napari's user keymap, which wins over the active layer's keys
         _install_user_keys()
 
     def key_action(self, key: str) -> None:
         """What a key does: 1/2/3 record a verdict, ] and [ move to the next/previous neuron."""
         action = KEYS[key]
-        if isinstance(action, str):
-            self.record(action)
+        if action in STEPS:
+            self.step(STEPS[action])
         else:
-            self.step(action)
+            self.record(action)
 
     def step(self, step: int) -> int:
         """Next (+1) / previous (-1) neuron: the study queue, else the explorer's list, else ids."""
         if self.reader is not None:
-            order = self.reader.order
-            cur = self.neuron.value()
+            order, cur = self.reader.order, self.neuron.value()
             i = order.index(cur) if cur in order else -1
             self.neuron.setValue(order[(i + step) % len(order)])
         elif self.session.top_neurons:
@@ -360,10 +336,8 @@ class LabellingWidget(QWidget):
 
     def image_uid(self) -> str | None:
         """SOPInstanceUID of the explorer's current image when 'this image only' is ticked."""
-        if not self.per_image.isChecked():
-            return None
         cur = self.session.current
-        if cur is None:
+        if not self.per_image.isChecked() or cur is None:
             return None
         uid = getattr(cur.analysis, "sop_instance_uid", "") or ""
         if not uid and cur.placement is not None:
@@ -376,23 +350,13 @@ class LabellingWidget(QWidget):
         self.refresh()
 
     def _db_changed(self) -> None:
-        text = self.db_path.text().strip()
-        if is_server_url(text):
-            from sqlalchemy.engine import make_url
-
-            try:
-                url = make_url(text)
-            except Exception:  # noqa: BLE001 - parse_target says what is wrong when it is used
-                url = None
-            if url is not None and url.password is not None:
-                # never kept in the field or the settings: ask for it instead when connecting
-                self.db_path.setText(
-                    url._replace(password=None).render_as_string(hide_password=False)
-                )
-                self.saved.setText(
-                    "the password was taken out of the database URL: it is asked for when needed "
-                    "and kept in memory only"
-                )
+        bare = without_password(self.db_path.text())
+        if bare is not None:  # never kept in the field or the settings: asked for when connecting
+            self.db_path.setText(bare)
+            self.saved.setText(
+                "the password was taken out of the database URL: it is asked for when needed "
+                "and kept in memory only"
+            )
         target = self.target()
         if self.reader is not None and str(target) != str(self.session.label_db):
             self.close_study()
@@ -450,8 +414,30 @@ class LabellingWidget(QWidget):
         worker.start()
 
     def _op_failed(self, exc: BaseException) -> None:
-        self.saved.setText(f"<span style='color:#ff453a'>{_html(str(exc))}</span>")
+        self._say(str(exc))
         notify_error(str(exc))
+
+    def _run(self, fn: Any, on_done: Any, on_error: Any) -> Any:
+        """``fn()`` in the background for a study or a server (the viewer never waits on the
+        network); for a local file at once, returning its result (None when it failed)."""
+        if self.reader is not None or self.is_server():
+            self._submit(fn, on_done, on_error)
+            return None
+        try:
+            result = fn()
+        except Exception as exc:  # StoreError, a bad path: shown, never raised into the viewer
+            on_error(exc)
+            return None
+        on_done(result)
+        return result
+
+    def _say(self, text: str, mark: str = "", colour: str = RED, tip: str = "") -> None:
+        """The status line: ``text`` after ``mark`` (an HTML entity) in ``colour``, or all of it
+        in ``colour`` without a mark; ``tip`` is its tooltip."""
+        text = html.escape(text, quote=False)
+        span = f"<span style='color:{colour}'>{mark or text}</span>"
+        self.saved.setText(f"{span} {text}" if mark else span)
+        self.saved.setToolTip(tip)
 
     def busy(self) -> bool:
         """Whether database work is queued or running (tests and scripts wait on it)."""
@@ -466,24 +452,13 @@ class LabellingWidget(QWidget):
             return
         self.study_id.setText(study_id)
         save_settings(study=study_id)
-        target, reader = self.target(), self.rater.text().strip() or None
-        password = self._password
+        reader = self.rater.text().strip() or None
+        opening = functools.partial(open_reader, self.target(), study_id, reader, self._password)
         self.progress.setText(f"opening study {study_id}...")
-
-        def work():
-            from ...labels.outbox import Outbox
-            from ...labels.study import StudyReader
-
-            store = LabelStore(target, password=password)
-            try:
-                return StudyReader(store, study_id, Outbox(), reader=reader)
-            except BaseException:
-                store.close()
-                raise
 
         def failed(exc: BaseException) -> None:
             if isinstance(exc, DatabaseAuthError) and self.is_server():
-                self.saved.setText(f"<span style='color:#ff453a'>{_html(str(exc))}</span>")
+                self._say(str(exc))
                 pw = ask_password(self, f"password for {self.db_path.text().strip()}")
                 if pw:
                     self._password = pw
@@ -492,7 +467,7 @@ class LabellingWidget(QWidget):
             self.progress.setText("no study open")
             self._op_failed(exc)
 
-        self._submit(work, self._study_opened, failed)
+        self._submit(opening, self._study_opened, failed)
 
     def _study_opened(self, reader: Any) -> None:
         from ...labels.study import StudyConsensus
@@ -509,8 +484,7 @@ class LabellingWidget(QWidget):
         self.session.concept = design.concept or self.session.concept
         self.session.study = StudyConsensus(reader.store, design.id, design.sae_hash)
         self._flush_timer.start()
-        nxt = reader.remaining()
-        self.neuron.setValue(nxt[0] if nxt else reader.order[0])
+        self.neuron.setValue((reader.remaining() or reader.order)[0])  # the first one still to do
         self._show_progress()
         self.saved.setText(f"study {design.id} open: {len(design.neurons)} neurons, blinded")
         self.refresh()
@@ -533,16 +507,8 @@ class LabellingWidget(QWidget):
             )
 
     def _show_progress(self) -> None:
-        if self.reader is None:
-            return
-        done, total = self.reader.progress()
-        waiting = self.reader.waiting()
-        text = f"<b>{done} of {total}</b> neurons in study {self.reader.design.id}"
-        if waiting:
-            text += f" - {waiting} queued, will be sent when the server is back"
-        elif done == total:
-            text += " - all done, thank you"
-        self.progress.setText(text)
+        if self.reader is not None:
+            self.progress.setText(progress_text(self.reader))
 
     def _record_in_study(self, verdict: str) -> None:
         reader, neuron, note = self.reader, self.neuron.value(), self.note.text()
@@ -554,21 +520,14 @@ class LabellingWidget(QWidget):
 
         def done(result: tuple[str, str]) -> None:
             status, _uid = result
-            when = datetime.now(UTC).strftime("%H:%M:%S")
-            colour = VERDICT_COLOURS[verdict]
             if status == "saved":
-                self.saved.setToolTip("")
-                self.saved.setText(
-                    f"<span style='color:{colour}'>&#10003;</span> saved {when} UTC: neuron "
-                    f"{neuron} {verdict} by {reader.reader}"
+                self._saved(verdict, neuron, reader.reader)
+            else:  # the tooltip says why
+                queued = (
+                    f"queued, will be sent: neuron {neuron} {verdict} - the server cannot take it "
+                    "now; it waits on this computer and goes out, in order, when the server is back"
                 )
-            else:
-                self.saved.setText(
-                    f"<span style='color:#ff9f0a'>&#8987;</span> queued, will be sent: neuron "
-                    f"{neuron} {verdict} - the server cannot take it now; it waits on this "
-                    "computer and goes out, in order, when the server is back"
-                )
-                self.saved.setToolTip(reader.last_error)
+                self._say(queued, "&#8987;", AMBER, tip=reader.last_error)
             if self.reader is reader:
                 nxt = reader.remaining()
                 if nxt and self.neuron.value() == neuron:
@@ -620,35 +579,25 @@ class LabellingWidget(QWidget):
         if self.is_server():
             self.saved.setText(f"sending neuron {neuron} {verdict}...")
 
-            def send() -> int:
-                with self.store() as store:
-                    return store.add(*args, **kwargs)
-
-            self._submit(send, lambda _row: self._saved(verdict, neuron, uid, rater),
-                         lambda exc: self._not_saved(exc))  # fmt: skip
-            return None
-        try:
+        def add() -> int:
             with self.store() as store:
-                row = store.add(*args, **kwargs)
-        except Exception as exc:  # StoreError: shown, never raised into the viewer
-            self._not_saved(exc)
-            return None
-        # add() returned: the row is committed and synced (synchronous=FULL)
-        self._saved(verdict, neuron, uid, rater)
-        return row
+                return store.add(*args, **kwargs)
 
-    def _saved(self, verdict: str, neuron: int, uid: str | None, rater: str) -> None:
-        where = " (this image)" if uid else ""
-        self.saved.setText(
-            f"<span style='color:{VERDICT_COLOURS[verdict]}'>&#10003;</span> saved "
-            f"{datetime.now(UTC).strftime('%H:%M:%S')} UTC: neuron {neuron} {verdict}{where} "
-            f"by {rater}"
-        )
-        self.note.clear()
-        self.session.verdicts_changed.emit()  # refreshes this widget and the explorer's table
+        def done(_row: int) -> None:
+            # add() returned: the row is committed (a local file: and synced, synchronous=FULL)
+            self._saved(verdict, neuron, rater, " (this image)" if uid else "")
+            self.note.clear()
+            self.session.verdicts_changed.emit()  # refreshes this widget and the explorer's table
+
+        return self._run(add, done, self._not_saved)
+
+    def _saved(self, verdict: str, neuron: int, rater: str, where: str = "") -> None:
+        when = datetime.now(UTC).strftime("%H:%M:%S")
+        text = f"saved {when} UTC: neuron {neuron} {verdict}{where} by {rater}"
+        self._say(text, "&#10003;", VERDICT_COLOURS[verdict])
 
     def _not_saved(self, exc: BaseException) -> None:
-        self.saved.setText(f"<span style='color:#ff453a'>NOT saved: {_html(str(exc))}</span>")
+        self._say(f"NOT saved: {exc}")
         notify_error(f"verdict not saved: {exc}")
 
     # --- history and agreement ----------------------------------------------------------------------
@@ -656,97 +605,44 @@ class LabellingWidget(QWidget):
         """Redraw history and agreement from the database (in the background for a server)."""
         sae = self.sae_hash()
         if not sae:
-            self.history.clear()
-            self.agreement.setText("no SAE yet: run the neuron explorer or enter the SAE")
+            self._show_texts(([], "no SAE yet: run the neuron explorer or enter the SAE"))
             return
-        neuron = self.neuron.value()
-        if self.reader is not None:
-            reader = self.reader
-            self._submit(lambda: self._texts(reader.store, sae, neuron, reader), self._show_texts,
-                         lambda exc: self.agreement.setText(f"label database unavailable: {exc}"))  # fmt: skip
-            return
-        if self.is_server():
+        neuron, reader, cur = self.neuron.value(), self.reader, self.session.current
+        box_iou = cur.box_iou if cur is not None else None  # verdicts vs the explorer's boxes
 
-            def work():
-                with self.store() as store:
-                    return self._texts(store, sae, neuron, None)
-
-            self._submit(work, self._show_texts,
-                         lambda exc: self.agreement.setText(f"label database unavailable: {exc}"))  # fmt: skip
-            return
-        try:
+        def texts() -> tuple[list[str], str]:
+            if reader is not None:
+                return neuron_texts(reader.store, sae, neuron, reader)
             with self.store() as store:
-                self._show_texts(self._texts(store, sae, neuron, None))
-        except Exception as exc:  # a bad path must not break the widget
-            self.history.clear()
-            self.agreement.setText(f"label database unavailable: {exc}")
+                return neuron_texts(store, sae, neuron, box_iou=box_iou)
 
-    def _texts(self, store: LabelStore, sae: str, neuron: int, reader: Any) -> tuple:
-        """(history lines, agreement text) - runs in a worker for a server."""
-        lines = []
-        rows = store.history(sae, neuron)
-        if reader is not None and not any(v.rater == reader.reader for v in rows):
-            # blinded: nothing of colleagues' before one's own verdict (the server enforces this
-            # for PostgreSQL studies; a local file cannot, so the dock does)
-            rows = []
-        for v in reversed(rows):
-            note = f" - {v.note}" if v.note else ""
-            where = f" [image ...{v.image_uid[-8:]}]" if v.image_uid else ""
-            when = v.created_utc[:16].replace("T", " ") + " UTC"
-            lines.append(f"{when}  {v.rater}: {v.verdict}{where}{note}")
-        if reader is not None:
-            return lines, self._study_agreement_text(store, reader)
-        return lines, self._agreement_text(store, sae)
+        self._run(texts, self._show_texts, self._unavailable)
 
-    def _show_texts(self, texts: tuple) -> None:
+    def _show_texts(self, texts: tuple[list[str], str]) -> None:
         lines, agreement = texts
         self.history.clear()
-        for line in lines:
-            self.history.addItem(line)
+        self.history.addItems(lines)
         self.agreement.setText(agreement)
 
-    def _study_agreement_text(self, store: LabelStore, reader: Any) -> str:
-        from ...labels.study import study_agreement
-
-        _design, stats = study_agreement(store, reader.design.id, n_bootstrap=200)
-        lines = [
-            "blinded: colleagues' verdicts on a neuron show once you have given yours"
-            + ("" if store.target.is_server else " (a local file: the dock hides them)"),
-            f"Fleiss' kappa {stats.fleiss.text()}",
-            f"Krippendorff's alpha {stats.krippendorff.text()}",
-        ]
-        if stats.cohen is not None:
-            lines.append(f"Cohen's kappa {stats.cohen.text()}")
-        return "\n".join(lines)
-
-    def _agreement_text(self, store: LabelStore, sae: str) -> str:
-        counts = store.counts(sae)
-        lines = ["verdicts: " + ", ".join(f"{k} {v}" for k, v in counts.items())]
-        raters = store.raters(sae)
-        if len(raters) == 2:
-            kappa, n = store.cohen_kappa(raters[0], raters[1], sae)
-            lines.append(f"Cohen's kappa {raters[0]} vs {raters[1]}: {_fmt(kappa)} ({n} neurons)")
-        elif len(raters) > 2:
-            kappa, n = store.fleiss_kappa(sae, raters)
-            lines.append(f"Fleiss' kappa, {len(raters)} raters: {_fmt(kappa)} ({n} neurons)")
-        else:
-            lines.append("kappa: needs a second rater")
-        cur = self.session.current
-        if cur is not None and cur.box_iou:
-            ious = {n: v for n, v in cur.box_iou.items() if not math.isnan(v)}
-            agree = store.box_agreement(sae, ious)
-            if agree["n"]:
-                t = agree["table"]
-                lines.append(
-                    f"vs box agreement (IoU >= 0.25 = on lesion), {agree['n']} neurons: "
-                    f"{100 * agree['agreement']:.0f}% agree, kappa {_fmt(agree['kappa'])}; "
-                    f"clinical on/off {t['clinical']['on']}/{t['clinical']['off']}, "
-                    f"spurious on/off {t['spurious']['on']}/{t['spurious']['off']}"
-                )
-        return "\n".join(lines)
+    def _unavailable(self, exc: BaseException) -> None:  # a bad path must not break the widget
+        self._show_texts(([], f"label database unavailable: {exc}"))
 
     # --- dialogs --------------------------------------------------------------------------------
-    def _db_dialog(self) -> None:
+    def _pick(self, then: Any, caption: str, filter: str, save_as: str = "") -> Any:
+        """A button's callback: magicgui's file dialog (a save dialog when given ``save_as``),
+        then ``then(path)`` when a file was chosen."""
+
+        def pick(*_: Any) -> None:
+            from magicgui.widgets import show_file_dialog
+
+            mode = "w" if save_as else "r"
+            path = show_file_dialog(mode, caption, save_as, filter, parent=self)
+            if path:
+                then(path)
+
+        return pick
+
+    def _db_dialog(self, *_: Any) -> None:
         start = "" if self.is_server() else self.db_path.text()
         path, _ = QFileDialog.getSaveFileName(
             self, "Label database", start, "SQLite (*.sqlite *.db)",
@@ -755,13 +651,6 @@ class LabellingWidget(QWidget):
         if path:
             self.db_path.setText(path)
             self._db_changed()
-
-    def _sae_dialog(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(
-            self, "SAE weights", "", "SAE weights (*.safetensors *.pt *.pth)"
-        )
-        if path:
-            self.hash_sae(path)
 
     def hash_sae(self, path: str | Path) -> Any:
         """Hash an SAE weights file in a worker thread; the field is filled when done."""
@@ -786,18 +675,6 @@ class LabellingWidget(QWidget):
     def _worker_done(self) -> None:
         self.worker = None
 
-    def _export_dialog(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(
-            self, "Export verdicts", "verdicts.csv", "CSV (*.csv)"
-        )
-        if path:
-            self.export_csv(path)
-
-    def _import_dialog(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Import verdicts", "", "CSV (*.csv)")
-        if path:
-            self.import_csv(path)
-
     def export_csv(self, path: str | Path) -> int:
         """Export every verdict of this database (that this user may read); returns the count."""
         try:
@@ -820,16 +697,3 @@ class LabellingWidget(QWidget):
         self.saved.setText(f"imported {n} new verdicts from {Path(path).name}")
         self.session.verdicts_changed.emit()
         return n
-
-
-KEYS_BY_VERDICT = {v: k for k, v in KEYS.items() if isinstance(v, str)}
-
-
-def _html(text: str) -> str:
-    import html
-
-    return html.escape(text, quote=False)
-
-
-def _fmt(value: float) -> str:
-    return "n/a" if value is None or math.isnan(value) else f"{value:.2f}"

@@ -25,10 +25,8 @@ N_MARKED, N_LABELLED = 10, 5
 
 def read_report(folder: str | Path | None) -> dict:
     """results.json of an evaluation report folder ({} when there is none or it is unreadable)."""
-    if not folder or not (Path(folder) / "results.json").is_file():
-        return {}
     try:
-        return json.loads((Path(folder) / "results.json").read_text())
+        return json.loads((Path(folder) / "results.json").read_text()) if folder else {}
     except (OSError, ValueError):
         return {}
 
@@ -41,11 +39,21 @@ def report_class_means(folder: Path, variant: str, concept: str) -> np.ndarray |
     try:
         with open(matches[0], newline="") as fh:
             rows = list(csv.DictReader(fh))
-        neg = np.array([float(r["mean_negative"]) for r in rows])
-        pos = np.array([float(r["mean_positive"]) for r in rows])
+        return np.array([[float(r[k]) for r in rows] for k in ("mean_negative", "mean_positive")])
     except (OSError, KeyError, ValueError):
         return None
-    return np.stack([neg, pos])
+
+
+def style(ax: Any, title: str, xlabel: str, ylabel: str, ncol: int) -> None:
+    """The dock's look: small type, the legend under the axes (``ncol`` columns), a light grid."""
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(
+        fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=ncol, frameon=False
+    )
+    ax.grid(alpha=0.25)
 
 
 class PlotsWidget(Container):
@@ -82,10 +90,8 @@ class PlotsWidget(Container):
         self._current_line: Any = None
         self._means: np.ndarray | None = None
         self._stale = False  # something changed while the dock was hidden
-        redraw.changed.connect(self.draw)
-        self.report.changed.connect(self.draw)
-        self.probe_path.changed.connect(self.draw)
-        self.curves.changed.connect(self.draw)
+        for control in (redraw, self.report, self.probe_path, self.curves):
+            control.changed.connect(self.draw)
         self.session.analysis_changed.connect(self._analysis_changed)
         self.session.neuron_changed.connect(self._neuron_changed)
         on_show(self.native, self._shown)
@@ -93,10 +99,9 @@ class PlotsWidget(Container):
 
     def _analysis_changed(self, _session: Any = None) -> None:
         # a matplotlib redraw costs the GUI thread 0.1-0.3 s: only when the dock can be seen
+        self._stale = True
         if self.native.isVisible():
-            self.draw()
-        else:
-            self._stale = True
+            self._shown()
 
     def _shown(self) -> None:
         """Draw what changed while the dock was hidden (a tab behind another, or closed)."""
@@ -185,8 +190,7 @@ class PlotsWidget(Container):
 
     def _draw_means(self, ax: Any, means: np.ndarray, counts: Any, title: str) -> dict:
         x = np.arange(means.shape[1])
-        n0 = f" (n={int(counts[0])})" if counts is not None else ""
-        n1 = f" (n={int(counts[1])})" if counts is not None else ""
+        n0, n1 = [f" (n={int(c)})" for c in counts] if counts is not None else ["", ""]
         ax.plot(x, means[0], color=NEGATIVE, lw=0.7, label=f"class 0, negative{n0}")
         ax.plot(x, means[1], color=POSITIVE, lw=0.7, alpha=0.85, label=f"class 1, positive{n1}")
         top = [int(n) for n in np.argsort(-means[1], kind="stable")[:N_MARKED]]
@@ -201,35 +205,23 @@ class PlotsWidget(Container):
             neuron if neuron is not None else 0, color="#333", lw=0.8, ls="--",
             label="current neuron", visible=neuron is not None and neuron < means.shape[1],
         )  # fmt: skip
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("SAE neuron", fontsize=8)
-        ax.set_ylabel("mean activation", fontsize=8)
-        ax.tick_params(labelsize=7)
         ax.margins(x=0.01, y=0.15)
-        ax.legend(
-            fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False
-        )
-        ax.grid(alpha=0.25)
+        style(ax, title, "SAE neuron", "mean activation", ncol=2)
         return {"means": 2, "marked": len(top)}
 
     def _draw_curves(self, ax: Any, rows: list[dict]) -> int:
-        n = 0
+        """One AUROC-vs-k curve per row (with its confidence band); returns how many."""
         for r in rows:
             au = np.asarray(r["auroc"], dtype=float)
-            if r.get("union_size"):
-                xs = np.asarray(r["union_size"], dtype=float)
-            else:  # categorical k
-                xs = np.arange(len(r["k"]), dtype=float)
+            # x: the size of the top-k union, else k as categories
+            xs = np.asarray(r.get("union_size") or np.arange(len(r["k"])), dtype=float)
             activated = r["mode"] == "activated"
             (line,) = ax.plot(xs, au, "o-" if activated else "s--", ms=3, lw=1,
                               color="#2ca02c" if activated else "#9467bd",
                               label=f"top-k {r['mode']}")  # fmt: skip
-            cis = r.get("auroc_ci")
-            if cis:
-                lo = np.array([c[0] if c else np.nan for c in cis], dtype=float)
-                hi = np.array([c[1] if c else np.nan for c in cis], dtype=float)
+            if cis := r.get("auroc_ci"):  # a bootstrap interval per k (None where undefined)
+                lo, hi = np.array([c or (np.nan, np.nan) for c in cis], dtype=float).T
                 ax.fill_between(xs, lo, hi, alpha=0.12, color=line.get_color(), lw=0)
-            n += 1
         if rows[0].get("baseline") is not None:
             ax.axhline(rows[0]["baseline"], color="grey", lw=0.8, ls=":", label="all latents")
         if rows[0].get("union_size"):
@@ -238,21 +230,16 @@ class PlotsWidget(Container):
             ax.set_xscale("symlog", linthresh=1)
             ax.set_xlim(0, max(float(np.nanmax(r["union_size"])) for r in rows) * 1.5)
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
-            ax.set_xlabel("neurons in the top-k union", fontsize=8)
+            xlabel = "neurons in the top-k union"
         else:
             ax.set_xticks(range(len(rows[0]["k"])))
             ax.set_xticklabels([str(k) for k in rows[0]["k"]], fontsize=7)
-            ax.set_xlabel("k", fontsize=8)
+            xlabel = "k"
         ax.axhline(0.5, color="k", lw=0.4)
         ax.set_ylim(0.0, 1.02)
-        ax.set_ylabel("test AUROC", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.set_title(f"test AUROC vs k\n{rows[0]['variant']} · {rows[0]['concept']}", fontsize=9)
-        ax.legend(
-            fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3, frameon=False
-        )
-        ax.grid(alpha=0.25)
-        return n
+        title = f"test AUROC vs k\n{rows[0]['variant']} · {rows[0]['concept']}"
+        style(ax, title, xlabel, "test AUROC", ncol=3)
+        return len(rows)
 
     def _neuron_changed(self, neuron: int) -> None:
         """Move the current-neuron marker (no full redraw)."""
