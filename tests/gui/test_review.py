@@ -733,3 +733,27 @@ def test_analyse_on_open_takes_the_views_as_the_reader_adds_them(viewer, exam, q
     names = [lay.name for lay in viewer.layers if "record" in lay.metadata]
     assert sorted(w.session.results) == sorted(names) and len(runs) == 1
     assert {lay.metadata["mammo_sae"]["image"] for lay in w._overlay_layers()} == set(names)
+
+
+def test_the_verdict_database_is_first_opened_by_the_worker_not_the_gui_thread(
+    viewer, exam, qtbot, monkeypatch
+):
+    """Its first open (imports, schema check: 270 ms) once landed on the GUI thread with the
+    table; the worker opens it after the analysis, even when no database was chosen (default)."""
+    import threading
+
+    from napari_mammo_sae.labels import store
+
+    w = _explorer(viewer, exam, qtbot, k=2)
+    assert w.session.label_db is None  # no labelling dock: the default database
+    opened = []
+    init = store.LabelStore.__init__
+
+    def recording_init(self, *args, **kwargs):
+        opened.append(threading.current_thread() is threading.main_thread())
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(store.LabelStore, "__init__", recording_init)
+    _run(w, qtbot)
+    monkeypatch.undo()
+    assert opened and opened[0] is False  # the first open: in the worker thread

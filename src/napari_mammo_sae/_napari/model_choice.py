@@ -259,12 +259,14 @@ def analyse_layers(
     target_class: int,
     k: int,
     shapes: list[np.ndarray],
+    open_labels: bool = False,
     label_db: Any = None,
 ) -> tuple[Any, dict[str, ImageResult], str]:
     """Worker body (no Qt): load models, analyse each (name, record, placement), rank, score boxes.
 
-    ``label_db``: opened once at the end, so the dock's first read of the verdicts (imports and a
-    schema check, 270 ms) does not land on the GUI thread."""
+    ``open_labels``: open the verdict database ``label_db`` (None: the default one) once at the
+    end, so the dock's first read of the verdicts (imports and a schema check, 270 ms) does not
+    land on the GUI thread."""
     from ..analysis.localisation import box_agreement
     from ..errors import MammoSAEError
     from .layers import shapes_to_boxes
@@ -305,7 +307,7 @@ def analyse_layers(
                 else float("nan")
             )
         results[name] = ImageResult(name, analysis, placement, top, scores, maps, ious, boxes)
-    if label_db is not None:
+    if open_labels:
         from ..labels import LabelStore
 
         try:

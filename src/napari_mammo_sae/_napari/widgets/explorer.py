@@ -235,7 +235,8 @@ class NeuronExplorer(mw.Container):
         s.target_class, s.ranking = int(self.target.value), self.ranking.value.name
         self.worker = create_worker(
             mc.analyse_layers, targets, choice, ranking=s.ranking, target_class=s.target_class,
-            k=self.k.value, shapes=annotation_shapes(self.viewer), label_db=s.label_db,
+            k=self.k.value, shapes=annotation_shapes(self.viewer), open_labels=True,
+            label_db=s.label_db,
             # no napari progress bar: its status-bar spinner animates for as long as one is open,
             # and under software OpenGL every frame recomposites the whole window - about 4.5
             # CPU-seconds taken from the backbone over a four-view run. The status line below
