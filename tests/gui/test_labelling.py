@@ -159,17 +159,58 @@ def test_keys_go_back_to_napari_when_the_widget_is_gone(make_napari_viewer, sett
         assert store.history("sae-abc") == []
 
 
-def test_csv_export_and_import_between_databases(make_napari_viewer, settings, qtbot):
+def test_csv_export_and_import_between_databases(make_napari_viewer, settings, monkeypatch):
+    import magicgui.widgets
+    from qtpy.QtWidgets import QFileDialog
+
+    from napari_mammo_sae._napari.widgets import labelling
+
+    asked, seen = [], []
+
+    def dialog(mode, caption, start, filter, parent=None):  # magicgui's file dialog, answered
+        asked.append((mode, caption, start, filter))
+        return None if caption == "SAE weights" else str(settings / "v.csv")
+
+    class SaveDialog:  # stands in for QFileDialog in the widget's module (Qt's class untouched)
+        Option = QFileDialog.Option
+
+        @staticmethod
+        def getSaveFileName(*args, **kwargs):  # noqa: N802 - Qt's name
+            seen.append((args[1:], kwargs))
+            return str(settings / "b.sqlite"), ""
+
+    monkeypatch.setattr(magicgui.widgets, "show_file_dialog", dialog)
+    monkeypatch.setattr(labelling, "QFileDialog", SaveDialog)
     viewer = _viewer_with_image(make_napari_viewer)
     a = _widget(viewer, settings / "a.sqlite", sae=SAE)
     a.record("clinical")
     a.note.setText("bright cluster")
     a.record("spurious")
     assert a.export_csv(settings / "v.csv") == 2
+    a.io[0].native.click()  # "export CSV...": the same through the dialog
+    assert "exported 2 verdicts to v.csv" in a.saved.text()
     b = _widget(viewer, settings / "b.sqlite", sae=SAE)
     assert b.import_csv(settings / "v.csv") == 2
-    assert b.import_csv(settings / "v.csv") == 0
+    b.io[1].native.click()  # "import CSV...": nothing new
+    assert "imported 0 new verdicts from v.csv" in b.saved.text()
     assert "spurious" in b.history.item(0).text() and "bright cluster" in b.history.item(0).text()
+    b.form[3][1].native.click()  # the SAE's "...", cancelled: nothing to hash
+    assert b.worker is None and b.sae.text() == SAE
+    assert asked == [
+        ("w", "Export verdicts", "verdicts.csv", "CSV (*.csv)"),
+        ("r", "Import verdicts", "", "CSV (*.csv)"),
+        ("r", "SAE weights", "", "SAE weights (*.safetensors *.pt *.pth)"),
+    ]
+    # the database's "...": a save dialog from the current file that opens an existing one
+    # without asking to overwrite it
+    b.form[0][1].native.click()
+    assert seen == [
+        (
+            ("Label database", str(settings / "b.sqlite"), "SQLite (*.sqlite *.db)"),
+            {"options": QFileDialog.Option.DontConfirmOverwrite},
+        )
+    ]
+    assert b.session.label_db == settings / "b.sqlite"
 
 
 def _alive(widget) -> bool:
@@ -328,56 +369,6 @@ def test_a_password_typed_into_the_url_is_never_kept(make_napari_viewer, setting
     saved = json.loads(_common.settings_path().read_text())
     assert saved["label_db"] == "postgresql://ann@127.0.0.1:5999/study"
     assert "Hunter2-secret" not in _common.settings_path().read_text()
-
-
-def test_the_file_buttons_open_dialogs_and_use_the_chosen_file(
-    make_napari_viewer, settings, monkeypatch
-):
-    import magicgui.widgets
-    from qtpy.QtWidgets import QFileDialog
-
-    from napari_mammo_sae._napari.widgets import labelling
-
-    w = _widget(make_napari_viewer(), settings / "f.sqlite", sae=SAE)
-    w.record("clinical")
-    asked, answers = [], iter([str(settings / "out.csv"), str(settings / "out.csv"), None])
-
-    def dialog(mode, caption, start, filter, parent=None):
-        asked.append((mode, caption, start, filter))
-        return next(answers)
-
-    monkeypatch.setattr(magicgui.widgets, "show_file_dialog", dialog)
-    export, import_ = w.io
-    export.native.click()
-    assert "exported 1 verdicts to out.csv" in w.saved.text()
-    import_.native.click()
-    assert "imported 0 new verdicts from out.csv" in w.saved.text()
-    sae_browse = w.form[3][1]
-    sae_browse.native.click()  # cancelled: nothing hashed
-    assert w.worker is None and w.sae.text() == SAE
-    assert asked == [
-        ("w", "Export verdicts", "verdicts.csv", "CSV (*.csv)"),
-        ("r", "Import verdicts", "", "CSV (*.csv)"),
-        ("r", "SAE weights", "", "SAE weights (*.safetensors *.pt *.pth)"),
-    ]
-    # the database: a save dialog that opens an existing file without asking to overwrite it
-    seen = []
-
-    class SaveDialog:  # stands in for QFileDialog in the widget's module (Qt's class untouched)
-        Option = QFileDialog.Option
-
-        @staticmethod
-        def getSaveFileName(*args, **kwargs):  # noqa: N802 - Qt's name
-            seen.append(kwargs)
-            return str(settings / "g.sqlite"), ""
-
-    monkeypatch.setattr(labelling, "QFileDialog", SaveDialog)
-    w.form[0][1].native.click()
-    assert (
-        w.db_path.text() == str(settings / "g.sqlite")
-        and w.session.label_db == settings / "g.sqlite"
-    )
-    assert seen[0]["options"] == QFileDialog.Option.DontConfirmOverwrite
 
 
 def test_a_reader_outside_the_study_is_told_so(make_napari_viewer, settings, qtbot):
