@@ -28,6 +28,14 @@ def _stop_like_ctrl_c(signum, frame):  # noqa: ARG001 - a signal handler's signa
 
 signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
 
+
+def pytest_unconfigure(config):  # noqa: ARG001 - pytest's hook signature
+    """The session's throw-away home goes with it (490 of them had piled up in /tmp)."""
+    import shutil
+
+    shutil.rmtree(_HOME, ignore_errors=True)
+
+
 # GUI tests load Mesa's libLLVM; torch's lazy triton import after that segfaults. The napari side
 # of the plugin guards against it on import: do it before any test creates a canvas.
 import napari_mammo_sae._napari  # noqa: E402,F401
