@@ -408,3 +408,26 @@ def test_a_url_with_a_password_is_refused_without_echoing_it():
     with pytest.raises(LabelDatabaseError, match="contains a password") as err:
         LabelStore("postgresql://ann:Sekr1t-pw@127.0.0.1:1/labels")
     assert "Sekr1t-pw" not in str(err.value)
+
+
+def test_switching_a_new_file_to_wal_waits_for_another_connection_then_gives_up(tmp_path):
+    """SQLite answers 'database is locked' at once while another connection holds the new file;
+    the switch retries until it is free, and past its wait raises as before."""
+    import threading
+    import time
+
+    from napari_mammo_sae.labels.db import check_wal
+
+    path = tmp_path / "new.sqlite"
+    holder = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+    holder.execute("CREATE TABLE t (x)")
+    holder.execute("BEGIN EXCLUSIVE")  # another viewer in the middle of its first use
+    conn = sqlite3.connect(str(path), timeout=0)
+    t0 = time.monotonic()
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        check_wal(conn, wait_s=0.3)
+    assert time.monotonic() - t0 >= 0.3  # it waited before giving up
+    threading.Timer(0.3, lambda: holder.execute("COMMIT")).start()  # the other connection finishes
+    assert check_wal(conn, wait_s=5.0) == "wal"
+    conn.close()
+    holder.close()

@@ -134,14 +134,28 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.close()
 
 
-def check_wal(dbapi_conn) -> str:
-    """Ask SQLite for WAL mode and return the journal mode it actually set ('wal' on success)."""
-    cur = dbapi_conn.cursor()
-    try:
-        row = cur.execute("PRAGMA journal_mode=WAL").fetchone()
-    finally:
-        cur.close()
-    return str(row[0]).lower() if row else ""
+def check_wal(dbapi_conn, wait_s: float = 10.0) -> str:
+    """Ask SQLite for WAL mode and return the journal mode it actually set ('wal' on success).
+
+    Switching a new file to WAL needs a moment alone with it, and SQLite can answer "database is
+    locked" at once, without its busy handler, while another connection converts or reads it
+    (several viewers opening a new database together): retried for up to ``wait_s`` seconds.
+    """
+    import sqlite3
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        cur = dbapi_conn.cursor()
+        try:
+            row = cur.execute("PRAGMA journal_mode=WAL").fetchone()
+            return str(row[0]).lower() if row else ""
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc).lower() or time.monotonic() > deadline:
+                raise
+        finally:
+            cur.close()
+        time.sleep(0.05)
 
 
 def _sqlite_begin(conn) -> None:
