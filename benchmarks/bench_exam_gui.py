@@ -20,7 +20,9 @@ loads the models and makes the ONNX export (not timed). Target (issue 13): <= 2.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -31,6 +33,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 # the explorer remembers the model paths it is given: keep the benchmark's temporary ones out of
 # the user's settings (and start from napari's defaults)
 os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="bench-exam-gui-settings-")
+atexit.register(shutil.rmtree, os.environ["XDG_CONFIG_HOME"], ignore_errors=True)
 WINDOW = (1600, 1000)
 
 
@@ -64,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     size = tuple(int(v) for v in args.size.lower().split("x"))
     tmp = Path(tempfile.mkdtemp(prefix="bench-exam-gui-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # ~365 MB of study and weights
     torch.manual_seed(0)
     static = size if args.arch.startswith("tf_efficientnet") else None
     clf = ConceptClassifier(create_backbone(args.arch, static_padding=static)).eval()

@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import statistics
 import sys
 import tempfile
@@ -32,6 +34,7 @@ def main() -> int:
 
     # napari restores its last window size from its settings: start from none
     os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="bench-gui-settings-")
+    atexit.register(shutil.rmtree, os.environ["XDG_CONFIG_HOME"], ignore_errors=True)
     import napari
     import numpy as np
     import torch
@@ -50,6 +53,7 @@ def main() -> int:
 
     torch.set_num_threads(2)
     tmp = Path(tempfile.mkdtemp(prefix="bench-gui-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     write_dataset(
         PhantomConfig(studies=2, seed=3, height=2800, width=2300, spacing_mm=0.1), tmp / "data"
     )
