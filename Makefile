@@ -50,6 +50,9 @@ demo: venv
 screenshots: system-deps venv
 	xvfb-run -a -s "-screen 0 1920x1200x24" $(PY) scripts/screenshot_hanging.py
 	xvfb-run -a -s "-screen 0 1920x1200x24" $(PY) scripts/screenshots.py
+	xvfb-run -a -s "-screen 0 1920x1200x24" $(PY) scripts/screenshot_study.py
+	xvfb-run -a -s "-screen 0 1920x1200x24" $(PY) scripts/screenshot_pacs.py
+	$(PY) scripts/phantom_cues_figure.py
 	MAMMO_SAE_SCREENSHOTS=docs/images xvfb-run -a -s "-screen 0 1920x1200x24" \
 		$(PY) -m pytest -q -p no:cacheprovider tests/gui/test_clinician_loop.py
 

@@ -159,7 +159,7 @@ def test_keys_go_back_to_napari_when_the_widget_is_gone(make_napari_viewer, sett
         assert store.history("sae-abc") == []
 
 
-def test_csv_export_and_import_between_databases(make_napari_viewer, settings, monkeypatch):
+def test_csv_export_and_import_between_databases(make_napari_viewer, settings, monkeypatch, qtbot):
     import magicgui.widgets
     from qtpy.QtWidgets import QFileDialog
 
@@ -194,6 +194,16 @@ def test_csv_export_and_import_between_databases(make_napari_viewer, settings, m
     b.io[1].native.click()  # "import CSV...": nothing new
     assert "imported 0 new verdicts from v.csv" in b.saved.text()
     assert "spurious" in b.history.item(0).text() and "bright cluster" in b.history.item(0).text()
+    # a long note wraps in the dock's width instead of running off under a side scroll bar
+    a.note.setText("fine linear branching calcifications along a duct, " * 3)
+    a.record("clinical")
+    a.resize(320, 600)
+    a.show()
+    qtbot.waitUntil(lambda: a.history.count() == 3 and a.history.isVisible())
+    row = a.history.visualItemRect(a.history.item(0))
+    assert row.width() <= a.history.viewport().width()
+    assert row.height() > 2 * a.history.fontMetrics().height()  # on several lines
+    assert a.history.horizontalScrollBar().maximum() == 0
     b.form[3][1].native.click()  # the SAE's "...", cancelled: nothing to hash
     assert b.worker is None and b.sae.text() == SAE
     assert asked == [

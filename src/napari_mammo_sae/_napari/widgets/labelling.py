@@ -246,8 +246,11 @@ class LabellingWidget(QWidget):
         # plain Qt: status, the read-only history list, the agreement text
         self.saved = QLabel("")
         self.saved.setWordWrap(True)
-        self.history = QListWidget()
+        self.history = QListWidget()  # notes wrap: a reader sees the whole note, no side-scrolling
         self.history.setMaximumHeight(110)
+        self.history.setWordWrap(True)
+        self.history.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.history.setResizeMode(QListWidget.ResizeMode.Adjust)
         self.agreement = QLabel("")
         self.agreement.setWordWrap(True)
         self.agreement.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
