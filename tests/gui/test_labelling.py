@@ -197,6 +197,7 @@ def test_csv_export_and_import_between_databases(make_napari_viewer, settings, m
     # a long note wraps in the dock's width instead of running off under a side scroll bar
     a.note.setText("fine linear branching calcifications along a duct, " * 3)
     a.record("clinical")
+    qtbot.addWidget(a)  # shown on its own, closed with the test
     a.resize(320, 600)
     a.show()
     qtbot.waitUntil(lambda: a.history.count() == 3 and a.history.isVisible())
