@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from napari_mammo_sae._napari.inserts import holding
 from napari_mammo_sae.analysis.interventions import intervened_logits, topk_union
 
 pytestmark = pytest.mark.gui
@@ -195,7 +196,7 @@ def test_intervened_probability_equals_the_core_closed_form(viewer, exam, qtbot)
     assert cam.data.shape == a.grid
     np.testing.assert_allclose(cam.data, a.reconstruction_cam(list(neurons), "remove"), atol=1e-5)
     assert set(viewer.layers.selection) == selected
-    qtbot.waitUntil(lambda: viewer.window._qt_window.updatesEnabled(), timeout=10_000)
+    qtbot.waitUntil(lambda: not holding(viewer.window._qt_window), timeout=10_000)
     assert not viewer.window._qt_viewer.canvas._pause_scene_graph
     assert cam in viewer.window._qt_viewer.controls.widgets  # its panel, a turn after the insert
     # the widget's fast CAM equals the core's for both modes and for large sets
@@ -443,7 +444,7 @@ def test_overlay_batch_always_ends_even_when_a_layer_step_fails(viewer, exam, qt
     no_controls_yet = []
 
     def recording_insert(self, layer):
-        seen.append(window.updatesEnabled())  # repaints are held while the overlays go in
+        seen.append(holding(window))  # repaints are held while the overlays go in
         insert(self, layer)
         # napari's layer-controls panel is built in a step of its own, after the insert
         no_controls_yet.append(layer in viewer.layers and layer not in controls.widgets)
@@ -454,13 +455,13 @@ def test_overlay_batch_always_ends_even_when_a_layer_step_fails(viewer, exam, qt
     monkeypatch.undo()  # the recorder holds the window: drop it before napari's leak check
     # the shown neuron's layer, then (after the overlays are shown) the hidden rank's: each insert
     # with the window's repaints held
-    assert seen == [False, False]
+    assert seen == [True, True]
     assert no_controls_yet == [True, True]
     overlays = w._overlay_layers()
     assert len(overlays) == 2 and all(lay in controls.widgets for lay in overlays)
     viewer.layers.selection.active = overlays[0]  # selecting one shows its own panel
     assert controls.currentWidget() is controls.widgets[overlays[0]]
-    assert not w._batching and not canvas._pause_scene_graph and window.updatesEnabled()
+    assert not w._batching and not canvas._pause_scene_graph and not holding(window)
     w.remove_overlays()
     assert not any(lay in controls.widgets for lay in overlays)
 
@@ -471,7 +472,7 @@ def test_overlay_batch_always_ends_even_when_a_layer_step_fails(viewer, exam, qt
     w.run()
     qtbot.waitUntil(lambda: not w.is_busy(), timeout=120_000)
     assert "could not show the overlays: boom" in (w.last_error or "")
-    assert not w._batching and not canvas._pause_scene_graph and window.updatesEnabled()
+    assert not w._batching and not canvas._pause_scene_graph and not holding(window)
 
 
 def test_explorer_picker_follows_layers_status_names_runtime_and_export_seam(
@@ -663,27 +664,58 @@ def test_overlays_are_shown_before_the_hidden_ranks_layers_go_in(viewer, exam, q
     neurons = [int(n) for n in w.session.current.neurons]
     visible = [lay.metadata["mammo_sae"]["neuron"] for lay in layers if lay.visible]
     assert visible == [neurons[2]]  # the chosen one, inserted after the choice
-    assert not w._batching and viewer.window._qt_window.updatesEnabled()
+    assert not w._batching and not holding(viewer.window._qt_window)
 
 
-def test_interleaved_batches_hold_the_window_until_the_last_release(viewer):
+def test_interleaved_batches_hold_the_window_until_the_last_release(viewer, qtbot):
     """The explorer's hidden-layer inserts and the interventions' CAM insert interleave: one's
-    release must not let the window repaint inside the other's insert."""
+    release must not let the window repaint inside the other's insert. What changed meanwhile is
+    painted at the last release, once, and only that: a widget that did not change is not."""
+    from qtpy.QtCore import QEvent, QObject
+    from qtpy.QtWidgets import QLabel
+
     from napari_mammo_sae._napari.inserts import QuietBatch
 
     window = viewer.window._qt_window
+    changed, untouched = QLabel("before"), QLabel("never changes")
+    viewer.window.add_dock_widget(changed, name="changed", area="right")
+    viewer.window.add_dock_widget(untouched, name="untouched", area="left")
+    viewer.window.show()
+    qtbot.waitUntil(lambda: changed.isVisible() and untouched.isVisible())
+    painted: list[tuple[str, str]] = []
+
+    class Paints(QObject):
+        def eventFilter(self, obj, event):  # noqa: N802 - Qt's name
+            if event.type() == QEvent.Type.Paint:
+                painted.append((obj.text(), "changed" if obj is changed else "untouched"))
+            return False
+
+    paints = Paints()
+    for label in (changed, untouched):
+        label.installEventFilter(paints)
+    qtbot.wait(100)  # the first paints of the new docks are done
     first, second = QuietBatch(viewer), QuietBatch(viewer)
     first.begin()
     second.begin()
-    assert not window.updatesEnabled()
+    painted.clear()
+    changed.setText("during the batch")
+    changed.repaint()  # even a forced repaint waits
+    qtbot.wait(50)
+    assert holding(window) and painted == []
     first.end()
     first.release()
-    assert not window.updatesEnabled()  # the second still holds it
+    qtbot.wait(50)
+    assert holding(window) and painted == []  # the second still holds it
     first.release()  # a repeated release changes nothing
-    assert not window.updatesEnabled()
+    assert holding(window)
     second.end()
     second.release()
-    assert window.updatesEnabled()
+    assert not holding(window)
+    qtbot.waitUntil(lambda: bool(painted), timeout=5_000)
+    qtbot.wait(50)
+    assert painted == [("during the batch", "changed")]  # kept, not lost; painted once
+    for label in (changed, untouched):
+        label.removeEventFilter(paints)
 
 
 def test_analyse_on_open_takes_the_views_as_the_reader_adds_them(viewer, exam, qtbot, monkeypatch):

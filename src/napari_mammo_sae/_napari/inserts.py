@@ -10,6 +10,7 @@ layer's controls panel, close the batch, then let the window repaint.
 from __future__ import annotations
 
 from contextlib import nullcontext
+from functools import lru_cache
 from types import SimpleNamespace
 from typing import Any
 
@@ -61,7 +62,12 @@ class QuietBatch:
     scene graph once); ``release`` lets the window repaint (once). Each of the three is safe to
     call again or out of turn, so a failing step can always call ``end`` and ``release``. Under a
     software OpenGL compositor each repaint of the window costs about as much as an insert (50 ms
-    at 1600x1000), hence Qt's advice for bulk changes: hold repaints, repaint once.
+    at 1600x1000), hence: hold repaints, repaint once.
+
+    The hold keeps Qt's update requests to the window back instead of dropping them: widgets go
+    on marking what they need repainted, and the release paints just that, once. (Turning the
+    window's updates off and on instead repaints every widget of the window on release, and
+    under Qt 6 in two passes: 80-120 ms here, against 40-60 ms for what an insert changed.)
     """
 
     def __init__(self, viewer: Any, widget: Any = None) -> None:
@@ -75,15 +81,14 @@ class QuietBatch:
         self.viewer.layers.events.begin_batch()
         self.open = True
         window = main_window(self.viewer, self.widget)
-        if window is not None and self._held is None:
+        if window is not None and self._held is None and window.updatesEnabled():
             # counted per window: two docks' batches interleave (the explorer's hidden layers and
             # the interventions' CAM layer), and one's release must not repaint inside the other's
-            held = _HOLDS.get(id(window), 0)
-            if held or window.updatesEnabled():
-                if not held:
-                    window.setUpdatesEnabled(False)
-                _HOLDS[id(window)] = held + 1
-                self._held = window
+            hold = _hold_of(window)
+            if hold is None:
+                hold = _HOLDS[id(window)] = _hold_class()(window)
+            hold.count += 1
+            self._held = window
 
     def end(self) -> None:
         if self.open:
@@ -92,15 +97,60 @@ class QuietBatch:
 
     def release(self) -> None:
         window, self._held = self._held, None
-        if window is not None:
-            held = _HOLDS.pop(id(window), 1) - 1
-            if held > 0:
-                _HOLDS[id(window)] = held
-            else:
-                window.setUpdatesEnabled(True)
+        hold = _hold_of(window) if window is not None else None
+        if hold is not None:
+            hold.count -= 1
+            if hold.count <= 0:
+                del _HOLDS[id(window)]
+                hold.release()
 
 
-_HOLDS: dict[int, int] = {}  # id(main window) -> QuietBatches holding its repaints now
+def holding(window: Any) -> bool:
+    """True while a batch holds ``window``'s repaints."""
+    return _hold_of(window) is not None
+
+
+def _hold_of(window: Any) -> Any:
+    hold = _HOLDS.get(id(window))
+    try:
+        if hold is not None and hold.parent() is window:
+            return hold
+    except RuntimeError:  # the window (and its hold with it) was closed while held
+        pass
+    _HOLDS.pop(id(window), None)
+    return None
+
+
+_HOLDS: dict[int, Any] = {}  # id(main window) -> its repaint hold (a child QObject of it)
+
+
+@lru_cache(maxsize=1)
+def _hold_class() -> type:
+    from qtpy.QtCore import QCoreApplication, QEvent, QObject, Qt
+
+    class RepaintHold(QObject):
+        """An event filter on a window that keeps its update requests back until released."""
+
+        def __init__(self, window: Any) -> None:
+            super().__init__(window)  # a child: it goes when the window goes
+            self.count, self.kept = 0, False
+            window.installEventFilter(self)
+
+        def eventFilter(self, obj: Any, event: Any) -> bool:  # noqa: N802 - Qt's name
+            if event.type() == QEvent.Type.UpdateRequest and obj is self.parent():
+                self.kept = True  # what is marked dirty stays dirty until the release
+                return True
+            return False
+
+        def release(self) -> None:
+            window = self.parent()
+            window.removeEventFilter(self)
+            if self.kept:  # Qt asks once and waits: ask again for what was kept back
+                QCoreApplication.postEvent(window, QEvent(QEvent.Type.UpdateRequest),
+                                           Qt.EventPriority.LowEventPriority.value)  # fmt: skip
+            self.deleteLater()
+
+    return RepaintHold
 
 
 def insert_in_turns(
