@@ -75,6 +75,27 @@ def _run(w, qtbot):
     assert w.last_error is None, w.last_error
 
 
+def test_a_run_resizes_neither_the_window_nor_the_canvas(viewer, exam, qtbot):
+    """What a run brings (the overlays' layer-control panels, the probability line) must not
+    raise the docks' minimum sizes: that shrinks the canvas, or grows the whole window when it
+    is at its smallest, and repaints all of it in the middle of the run (and the reader's image
+    jumps)."""
+    from napari_mammo_sae._napari.widgets.intervention import InterventionWidget
+
+    w = _explorer(viewer, exam, qtbot, k=3)
+    viewer.window.add_dock_widget(w, name="Neuron explorer", area="right")
+    viewer.window.add_dock_widget(InterventionWidget(viewer), name="Interventions", area="right")
+    viewer.window.show()
+    window, canvas = viewer.window._qt_window, viewer.window._qt_viewer.canvas.native
+    window.resize(window.minimumSizeHint())  # as small as the docks allow: any growth shows
+    qtbot.wait(300)
+    before = (window.size(), canvas.size())
+    _run(w, qtbot)
+    qtbot.wait(300)
+    assert w.probability.value and len(w._overlay_layers()) >= 3
+    assert (window.size(), canvas.size()) == before
+
+
 def test_explorer_layers_sit_on_the_crop_box_and_rerun_updates_them(viewer, exam, qtbot):
     w = _explorer(viewer, exam, qtbot)
     n_images = len(viewer.layers)

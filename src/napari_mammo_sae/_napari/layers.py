@@ -41,7 +41,7 @@ def neuron_colormap(rank: int) -> Any:
     rgb = transform_color(NEURON_COLOURS[rank % len(NEURON_COLOURS)])[0][:3]
     # fully transparent at zero and for the faintest tenth, so the mammogram stays readable
     colors = np.array([[*rgb, 0.0], [*rgb, 0.0], [*rgb, 0.5], [*rgb, 0.9]])
-    return Colormap(colors, controls=[0.0, 0.1, 0.5, 1.0], name=f"mammo-sae-neuron-{rank}")
+    return Colormap(colors, controls=[0.0, 0.1, 0.5, 1.0], name=f"SAE rank {rank + 1}")
 
 
 def cam_colormap() -> Any:
@@ -55,7 +55,7 @@ def cam_colormap() -> Any:
     blue, red = (0.16, 0.47, 1.0), (1.0, 0.23, 0.19)
     colors = np.array([[*blue, 0.9], [*blue, 0.0], [*blue, 0.0], [*red, 0.0], [*red, 0.0],
                        [*red, 0.9]])  # fmt: skip
-    return Colormap(colors, controls=[0.0, 0.45, 0.5, 0.5, 0.55, 1.0], name="mammo-sae-cam")
+    return Colormap(colors, controls=[0.0, 0.45, 0.5, 0.5, 0.55, 1.0], name="SAE CAM")
 
 
 def heatmap_transform(geometry: Any, grid: tuple[int, int], placement: Any | None) -> dict:

@@ -111,8 +111,11 @@ class NeuronExplorer(mw.Container):
         self.stack = mw.CheckBox(text="one k x h x w stack (slider)")
         self.run_button = mw.PushButton(text="Run")
         self.cancel_button = mw.PushButton(text="Cancel", enabled=False)
-        self.probability = mw.Label(value="")
+        self.probability = mw.Label(value="P = 0")
         self.probability.native.setStyleSheet("font-weight: bold")
+        # as tall empty as with its text: a dock that grows by a pixel can resize the whole window
+        self.probability.native.setMinimumHeight(self.probability.native.sizeHint().height())
+        self.probability.value = ""
         self.status = mw.Label(value="Open a mammogram with this plugin's reader, then Run.")
         self.status.native.setWordWrap(True)
         self.table = mw.Table(value=[], columns=COLUMNS)
