@@ -75,6 +75,31 @@ def _run(w, qtbot):
     assert w.last_error is None, w.last_error
 
 
+def test_explorer_and_interventions_stacked_fit_a_1080p_screen(viewer, exam, qtbot):
+    """Both docks in the right dock area, as the Plugins menu adds them: the window can still be
+    1,000 px tall (the explorer's form scrolls) instead of being pushed past a 1080p screen."""
+    from qtpy.QtWidgets import QScrollArea
+
+    from napari_mammo_sae._napari.widgets.intervention import InterventionWidget
+
+    w = _explorer(viewer, exam, qtbot)
+    viewer.window.add_dock_widget(w, name="Neuron explorer", area="right")
+    viewer.window.add_dock_widget(InterventionWidget(viewer), name="Interventions", area="right")
+    viewer.window.show()
+    window = viewer.window._qt_window
+    window.resize(1600, 1000)
+    qtbot.waitUntil(lambda: window.height() == 1000)
+    assert window.minimumSizeHint().height() < 1000
+    scroll = w.native
+    assert isinstance(scroll, QScrollArea) and scroll.widget() is w.body
+    assert scroll.parentWidget() is not None  # napari docked the scroll area, not the form
+    bar = scroll.verticalScrollBar()
+    qtbot.waitUntil(lambda: bar.maximum() > 0)  # the dock is shorter than the form: it scrolls
+    scroll.ensureWidgetVisible(w.export_button.native)
+    qtbot.waitUntil(lambda: bar.value() > 0)
+    assert w.export_button.native.visibleRegion().boundingRect().height() > 0
+
+
 def test_a_run_resizes_neither_the_window_nor_the_canvas(viewer, exam, qtbot):
     """What a run brings (the overlays' layer-control panels, the probability line) must not
     raise the docks' minimum sizes: that shrinks the canvas, or grows the whole window when it

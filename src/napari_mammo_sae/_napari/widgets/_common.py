@@ -77,6 +77,23 @@ def save_settings(**values: Any) -> None:
         log.warning("settings not saved: %s", exc)
 
 
+class ScrollingForm:
+    """For a tall magicgui dock (first base, before ``Container``, built with ``scrollable=True``):
+    the form scrolls when its dock is shorter than it, so docks stacked in one dock area do not
+    push napari's window past the screen (napari issue 4579: the explorer alone needs 764 px, with
+    the interventions 1,101 px of window). napari docks a magicgui widget's ``native``, which magicgui
+    keeps as the widget inside the scroll area; here ``native`` is the scroll area itself and
+    ``body`` the widget with the form's layout."""
+
+    @property
+    def native(self) -> Any:
+        return self.root_native_widget
+
+    @property
+    def body(self) -> Any:
+        return self._widget._mgui_get_native_widget()
+
+
 class ReviewSession:
     """Per-viewer state shared by the widgets."""
 
