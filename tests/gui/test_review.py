@@ -75,21 +75,31 @@ def _run(w, qtbot):
     assert w.last_error is None, w.last_error
 
 
-def test_explorer_and_interventions_stacked_fit_a_1080p_screen(viewer, exam, qtbot):
-    """Both docks in the right dock area, as the Plugins menu adds them: the window can still be
-    1,000 px tall (the explorer's form scrolls) instead of being pushed past a 1080p screen."""
+def test_review_docks_stacked_fit_a_1080p_screen(viewer, exam, qtbot):
+    """Docks stacked in one dock area, as the Plugins menu adds them: the window can still be
+    1,000 px tall (their forms scroll) instead of being pushed past a 1080p screen - the
+    explorer, interventions and labelling together, and the gallery with the plots."""
     from qtpy.QtWidgets import QScrollArea
 
+    from napari_mammo_sae._napari.widgets.gallery import NeuronGallery
     from napari_mammo_sae._napari.widgets.intervention import InterventionWidget
+    from napari_mammo_sae._napari.widgets.labelling import LabellingWidget
+    from napari_mammo_sae._napari.widgets.plots import PlotsWidget
 
     w = _explorer(viewer, exam, qtbot)
-    viewer.window.add_dock_widget(w, name="Neuron explorer", area="right")
-    viewer.window.add_dock_widget(InterventionWidget(viewer), name="Interventions", area="right")
-    viewer.window.show()
     window = viewer.window._qt_window
-    window.resize(1600, 1000)
-    qtbot.waitUntil(lambda: window.height() == 1000)
-    assert window.minimumSizeHint().height() < 1000
+
+    def stacked(*widgets):
+        docks = [viewer.window.add_dock_widget(x, name=type(x).__name__, area="right")
+                 for x in widgets]  # fmt: skip
+        viewer.window.show()
+        window.resize(1600, 1000)
+        qtbot.waitUntil(lambda: window.height() == 1000)
+        assert window.minimumSizeHint().height() < 1000
+        return docks
+
+    labelling = LabellingWidget(viewer)
+    docks = stacked(w, InterventionWidget(viewer), labelling)
     scroll = w.native
     assert isinstance(scroll, QScrollArea) and scroll.widget() is w.body
     assert scroll.parentWidget() is not None  # napari docked the scroll area, not the form
@@ -98,6 +108,15 @@ def test_explorer_and_interventions_stacked_fit_a_1080p_screen(viewer, exam, qtb
     scroll.ensureWidgetVisible(w.export_button.native)
     qtbot.waitUntil(lambda: bar.value() > 0)
     assert w.export_button.native.visibleRegion().boundingRect().height() > 0
+    labelling.scroll.ensureWidgetVisible(labelling.io.native)  # the labelling dock's last row
+    qtbot.waitUntil(lambda: labelling.io.native.visibleRegion().boundingRect().height() > 0)
+    for dock in docks:
+        viewer.window.remove_dock_widget(dock)
+    gallery, plots = NeuronGallery(viewer), PlotsWidget(viewer)
+    stacked(gallery, plots)
+    assert (
+        gallery.canvas.parentWidget() is gallery.body and plots.canvas.parentWidget() is plots.body
+    )
 
 
 def test_a_run_resizes_neither_the_window_nor_the_canvas(viewer, exam, qtbot):

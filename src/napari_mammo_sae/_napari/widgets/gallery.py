@@ -21,6 +21,7 @@ from magicgui.widgets import Container, FileEdit, Label, PushButton, SpinBox
 from ...errors import MammoSAEError
 from ..gallery_tiles import Tile, draw_tiles, gallery_tiles  # noqa: F401 - Tile for users
 from ._common import (
+    ScrollingForm,
     get_session,
     keep_alive,
     load_settings,
@@ -31,11 +32,12 @@ from ._common import (
 )
 
 
-class NeuronGallery(Container):
+class NeuronGallery(ScrollingForm, Container):
     """Dock widget: the current neuron's top-activating crops across a probed dataset."""
 
     def __init__(self, napari_viewer: Any) -> None:
-        super().__init__(labels=True)
+        super().__init__(labels=True, scrollable=True)
+        self.native.setMinimumHeight(300)  # the controls; the figure scrolls in a short dock
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
         from matplotlib.figure import Figure
 
@@ -65,7 +67,7 @@ class NeuronGallery(Container):
         self.canvas.setMinimumHeight(300)
         self.extend([self.data_dir, self.probe_path, self.store_path, self.neuron, self.count,
                      self.show_button, self.status])  # fmt: skip
-        self.native.layout().addWidget(self.canvas, 1)
+        self.body.layout().addWidget(self.canvas, 1)
         self.tiles: list[Tile] = []
         self.worker: Any = None
         self.last_error: str | None = None

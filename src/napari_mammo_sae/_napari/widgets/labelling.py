@@ -42,6 +42,7 @@ from qtpy.QtWidgets import (
     QLabel,
     QLineEdit,
     QListWidget,
+    QScrollArea,
     QShortcut,
     QVBoxLayout,
     QWidget,
@@ -255,12 +256,22 @@ class LabellingWidget(QWidget):
         self.agreement.setWordWrap(True)
         self.agreement.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
 
-        layout = QVBoxLayout(self)
+        # the form scrolls in a short dock: stacked docks must not push the window past the screen
+        body, self.scroll = QWidget(), QScrollArea()
+        layout = QVBoxLayout(body)
         for part in [self.form.native, self.saved, QLabel("<b>history of this neuron</b>"),
                      self.history, QLabel("<b>agreement</b>"), self.agreement,
                      self.io.native]:  # fmt: skip
             layout.addWidget(part)
         layout.addStretch(1)
+        self.scroll.setWidgetResizable(True)
+        self.scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.scroll.setWidget(body)
+        self.scroll.setMinimumWidth(body.minimumSizeHint().width())
+        self.scroll.setMinimumHeight(280)  # down to the verdict buttons
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(self.scroll)
 
         for verdict, b in self.verdict_buttons.items():
             b.changed.connect(lambda _=None, v=verdict: self.record(v))

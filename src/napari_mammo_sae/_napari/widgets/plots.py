@@ -17,7 +17,15 @@ from typing import Any
 import numpy as np
 from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton
 
-from ._common import get_session, load_settings, notify_error, on_show, path_text, save_settings
+from ._common import (
+    ScrollingForm,
+    get_session,
+    load_settings,
+    notify_error,
+    on_show,
+    path_text,
+    save_settings,
+)
 
 POSITIVE, NEGATIVE = "#d62728", "#1f77b4"
 N_MARKED, N_LABELLED = 10, 5
@@ -56,11 +64,12 @@ def style(ax: Any, title: str, xlabel: str, ylabel: str, ncol: int) -> None:
     ax.grid(alpha=0.25)
 
 
-class PlotsWidget(Container):
+class PlotsWidget(ScrollingForm, Container):
     """Dock widget with a matplotlib canvas: Figure 4 and Figure 2 analogues."""
 
     def __init__(self, napari_viewer: Any) -> None:
-        super().__init__(labels=True)
+        super().__init__(labels=True, scrollable=True)
+        self.native.setMinimumHeight(300)  # the controls; the figure scrolls in a short dock
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
         from matplotlib.figure import Figure
 
@@ -85,7 +94,7 @@ class PlotsWidget(Container):
         self.canvas = FigureCanvasQTAgg(self.figure)
         self.canvas.setMinimumHeight(520)
         self.extend([self.probe_path, self.report, self.curves, redraw, self.status])
-        self.native.layout().addWidget(self.canvas, 1)
+        self.body.layout().addWidget(self.canvas, 1)
         self._probe_cache: tuple[tuple, Any] | None = None
         self._current_line: Any = None
         self._means: np.ndarray | None = None
