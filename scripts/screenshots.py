@@ -131,6 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     gallery.data_dir.value = args.data
     viewer.window.add_dock_widget(plots, name="Plots", area="left")
     viewer.window.add_dock_widget(gallery, name="Neuron gallery", area="left", tabify=True)
+    # the docks' forms scroll when squeezed: room for the figures, as a reader drags the splitter
+    from qtpy.QtCore import Qt
+
+    qt_viewer = viewer.window._qt_viewer
+    left = [qt_viewer.dockLayerControls, qt_viewer.dockLayerList,
+            viewer.window._dock_widgets["Plots"]]  # fmt: skip
+    viewer.window._qt_window.resizeDocks(left, [300, 150, 600], Qt.Orientation.Vertical)
     if hasattr(labelling.rater, "setText"):  # a Qt line edit, or a magicgui one
         labelling.rater.setText("demo")
     else:

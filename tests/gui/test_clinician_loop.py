@@ -305,7 +305,13 @@ def _screenshot(viewer, a, neuron, image_layer, path: Path, qtbot) -> None:
     for lay in viewer.layers:  # the image, the clip neuron and the truth box; the top-k hidden
         if (lay.metadata.get("mammo_sae") or {}).get("kind") == "neuron":
             lay.visible = False
-    viewer.window.resize(1800, 1100)
+    viewer.window.resize(1800, 1350)
+    # the docks' forms scroll when squeezed: give the gallery its crops and the labelling its
+    # status, as a reader drags the dock splitters
+    from qtpy.QtCore import Qt
+
+    docks = [viewer.window._dock_widgets[n] for n in ("gallery", "labelling", "interventions")]
+    viewer.window._qt_window.resizeDocks(docks, [620, 330, 282], Qt.Orientation.Vertical)
     corners = np.concatenate(rects)
     viewer.camera.center = tuple(corners.mean(axis=0))
     viewer.camera.zoom = 1.0

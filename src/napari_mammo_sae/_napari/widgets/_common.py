@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import weakref
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -77,17 +78,55 @@ def save_settings(**values: Any) -> None:
         log.warning("settings not saved: %s", exc)
 
 
+def form_scroll(body: Any, min_height: int) -> Any:
+    """``body`` in a scroll area that asks for the form's whole size (Qt's own asks for at most
+    24 lines), so a dock with room shows all of it and only a squeezed one scrolls, down to
+    ``min_height``. Stacked docks then do not push napari's window past the screen (napari issue
+    4579: the explorer and the interventions stacked needed 1,101 px of window)."""
+    return _form_scroll_class()(body, min_height)
+
+
+@lru_cache(maxsize=1)
+def _form_scroll_class() -> type:
+    from qtpy.QtCore import QSize, Qt
+    from qtpy.QtWidgets import QFrame, QScrollArea
+
+    class FormScroll(QScrollArea):
+        def __init__(self, body: Any, min_height: int) -> None:
+            super().__init__()
+            self._min_height = min_height
+            self.setWidgetResizable(True)
+            self.setFrameShape(QFrame.Shape.NoFrame)
+            self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+            self.setWidget(body)
+
+        def _bar(self) -> int:
+            return self.verticalScrollBar().sizeHint().width()
+
+        def sizeHint(self) -> Any:  # noqa: N802 - Qt's name
+            hint = self.widget().sizeHint()
+            return QSize(hint.width() + self._bar(), hint.height())
+
+        def minimumSizeHint(self) -> Any:  # noqa: N802 - Qt's name
+            return QSize(self.widget().minimumSizeHint().width() + self._bar(), self._min_height)
+
+    return FormScroll
+
+
 class ScrollingForm:
-    """For a tall magicgui dock (first base, before ``Container``, built with ``scrollable=True``):
-    the form scrolls when its dock is shorter than it, so docks stacked in one dock area do not
-    push napari's window past the screen (napari issue 4579: the explorer alone needs 764 px, with
-    the interventions 1,101 px of window). napari docks a magicgui widget's ``native``, which magicgui
-    keeps as the widget inside the scroll area; here ``native`` is the scroll area itself and
-    ``body`` the widget with the form's layout."""
+    """For a tall magicgui dock (first base, before ``Container``): ``_scrolling(min_height)``
+    puts the form in a ``form_scroll``. napari docks a magicgui widget's ``native``, so here
+    ``native`` is that scroll area and ``body`` the widget with the form's layout."""
+
+    _form_scroll: Any = None
+
+    def _scrolling(self, min_height: int) -> None:
+        self._form_scroll = form_scroll(self.body, min_height)
+        self._form_scroll._magic_widget = self  # napari's dock finds the magicgui widget by it
 
     @property
     def native(self) -> Any:
-        return self.root_native_widget
+        return self._form_scroll if self._form_scroll is not None else self.body
 
     @property
     def body(self) -> Any:

@@ -63,7 +63,8 @@ class NeuronExplorer(C.ScrollingForm, mw.Container):
     """Dock widget: choose image, model, concept, class, k and ranking; Run; inspect the top neurons."""
 
     def __init__(self, napari_viewer: Any) -> None:
-        super().__init__(labels=True, scrollable=True)
+        super().__init__(labels=True)
+        self._scrolling(320)  # in a short dock the form scrolls
         self.viewer = napari_viewer
         self.session = C.get_session(napari_viewer)
         self.worker = None
@@ -71,7 +72,6 @@ class NeuronExplorer(C.ScrollingForm, mw.Container):
         self._used = "class_mean"  # the ranking the last run used
         # the layer steps of a run go in inside one layers batch with the window's repaints held
         self._batch = inserts.QuietBatch(napari_viewer, self.native)
-        self.native.setMinimumHeight(320)  # the form's top; the rest scrolls in a short dock
         self._shown_neuron: int | None = None  # the neuron whose layers are visible
         self.shown_at: float | None = None  # perf_counter when a run's overlays were last shown
         self._queue: list | None = None  # the running open-analysis's targets (it takes appends)

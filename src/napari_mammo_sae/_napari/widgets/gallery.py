@@ -36,8 +36,8 @@ class NeuronGallery(ScrollingForm, Container):
     """Dock widget: the current neuron's top-activating crops across a probed dataset."""
 
     def __init__(self, napari_viewer: Any) -> None:
-        super().__init__(labels=True, scrollable=True)
-        self.native.setMinimumHeight(300)  # the controls; the figure scrolls in a short dock
+        super().__init__(labels=True)
+        self._scrolling(300)  # in a short dock the form scrolls
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
         from matplotlib.figure import Figure
 

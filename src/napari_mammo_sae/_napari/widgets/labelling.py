@@ -42,7 +42,6 @@ from qtpy.QtWidgets import (
     QLabel,
     QLineEdit,
     QListWidget,
-    QScrollArea,
     QShortcut,
     QVBoxLayout,
     QWidget,
@@ -52,7 +51,14 @@ from ...errors import DatabaseAuthError
 from ...labels import LabelStore, default_path
 from ...labels.db import URL_ENV, is_server_url
 from ...labels.reading import neuron_texts, open_reader, progress_text, without_password
-from ._common import get_session, keep_alive, load_settings, notify_error, save_settings
+from ._common import (
+    form_scroll,
+    get_session,
+    keep_alive,
+    load_settings,
+    notify_error,
+    save_settings,
+)
 
 
 class VerdictChoice(enum.Enum):
@@ -257,18 +263,14 @@ class LabellingWidget(QWidget):
         self.agreement.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
 
         # the form scrolls in a short dock: stacked docks must not push the window past the screen
-        body, self.scroll = QWidget(), QScrollArea()
+        body = QWidget()
         layout = QVBoxLayout(body)
         for part in [self.form.native, self.saved, QLabel("<b>history of this neuron</b>"),
                      self.history, QLabel("<b>agreement</b>"), self.agreement,
                      self.io.native]:  # fmt: skip
             layout.addWidget(part)
         layout.addStretch(1)
-        self.scroll.setWidgetResizable(True)
-        self.scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-        self.scroll.setWidget(body)
-        self.scroll.setMinimumWidth(body.minimumSizeHint().width())
-        self.scroll.setMinimumHeight(280)  # down to the verdict buttons
+        self.scroll = form_scroll(body, 280)  # down to the verdict buttons
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
         outer.addWidget(self.scroll)
