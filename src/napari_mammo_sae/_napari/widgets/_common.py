@@ -88,7 +88,7 @@ def form_scroll(body: Any, min_height: int) -> Any:
 
 @lru_cache(maxsize=1)
 def _form_scroll_class() -> type:
-    from qtpy.QtCore import QSize, Qt
+    from qtpy.QtCore import QEvent, QSize, Qt
     from qtpy.QtWidgets import QFrame, QScrollArea
 
     class FormScroll(QScrollArea):
@@ -109,6 +109,13 @@ def _form_scroll_class() -> type:
 
         def minimumSizeHint(self) -> Any:  # noqa: N802 - Qt's name
             return QSize(self.widget().minimumSizeHint().width() + self._bar(), self._min_height)
+
+        def eventFilter(self, obj: Any, event: Any) -> bool:  # noqa: N802 - Qt's name
+            # the form re-laid out (a wider row, a figure drawn): the dock asks again, as it
+            # would for the bare form - no side-scrolling, no clipped column
+            if obj is self.widget() and event.type() == QEvent.Type.LayoutRequest:
+                self.updateGeometry()
+            return super().eventFilter(obj, event)
 
     return FormScroll
 
