@@ -113,10 +113,27 @@ def test_review_docks_stacked_fit_a_1080p_screen(viewer, exam, qtbot):
     for dock in docks:
         viewer.window.remove_dock_widget(dock)
     gallery, plots = NeuronGallery(viewer), PlotsWidget(viewer)
-    stacked(gallery, plots)
+    docks = stacked(gallery, plots)
     assert (
         gallery.canvas.parentWidget() is gallery.body and plots.canvas.parentWidget() is plots.body
     )
+
+
+def test_pacs_dock_stacked_with_the_review_docks_fits_a_1080p_screen(viewer, exam, qtbot):
+    """Opening exams from the PACS with the explorer and the interventions open: the PACS form
+    scrolls too (alone it needs 591 px)."""
+    from napari_mammo_sae._napari.widgets.intervention import InterventionWidget
+    from napari_mammo_sae._napari.widgets.pacs import PacsDock
+
+    pacs = PacsDock(viewer)
+    for x in (_explorer(viewer, exam, qtbot), pacs, InterventionWidget(viewer)):
+        viewer.window.add_dock_widget(x, name=type(x).__name__, area="right")
+    viewer.window.show()
+    window = viewer.window._qt_window
+    window.resize(1600, 1000)
+    qtbot.waitUntil(lambda: window.height() == 1000)
+    assert window.minimumSizeHint().height() < 1000
+    assert pacs.native.widget() is pacs.body  # napari docked the scroll area
 
 
 def test_a_run_resizes_neither_the_window_nor_the_canvas(viewer, exam, qtbot):

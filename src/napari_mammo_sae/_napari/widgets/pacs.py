@@ -30,7 +30,7 @@ from magicgui.widgets import (
 )
 
 from ..inserts import insert_in_turns
-from ._common import get_session, keep_alive, notify_error, notify_info
+from ._common import ScrollingForm, get_session, keep_alive, notify_error, notify_info
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +42,12 @@ def _views_text(views: tuple[str, ...]) -> str:
     return ", ".join(v.replace(" ", "") for v in views) or "-"
 
 
-class PacsDock(Container):
+class PacsDock(ScrollingForm, Container):
     """Dock widget: server, search form, result list, Open (background retrieve) and Cancel."""
 
     def __init__(self, napari_viewer: Any) -> None:
         super().__init__(labels=False)
+        self._scrolling(260)  # in a short dock the form scrolls
         from ...pacs.settings import ENV_URL, load_settings, origin
 
         self.viewer = napari_viewer
