@@ -72,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         getattr(viewer, f"add_{kind}")(data, **kwargs)
     w = LabellingWidget(viewer)
     viewer.window.add_dock_widget(w, name="Neuron labelling", area="right")
-    w.db_path.setText(str(db))
+    w.db_path.value = str(db)
     w._db_changed()
-    w.rater.setText("ann")
+    w.rater.value = "ann"
     w.open_study("calc-pilot")
 
     def settle(cond=lambda: True, timeout=30.0):
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             QApplication.processEvents()
 
     settle(lambda: w.reader is not None)
-    w.note.setText("fine linear cluster, upper outer quadrant")
+    w.note.value = "fine linear cluster, upper outer quadrant"
     w.record("clinical")  # the 12th
     settle()
     w.step(-1)  # back to it: now that ann has given hers, bob's verdict on it shows
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     shot = Image.fromarray(viewer.screenshot(canvas_only=False, flash=False))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     shot.save(args.out, optimize=True)
-    print("wrote", args.out, shot.size, "|", w.progress.text(), "|", w.saved.text())
+    print("wrote", args.out, shot.size, "|", w.progress.value, "|", w.saved.text())
     viewer.close()
     return 0
 

@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             viewer.window._dock_widgets["Plots"]]  # fmt: skip
     viewer.window._qt_window.resizeDocks(left, [300, 150, 600], Qt.Orientation.Vertical)
     if hasattr(labelling.rater, "setText"):  # a Qt line edit, or a magicgui one
-        labelling.rater.setText("demo")
+        labelling.rater.value = "demo"
     else:
         labelling.rater.value = "demo"
     dock = viewer.window._dock_widgets.get("Neuron labelling")

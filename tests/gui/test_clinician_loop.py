@@ -179,9 +179,9 @@ def test_find_label_and_switch_off_a_shortcut_neuron(viewer, loop_data, qtbot, t
     w.device.value = "cpu"
     iw = InterventionWidget(viewer)
     lw = LabellingWidget(viewer)
-    lw.db_path.setText(str(tmp_path / "labels.sqlite"))
+    lw.db_path.value = str(tmp_path / "labels.sqlite")
     lw._db_changed()
-    lw.rater.setText("ann")
+    lw.rater.value = "ann"
     g = NeuronGallery(viewer)
     g.data_dir.value = root / "data"
     g.probe_path.value = root / "probe.npz"
@@ -226,7 +226,7 @@ def test_find_label_and_switch_off_a_shortcut_neuron(viewer, loop_data, qtbot, t
     assert heat.sum() > 0 and heat[mask].sum() / heat.sum() > SHARE_THRESHOLD
 
     # 3. the radiologist labels it spurious
-    lw.neuron.setValue(shortcut)
+    lw.neuron.value = shortcut
     assert lw.record("spurious") is not None
 
     # 4. switching off every neuron labelled spurious: the rest of the backbone re-run

@@ -32,11 +32,11 @@ def _widget(viewer, db, rater="ann", sae="sae-abc"):
     from napari_mammo_sae._napari.widgets.labelling import LabellingWidget
 
     w = LabellingWidget(viewer)
-    w.db_path.setText(str(db))
+    w.db_path.value = str(db)
     w._db_changed()
-    w.rater.setText(rater)
-    w.sae.setText(sae)
-    w.sae.editingFinished.emit()  # as when the user leaves the field
+    w.rater.value = rater
+    w.sae.value = sae
+    w.sae.native.editingFinished.emit()  # as when the user leaves the field
     return w
 
 
@@ -53,12 +53,12 @@ def test_canvas_keys_record_verdicts_and_they_survive_a_new_viewer(
     db = settings / "verdicts.sqlite"
     viewer = _viewer_with_image(make_napari_viewer)
     w = _widget(viewer, db)
-    w.neuron.setValue(40)
+    w.neuron.value = 40
     _key(viewer, "1", qtbot)  # clinical on 40
     assert "saved" in w.saved.text() and "neuron 40 clinical" in w.saved.text()
     assert viewer.layers["mammogram"].mode == "pan_zoom"  # the key was ours, not the layer's
     _key(viewer, "]", qtbot)  # no explorer list: next id
-    assert w.neuron.value() == 41
+    assert w.neuron.value == 41
     _key(viewer, "2", qtbot)  # spurious on 41
     _key(viewer, "[", qtbot)
     _key(viewer, "3", qtbot)  # unsure on 40 (history kept: clinical, then unsure)
@@ -70,7 +70,7 @@ def test_canvas_keys_record_verdicts_and_they_survive_a_new_viewer(
 
     v2 = make_napari_viewer()
     w2 = _widget(v2, db, rater="")  # a fresh widget remembers nothing but the database
-    w2.neuron.setValue(40)
+    w2.neuron.value = 40
     items = [w2.history.item(i).text() for i in range(w2.history.count())]
     assert len(items) == 2 and "ann: unsure" in items[0] and "ann: clinical" in items[1]
     assert "clinical 0, spurious 1, unsure 1" in w2.agreement.text()
@@ -83,14 +83,14 @@ def test_two_raters_kappa_on_a_known_case(make_napari_viewer, settings, qtbot):
     viewer = _viewer_with_image(make_napari_viewer)
     w = _widget(viewer, settings / "k.sqlite")
     for rater, keys in (("ann", ann), ("bob", bob)):
-        w.rater.setText(rater)
-        w.neuron.setValue(0)
+        w.rater.value = rater
+        w.neuron.value = 0
         for key in keys:
             _key(viewer, key, qtbot)
             _key(viewer, "]", qtbot)
     assert "Cohen's kappa ann vs bob: 0.58 (10 neurons)" in w.agreement.text()
-    w.rater.setText("cy")
-    w.neuron.setValue(0)
+    w.rater.value = "cy"
+    w.neuron.value = 0
     w.record("clinical")
     assert "Fleiss' kappa, 3 raters" in w.agreement.text()
     assert "(1 neurons)" in w.agreement.text()  # only neuron 0 was rated by all three
@@ -112,18 +112,18 @@ def test_explorer_session_drives_the_neuron_and_per_image_verdicts(
     s.sae_hash = "from-explorer"
     s.analysis_changed.emit(s)
     s.set_neuron(7)
-    assert w.neuron.value() == 7 and w.sae.text() == "from-explorer"
+    assert w.neuron.value == 7 and w.sae.value == "from-explorer"
     _key(viewer, "]", qtbot)
-    assert w.neuron.value() == 3 and s.neuron == 3  # the explorer's top list, in rank order
+    assert w.neuron.value == 3 and s.neuron == 3  # the explorer's top list, in rank order
     _key(viewer, "2", qtbot)  # spurious on 3; its box IoU 0.0 says off the lesion: agreement
     _key(viewer, "[", qtbot)
-    w.per_image.setChecked(True)
+    w.per_image.value = True
     _key(viewer, "1", qtbot)
     assert "(this image)" in w.saved.text()
     with LabelStore(settings / "s.sqlite") as store:
         (v,) = store.verdicts("from-explorer", neuron=7)
         assert v.image_uid == "1.2.840.99" and v.concept == s.concept
-    w.per_image.setChecked(False)
+    w.per_image.value = False
     _key(viewer, "1", qtbot)  # neuron-level clinical on 7, IoU 0.6: on the lesion, agrees
     assert "vs box agreement" in w.agreement.text()
     assert "2 neurons: 100% agree" in w.agreement.text()
@@ -150,9 +150,9 @@ def test_unsaved_verdicts_say_so_and_never_crash(make_napari_viewer, settings, q
 def test_keys_go_back_to_napari_when_the_widget_is_gone(make_napari_viewer, settings, qtbot):
     viewer = _viewer_with_image(make_napari_viewer)
     w = _widget(viewer, settings / "g.sqlite")
-    w.setParent(None)
-    w.deleteLater()
-    qtbot.waitUntil(lambda: not _alive(w), timeout=5000)
+    w.native.setParent(None)
+    w.native.deleteLater()
+    qtbot.waitUntil(lambda: not _alive(w.native), timeout=5000)
     _key(viewer, "2", qtbot)  # napari's own binding for an image layer again: transform mode
     assert viewer.layers["mammogram"].mode == "transform"
     with LabelStore(settings / "g.sqlite") as store:
@@ -184,7 +184,7 @@ def test_csv_export_and_import_between_databases(make_napari_viewer, settings, m
     viewer = _viewer_with_image(make_napari_viewer)
     a = _widget(viewer, settings / "a.sqlite", sae=SAE)
     a.record("clinical")
-    a.note.setText("bright cluster")
+    a.note.value = "bright cluster"
     a.record("spurious")
     assert a.export_csv(settings / "v.csv") == 2
     a.io[0].native.click()  # "export CSV...": the same through the dialog
@@ -195,18 +195,18 @@ def test_csv_export_and_import_between_databases(make_napari_viewer, settings, m
     assert "imported 0 new verdicts from v.csv" in b.saved.text()
     assert "spurious" in b.history.item(0).text() and "bright cluster" in b.history.item(0).text()
     # a long note wraps in the dock's width instead of running off under a side scroll bar
-    a.note.setText("fine linear branching calcifications along a duct, " * 3)
+    a.note.value = "fine linear branching calcifications along a duct, " * 3
     a.record("clinical")
-    qtbot.addWidget(a)  # shown on its own, closed with the test
-    a.resize(320, 600)
-    a.show()
+    qtbot.addWidget(a.native)  # shown on its own, closed with the test
+    a.native.resize(320, 600)
+    a.native.show()
     qtbot.waitUntil(lambda: a.history.count() == 3 and a.history.isVisible())
     row = a.history.visualItemRect(a.history.item(0))
     assert row.width() <= a.history.viewport().width()
     assert row.height() > 2 * a.history.fontMetrics().height()  # on several lines
     assert a.history.horizontalScrollBar().maximum() == 0
-    b.form[3][1].native.click()  # the SAE's "...", cancelled: nothing to hash
-    assert b.worker is None and b.sae.text() == SAE
+    b[3][1].native.click()  # the SAE's "...", cancelled: nothing to hash
+    assert b.worker is None and b.sae.value == SAE
     assert asked == [
         ("w", "Export verdicts", "verdicts.csv", "CSV (*.csv)"),
         ("r", "Import verdicts", "", "CSV (*.csv)"),
@@ -214,7 +214,7 @@ def test_csv_export_and_import_between_databases(make_napari_viewer, settings, m
     ]
     # the database's "...": a save dialog from the current file that opens an existing one
     # without asking to overwrite it
-    b.form[0][1].native.click()
+    b[0][1].native.click()
     assert seen == [
         (
             ("Label database", str(settings / "b.sqlite"), "SQLite (*.sqlite *.db)"),
@@ -222,6 +222,21 @@ def test_csv_export_and_import_between_databases(make_napari_viewer, settings, m
         )
     ]
     assert b.session.label_db == settings / "b.sqlite"
+    # a file that is not a verdict CSV: refused with the reason, the database as it was
+    (settings / "bad.csv").write_text("not,a,verdict,file\n1,2,3,4\n")
+    assert b.import_csv(settings / "bad.csv") is None
+    assert "import failed" in b.saved.text()
+    with LabelStore(settings / "b.sqlite") as store:
+        assert len(store.history(SAE)) == 2
+    # the SAE's "...": the chosen weights file is hashed in the background into the field
+    from napari_mammo_sae.models.folders import sae_sha256
+
+    weights = settings / "model.safetensors"
+    weights.write_bytes(bytes(range(256)) * 16)
+    monkeypatch.setattr(magicgui.widgets, "show_file_dialog", lambda *a, **k: str(weights))
+    b[3][1].native.click()
+    qtbot.waitUntil(lambda: b.worker is None, timeout=10000)
+    assert b.sae.value == sae_sha256(weights) != SAE and b.saved.text() == "SAE hash set"
 
 
 def _alive(widget) -> bool:
@@ -261,8 +276,8 @@ def test_a_verdict_shown_as_saved_survives_killing_the_viewer_process(tmp_path):
         from napari_mammo_sae._napari.widgets.labelling import LabellingWidget
         viewer = napari.Viewer(show=False)
         w = LabellingWidget(viewer)
-        w.db_path.setText({str(db)!r}); w._db_changed()
-        w.rater.setText("ann"); w.sae.setText("sae-k"); w.neuron.setValue(12)
+        w.db_path.value = {str(db)!r}; w._db_changed()
+        w.rater.value = "ann"; w.sae.value = "sae-k"; w.neuron.value = 12
         w.record("spurious")
         print("UI:", w.saved.text(), flush=True)
         os.kill(os.getpid(), signal.SIGKILL)  # no close, no atexit, no Qt teardown
@@ -289,15 +304,17 @@ def test_the_form_is_magicgui_with_a_verdict_enum(make_napari_viewer, settings):
     from napari_mammo_sae.labels import VERDICTS
 
     w = LabellingWidget(make_napari_viewer())
-    assert isinstance(w.form, Container) and isinstance(w.form_neuron, SpinBox)
+    # the dock is a magicgui Container: napari docks its (scrolling) native widget
+    assert isinstance(w, Container) and isinstance(w.neuron, SpinBox)
+    assert w.native._magic_widget is w and w.body.isAncestorOf(w.history)
     assert tuple(v.value for v in VerdictChoice) == VERDICTS
     assert all(isinstance(b, PushButton) for b in w.verdict_buttons.values())
-    w.db_path.setText(str(settings / "e.sqlite"))
+    w.db_path.value = str(settings / "e.sqlite")
     w._db_changed()
-    w.rater.setText("ann")
-    w.sae.setText(SAE)
-    w.form_neuron.value = 12  # the magicgui value and the Qt handle are one widget
-    assert w.neuron.value() == 12
+    w.rater.value = "ann"
+    w.sae.value = SAE
+    w.neuron.value = 12  # the other docks follow the magicgui value
+    assert w.session.neuron == 12
     w.verdict_buttons[VerdictChoice.spurious].clicked()  # a click on the magicgui button
     assert "neuron 12 spurious" in w.saved.text()
     with LabelStore(settings / "e.sqlite") as store:
@@ -314,29 +331,29 @@ def test_study_mode_walks_the_readers_queue_with_progress(make_napari_viewer, se
         store.add(SAE, 8, "clinical", "bob", study="pilot")
     viewer = _viewer_with_image(make_napari_viewer)
     w = _widget(viewer, db, rater="ann", sae="")
-    w.study_id.setText("pilot")
+    w.study_id.value = "pilot"
     w.open_study()
     _wait(w, qtbot)
     order = design.order("ann")
-    assert "0 of 5" in w.progress.text() and w.neuron.value() == order[0]
-    assert w.sae.text() == SAE and w.sae.isReadOnly()
+    assert "0 of 5" in w.progress.value and w.neuron.value == order[0]
+    assert w.sae.value == SAE and w.sae.native.isReadOnly()
     _key(viewer, "2", qtbot)  # spurious on the first neuron of ann's queue
     _wait(w, qtbot)
     assert "saved" in w.saved.text() and f"neuron {order[0]} spurious" in w.saved.text()
-    assert "1 of 5" in w.progress.text()
-    assert w.neuron.value() == order[1]  # on to the next one
+    assert "1 of 5" in w.progress.value
+    assert w.neuron.value == order[1]  # on to the next one
     _key(viewer, "]", qtbot)
-    assert w.neuron.value() == order[2]
+    assert w.neuron.value == order[2]
     _key(viewer, "[", qtbot)
     _key(viewer, "[", qtbot)
-    assert w.neuron.value() == order[0]
-    w.neuron.setValue(8)
+    assert w.neuron.value == order[0]
+    w.neuron.value = 8
     _wait(w, qtbot)
     assert w.history.count() == 0  # blinded: bob's verdict on 8 is not shown before ann's own
     _key(viewer, "2", qtbot)
     _wait(w, qtbot)
-    assert "2 of 5" in w.progress.text()
-    w.neuron.setValue(8)
+    assert "2 of 5" in w.progress.value
+    w.neuron.value = 8
     _wait(w, qtbot)
     assert sorted(w.history.item(i).text().split("  ")[1] for i in range(w.history.count())) == [
         "ann: spurious",
@@ -354,7 +371,7 @@ def test_study_mode_walks_the_readers_queue_with_progress(make_napari_viewer, se
         Mode.study_spurious in iw.mode.choices
     )  # (it needs an analysis to apply; see test_review)
     w.close_study()
-    assert w.session.study is None and not w.sae.isReadOnly()
+    assert w.session.study is None and not w.sae.native.isReadOnly()
     assert Mode.study_spurious not in iw.mode.choices
 
 
@@ -363,7 +380,7 @@ def test_the_database_can_be_given_on_the_shell(make_napari_viewer, settings, mo
 
     monkeypatch.setenv("NAPARI_MAMMO_SAE_DB", str(settings / "from-shell.sqlite"))
     w = LabellingWidget(make_napari_viewer())
-    assert w.db_path.text() == str(settings / "from-shell.sqlite")
+    assert w.db_path.value == str(settings / "from-shell.sqlite")
     assert w.session.label_db == settings / "from-shell.sqlite"
 
 
@@ -373,9 +390,9 @@ def test_a_password_typed_into_the_url_is_never_kept(make_napari_viewer, setting
     from napari_mammo_sae._napari.widgets import _common
 
     w = _widget(make_napari_viewer(), settings / "x.sqlite")
-    w.db_path.setText("postgresql://ann:Hunter2-secret@127.0.0.1:5999/study")
+    w.db_path.value = "postgresql://ann:Hunter2-secret@127.0.0.1:5999/study"
     w._db_changed()
-    assert w.db_path.text() == "postgresql://ann@127.0.0.1:5999/study"
+    assert w.db_path.value == "postgresql://ann@127.0.0.1:5999/study"
     assert "taken out of the database URL" in w.saved.text()
     saved = json.loads(_common.settings_path().read_text())
     assert saved["label_db"] == "postgresql://ann@127.0.0.1:5999/study"
@@ -432,31 +449,31 @@ def test_server_restart_the_dock_queues_then_sends(make_napari_viewer, settings,
     assert "asks user 'alice' for a password" in shown[0]
     assert "wrong password for database user 'alice'" in shown[1]
     assert not any("not-her-password" in t for t in shown + [w.saved.text()])
-    assert w.reader is not None and w.rater.text() == "alice" and "0 of 6" in w.progress.text()
-    first = w.neuron.value()
+    assert w.reader is not None and w.rater.value == "alice" and "0 of 6" in w.progress.value
+    first = w.neuron.value
     _key(viewer, "1", qtbot)
     _wait(w, qtbot)
     assert "saved" in w.saved.text()
     server.pg_ctl("stop")
     try:
-        second = w.neuron.value()
+        second = w.neuron.value
         _key(viewer, "2", qtbot)
         _wait(w, qtbot)
         assert "queued, will be sent" in w.saved.text() and "saved" not in w.saved.text()
-        assert "2 of 6" in w.progress.text() and "1 queued" in w.progress.text()
+        assert "2 of 6" in w.progress.value and "1 queued" in w.progress.value
     finally:
         server.pg_ctl("start")
     w._flush_outbox()  # what the dock's timer does every few seconds
     _wait(w, qtbot)
     assert "sent 1 queued verdicts" in w.saved.text()
-    assert "queued" not in w.progress.text()
+    assert "queued" not in w.progress.value
     with LabelStore(server.url("coordinator", name), password="coord-pw") as coord:
         rows = coord.verdicts(SAE, rater="alice", study="gui")
     assert [(v.neuron, v.verdict) for v in rows] == [(first, "clinical"), (second, "spurious")]
     # outside the study the same server takes free verdicts too (sent in the background)
     w.close_study()
-    w.sae.setText(SAE)
-    w.neuron.setValue(40)
+    w.sae.value = SAE
+    w.neuron.value = 40
     _key(viewer, "3", qtbot)
     _wait(w, qtbot)
     assert "saved" in w.saved.text() and "neuron 40 unsure by alice" in w.saved.text()

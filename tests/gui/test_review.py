@@ -108,7 +108,7 @@ def test_review_docks_stacked_fit_a_1080p_screen(viewer, exam, qtbot):
     scroll.ensureWidgetVisible(w.export_button.native)
     qtbot.waitUntil(lambda: bar.value() > 0)
     assert w.export_button.native.visibleRegion().boundingRect().height() > 0
-    labelling.scroll.ensureWidgetVisible(labelling.io.native)  # the labelling dock's last row
+    labelling.native.ensureWidgetVisible(labelling.io.native)  # the labelling dock's last row
     qtbot.waitUntil(lambda: labelling.io.native.visibleRegion().boundingRect().height() > 0)
     for dock in docks:
         viewer.window.remove_dock_widget(dock)
@@ -339,22 +339,22 @@ def test_verdicts_survive_a_new_viewer_and_kappa_is_shown(
 
     w = _explorer(viewer, exam, qtbot)
     lw = LabellingWidget(viewer)
-    lw.db_path.setText(str(tmp_path / "verdicts.sqlite"))
+    lw.db_path.value = str(tmp_path / "verdicts.sqlite")
     lw._db_changed()
     _run(w, qtbot)
     top = w.session.top_neurons
-    assert lw.neuron.value() == top[0]
-    lw.rater.setText("ann")
+    assert lw.neuron.value == top[0]
+    lw.rater.value = "ann"
     assert lw.record("clinical") is not None
     assert "saved" in lw.saved.text()
     # viewer key bindings: ']' moves on, '2' records spurious
     _press(viewer, "]")
-    assert lw.neuron.value() == top[1]
+    assert lw.neuron.value == top[1]
     _press(viewer, "2")
-    lw.rater.setText("bob")
-    lw.neuron.setValue(top[0])
+    lw.rater.value = "bob"
+    lw.neuron.value = top[0]
     lw.record("clinical")
-    lw.neuron.setValue(top[1])
+    lw.neuron.value = top[1]
     lw.record("clinical")
     assert "Cohen's kappa ann vs bob" in lw.agreement.text()
     sae_hash = w.session.sae_hash
@@ -363,9 +363,9 @@ def test_verdicts_survive_a_new_viewer_and_kappa_is_shown(
     v2 = make_napari_viewer()
     get_session(v2).sae_hash = sae_hash
     lw2 = LabellingWidget(v2)
-    lw2.db_path.setText(str(tmp_path / "verdicts.sqlite"))
+    lw2.db_path.value = str(tmp_path / "verdicts.sqlite")
     lw2._db_changed()
-    lw2.neuron.setValue(top[1])
+    lw2.neuron.value = top[1]
     assert lw2.history.count() == 2
     with LabelStore(tmp_path / "verdicts.sqlite") as store:
         assert store.verdict_of(sae_hash, top[1], "ann") == "spurious"
@@ -379,7 +379,7 @@ def test_no_rater_means_not_saved_and_a_notification(viewer, exam, qtbot):
 
     lw = LabellingWidget(viewer)
     lw.session.sae_hash = "abc"
-    lw.rater.setText("")
+    lw.rater.value = ""
     assert lw.record("clinical") is None
     assert "NOT saved" in lw.saved.text()
 

@@ -35,6 +35,50 @@ def choices(enum: Any, labels: dict | None = None) -> list[tuple[str, Any]]:
     return [((labels or {}).get(m, m.value), m) for m in enum]
 
 
+def path_edit(label: str, mode: str, remembered: Any = None, **kw: Any) -> Any:
+    """A magicgui FileEdit (``mode`` r, w or d) holding a remembered path while it still exists."""
+    from magicgui.widgets import FileEdit
+
+    text = str(remembered or "").strip()
+    value = text if text and Path(text).exists() else None  # a moved or deleted folder: empty
+    return FileEdit(label=label, mode=mode, nullable=True, value=value, **kw)
+
+
+def row(*widgets: Any, label: str = "") -> Any:
+    """magicgui widgets side by side, without the container's own margins."""
+    from magicgui.widgets import Container
+
+    c = Container(widgets=list(widgets), layout="horizontal", labels=False, label=label)
+    c.margins = (0, 0, 0, 0)
+    return c
+
+
+def file_picker(parent: Any, then: Any, caption: str, filter: str, save_as: str = "") -> Any:
+    """A button's callback: magicgui's file dialog (a save dialog when given ``save_as``), then
+    ``then(path)`` when a file was chosen."""
+
+    def pick(*_: Any) -> None:
+        from magicgui.widgets import show_file_dialog
+
+        path = show_file_dialog("w" if save_as else "r", caption, save_as, filter, parent=parent)
+        if path:
+            then(path)
+
+    return pick
+
+
+def figure_canvas(form: Any, min_height: int, **figure: Any) -> tuple[Any, Any]:
+    """(matplotlib Figure, its Qt canvas) under ``form``'s widgets, taking the spare height."""
+    from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(**figure)
+    canvas = FigureCanvasQTAgg(fig)
+    canvas.setMinimumHeight(min_height)
+    form.body.layout().addWidget(canvas, 1)
+    return fig, canvas
+
+
 def path_text(edit: Any) -> str:
     """The path in a magicgui FileEdit as text ('' when empty)."""
     value = edit.value
@@ -232,6 +276,16 @@ def get_session(viewer: Any) -> ReviewSession:
 
 
 _LIVE_WORKERS: set = set()
+
+
+def start_worker(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """napari's ``create_worker(fn, *args, **kwargs)`` (slots in ``_connect``), held by
+    :func:`keep_alive` before it starts."""
+    from napari.qt.threading import create_worker
+
+    worker = keep_alive(create_worker(fn, *args, _start_thread=False, **kwargs))
+    worker.start()
+    return worker
 
 
 def keep_alive(worker: Any) -> Any:

@@ -14,6 +14,7 @@ file pickers); the neuron table is magicgui's Table, its row clicks taken from t
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +54,6 @@ def freeze_long_lived_objects() -> None:
 _FROZEN = False
 
 
-def _existing(path: Any) -> str:
-    """A remembered path, or '' when it no longer exists (a moved or deleted model folder)."""
-    text = str(path or "").strip()
-    return text if text and Path(text).exists() else ""
-
-
 class NeuronExplorer(C.ScrollingForm, mw.Container):
     """Dock widget: choose image, model, concept, class, k and ranking; Run; inspect the top neurons."""
 
@@ -81,10 +76,6 @@ class NeuronExplorer(C.ScrollingForm, mw.Container):
         settings = C.load_settings()
         install(napari_viewer)  # workstation viewing (window/level, magnifier, view keys)
 
-        def path(label: str, key: str, **kw: Any) -> mw.FileEdit:
-            value = _existing(settings.get(key)) or None
-            return mw.FileEdit(label=label, mode="r", nullable=True, value=value, **kw)
-
         import napari
 
         self.image = mw.create_widget(annotation=napari.layers.Image, label="image",
@@ -97,9 +88,13 @@ class NeuronExplorer(C.ScrollingForm, mw.Container):
         )
         self.source = mw.ComboBox(label="model", choices=C.choices(Source))
         tip = "a checkpoint (.pth, .pt), or any file inside one of our weights folders"
-        self.classifier_path = path("classifier", "classifier_path", tooltip=tip)
-        self.sae_path = path("SAE", "sae_path", tooltip=tip)
-        self.probe_path = path("probe (.npz)", "probe_path", filter="*.npz")
+        self.classifier_path = C.path_edit(
+            "classifier", "r", settings.get("classifier_path"), tooltip=tip
+        )
+        self.sae_path = C.path_edit("SAE", "r", settings.get("sae_path"), tooltip=tip)
+        self.probe_path = C.path_edit(
+            "probe (.npz)", "r", settings.get("probe_path"), filter="*.npz"
+        )
         self.trust = mw.CheckBox(text="trust pickled Mammo-CLIP file (can run code)")
         self.concept = mw.ComboBox(label="concept", choices=C.choices(Concept))
         self.variant = mw.ComboBox(label="variant", choices=C.choices(Variant))
@@ -131,15 +126,12 @@ class NeuronExplorer(C.ScrollingForm, mw.Container):
         self.boxes_button = mw.PushButton(text="boxes CSV...")
         self.export_button = mw.PushButton(text="Export to DICOM / send to PACS...")
 
-        def row(*widgets: Any) -> mw.Container:
-            return mw.Container(widgets=widgets, layout="horizontal", labels=False)
-
         self.extend([
             self.image, self.all_views, self.on_open, self.source, self.classifier_path,
             self.sae_path, self.probe_path, self.trust, self.concept, self.variant, self.layer, self.target, self.k,
-            self.ranking, self.device, self.stack, row(self.run_button, self.cancel_button),
+            self.ranking, self.device, self.stack, C.row(self.run_button, self.cancel_button),
             self.probability, self.status, self.table,
-            row(self.show_all, self.hide_all, self.remove_all, self.boxes_button),
+            C.row(self.show_all, self.hide_all, self.remove_all, self.boxes_button),
             self.export_button,
         ])  # fmt: skip
         for w in (self.probability, self.status, self.table):
@@ -152,7 +144,9 @@ class NeuronExplorer(C.ScrollingForm, mw.Container):
         self.show_all.changed.connect(lambda: self._set_visible(True))
         self.hide_all.changed.connect(lambda: self._set_visible(False))
         self.remove_all.changed.connect(self.remove_overlays)
-        self.boxes_button.changed.connect(self._load_boxes_dialog)
+        self.boxes_button.changed.connect(
+            C.file_picker(self.native, self.load_boxes, "Annotation boxes", "CSV (*.csv)")
+        )
         self.export_button.changed.connect(self.export_analysis)
         self.session.neuron_changed.connect(self._show_neuron)
         self.session.verdicts_changed.connect(self._refresh_verdicts)
@@ -216,8 +210,6 @@ class NeuronExplorer(C.ScrollingForm, mw.Container):
         ``queue``: views the reader adds while it runs are appended to its targets (the worker
         takes them in turn) - the *analyse on open* run.
         """
-        from napari.qt.threading import create_worker
-
         from ...errors import MammoSAEError
 
         if self.is_busy():  # e.g. the analysis of an exam being opened (the Run button is off)
@@ -237,24 +229,20 @@ class NeuronExplorer(C.ScrollingForm, mw.Container):
         s = self.session
         s.concept, s.variant = self.concept.value.name, self.variant.value.value
         s.target_class, s.ranking = int(self.target.value), self.ranking.value.name
-        self.worker = create_worker(
+        self._queue = targets if queue else None
+        self.run_button.enabled, self.cancel_button.enabled = False, True
+        self.status.value = "loading the model..."
+        self.worker = C.start_worker(
             mc.analyse_layers, targets, choice, ranking=s.ranking, target_class=s.target_class,
             k=self.k.value, shapes=annotation_shapes(self.viewer), open_labels=True,
             label_db=s.label_db,
+            _connect={"yielded": self.status.native.setText, "returned": self._done,
+                      "errored": lambda exc: self._fail(str(exc)), "finished": self._finished},
             # no napari progress bar: its status-bar spinner animates for as long as one is open,
             # and under software OpenGL every frame recomposites the whole window - about 4.5
             # CPU-seconds taken from the backbone over a four-view run. The status line below
             # says which view is being analysed; a first ONNX export still shows in napari.
         )  # fmt: skip
-        self._queue = targets if queue else None
-        self.worker.yielded.connect(self.status.native.setText)  # progress texts
-        self.worker.returned.connect(self._done)
-        self.worker.errored.connect(lambda exc: self._fail(str(exc)))
-        self.worker.finished.connect(self._finished)
-        self.run_button.enabled, self.cancel_button.enabled = False, True
-        self.status.value = "loading the model..."
-        C.keep_alive(self.worker)
-        self.worker.start()
         return self.worker
 
     def cancel(self, *_: Any) -> None:
@@ -425,12 +413,8 @@ class NeuronExplorer(C.ScrollingForm, mw.Container):
 
     # --- layers ---------------------------------------------------------------------------------
     def _overlay_layers(self, image: str | None = None) -> list[Any]:
-        out = []
-        for lay in self.viewer.layers:
-            meta = lay.metadata.get(OVERLAY_KEY)
-            if isinstance(meta, dict) and (image is None or meta.get("image") == image):
-                out.append(lay)
-        return out
+        metas = ((lay, lay.metadata.get(OVERLAY_KEY)) for lay in self.viewer.layers)
+        return [lay for lay, m in metas if isinstance(m, dict) and image in (None, m.get("image"))]
 
     def _layer_steps(self, results: dict[str, mc.ImageResult]) -> tuple[list, list]:
         """Small GUI-thread steps (one layer each) that bring the overlays up to date: (those the
@@ -538,12 +522,9 @@ class NeuronExplorer(C.ScrollingForm, mw.Container):
             step()
         except Exception as exc:  # a layer step must never take the viewer down
             self._pending.clear()
-            try:
+            with contextlib.suppress(Exception):  # already failing: report the first error
                 self._batch.end()
-            except Exception:  # noqa: BLE001 - already failing: report the first error
-                pass
-            finally:
-                self._batch.release()
+            self._batch.release()
             self._fail(f"could not show the overlays: {exc}")
             self._finished()
             return
@@ -629,13 +610,6 @@ class NeuronExplorer(C.ScrollingForm, mw.Container):
                 self.table.native.selectRow(row)
 
     # --- annotation boxes -----------------------------------------------------------------------
-    def _load_boxes_dialog(self, *_: Any) -> None:
-        from qtpy.QtWidgets import QFileDialog
-
-        path, _ = QFileDialog.getOpenFileName(self.native, "Annotation boxes", "", "CSV (*.csv)")
-        if path:
-            self.load_boxes(path)
-
     def load_boxes(self, path: str | Path) -> int:
         """Add a Shapes layer of the boxes in a VinDr-format or generic CSV; returns boxes shown."""
         from ...errors import MammoSAEError

@@ -16,19 +16,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from magicgui.widgets import Container, FileEdit, Label, PushButton, SpinBox
+from magicgui.widgets import Container, Label, PushButton, SpinBox
 
 from ...errors import MammoSAEError
 from ..gallery_tiles import Tile, draw_tiles, gallery_tiles  # noqa: F401 - Tile for users
 from ._common import (
     ScrollingForm,
+    figure_canvas,
     get_session,
-    keep_alive,
     load_settings,
     notify_error,
     notify_info,
+    path_edit,
     path_text,
     save_settings,
+    start_worker,
 )
 
 
@@ -38,36 +40,24 @@ class NeuronGallery(ScrollingForm, Container):
     def __init__(self, napari_viewer: Any) -> None:
         super().__init__(labels=True)
         self._scrolling(300)  # in a short dock the form scrolls
-        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-        from matplotlib.figure import Figure
-
         self.viewer = napari_viewer
         self.session = get_session(napari_viewer)
         settings = load_settings()
-
-        def path(label: str, key: str, mode: str, tip: str, **kw: Any) -> FileEdit:
-            edit = FileEdit(label=label, mode=mode, nullable=True, tooltip=tip, **kw)
-            edit.value = settings.get(key) or None
-            return edit
-
-        self.data_dir = path("dataset", "gallery_data", "d",
-                             "dataset folder (VinDr layout) the probe was made on")  # fmt: skip
-        self.probe_path = path("probe", "gallery_probe", "r",
-                               "probe .npz or its folder (default: the explorer's)", filter="*.npz")  # fmt: skip
-        self.store_path = path("store", "gallery_store", "r",
-                               "feature store .h5 (optional: no backbone reruns)", filter="*.h5 *.hdf5")  # fmt: skip
+        self.data_dir = path_edit("dataset", "d", settings.get("gallery_data"),
+                                  tooltip="dataset folder (VinDr layout) the probe was made on")  # fmt: skip
+        self.probe_path = path_edit("probe", "r", settings.get("gallery_probe"), filter="*.npz",
+                                    tooltip="probe .npz or its folder (default: the explorer's)")  # fmt: skip
+        self.store_path = path_edit("store", "r", settings.get("gallery_store"), filter="*.h5 *.hdf5",
+                                    tooltip="feature store .h5 (optional: no backbone reruns)")  # fmt: skip
         self.neuron = SpinBox(label="neuron", max=1 << 20, value=int(self.session.neuron or 0))
         self.neuron.native.setKeyboardTracking(False)
         self.count = SpinBox(label="crops", min=1, max=16, value=12)
         self.show_button = PushButton(text="show gallery")
         self.status = Label(label="", value="")
         self.status.native.setWordWrap(True)
-        self.figure = Figure(figsize=(4, 3.4), facecolor="#262930")
-        self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setMinimumHeight(300)
         self.extend([self.data_dir, self.probe_path, self.store_path, self.neuron, self.count,
                      self.show_button, self.status])  # fmt: skip
-        self.body.layout().addWidget(self.canvas, 1)
+        self.figure, self.canvas = figure_canvas(self, 300, figsize=(4, 3.4), facecolor="#262930")
         self.tiles: list[Tile] = []
         self.worker: Any = None
         self.last_error: str | None = None
@@ -106,8 +96,6 @@ class NeuronGallery(ScrollingForm, Container):
     # --- loading --------------------------------------------------------------------------------
     def load(self, *_: Any) -> Any:
         """Load the neuron's tiles in a worker; returns the worker (None when refused)."""
-        from napari.qt.threading import create_worker
-
         neuron = int(self.neuron.value)
         try:
             probe = self.probe()
@@ -140,14 +128,12 @@ class NeuronGallery(ScrollingForm, Container):
         self.last_error = None
         self.status.value = f"loading neuron {neuron}..."
         self._shown_neuron = neuron
-        self.worker = worker = create_worker(
+        self.worker = worker = start_worker(  # the slots run on the GUI thread, after this
             gallery_tiles, neuron, probe, data, self.count.value, analyzer=analyzer,
             store_path=store, _progress={"desc": f"gallery: neuron {neuron}"},
+            _connect={"returned": lambda tiles: self._draw(neuron, tiles, worker),
+                      "errored": lambda exc: self._failed(exc, worker)},
         )  # fmt: skip
-        worker.returned.connect(lambda tiles, n=neuron, w=worker: self._draw(n, tiles, w))
-        worker.errored.connect(lambda exc, w=worker: self._failed(exc, w))
-        keep_alive(worker)
-        worker.start()
         return worker
 
     def _refuse(self, message: str) -> None:

@@ -24,7 +24,7 @@ from qtpy.QtCore import QTimer
 
 from .. import layers as L
 from ..inserts import insert_in_turns
-from ._common import choices, get_session, keep_alive, notify_error
+from ._common import choices, get_session, notify_error, start_worker
 
 CAM_KEY = "mammo_sae_cam"
 
@@ -172,18 +172,14 @@ class InterventionWidget(Container):
     def _spurious(self) -> list[int] | None:
         """The neurons labelled spurious for this SAE; None while a worker reads them (the label
         database may be a PostgreSQL server across the network: never on the GUI thread)."""
-        from napari.qt.threading import create_worker
-
         key = (str(self.session.label_db), self.session.sae_hash)
         if self._spurious_known is not None and self._spurious_known[0] == key:
             return self._spurious_known[1]
         if self._spurious_reading != key:
             self._spurious_reading = key
-            worker = create_worker(_read_spurious, self.session.label_db, self.session.sae_hash)
-            worker.returned.connect(lambda neurons, key=key: self._spurious_read(key, neurons))
-            worker.errored.connect(lambda exc, key=key: self._spurious_failed(key, exc))
-            keep_alive(worker)
-            worker.start()
+            start_worker(_read_spurious, self.session.label_db, self.session.sae_hash,
+                         _connect={"returned": lambda neurons: self._spurious_read(key, neurons),
+                                   "errored": lambda exc: self._spurious_failed(key, exc)})  # fmt: skip
         return None
 
     def _spurious_read(self, key: tuple, neurons: list[int]) -> None:
@@ -234,14 +230,9 @@ class InterventionWidget(Container):
             layer.events.data.connect(self._region_changed)
         result = a.region_intervention(cells)
         # the DICOM export records it with its boxes (source-image pixels) on that image
-        self.session.last_intervention = result
-        self.session.last_intervention_layer = cur.layer_name
-        self.session.last_intervention_region = (
-            tuple(L.shapes_to_boxes(cur.placement, [np.asarray(d) for d in layer.data])),
-            int(cells.sum()),
-        )
-        self._show(a, result, f"every latent off on {int(cells.sum())} of {cells.size} feature "
-                              f"cells ({self._how(a)})")  # fmt: skip
+        boxes = tuple(L.shapes_to_boxes(cur.placement, [np.asarray(d) for d in layer.data]))
+        self._show(cur, result, f"every latent off on {int(cells.sum())} of {cells.size} feature "
+                                f"cells ({self._how(a)})", region=(boxes, int(cells.sum())))  # fmt: skip
         cam = np.where(cells, a.cam_bias, np.asarray(a.cam, dtype=np.float64)).astype(np.float32)
         self._update_cam(cur, cam)
         return result
@@ -257,9 +248,12 @@ class InterventionWidget(Container):
             return "closed form"
         return f"SAE at {a.hook}: the rest of the backbone re-run from the edited activations"
 
-    def _show(self, a: Any, result: Any, text: str) -> None:
-        """The three probabilities and the set's description."""
-        self.last = result
+    def _show(self, cur: Any, result: Any, text: str, region: tuple | None = None) -> None:
+        """The three probabilities and the set's description; the result is kept for the DICOM
+        export (PACS dock), with the image it was applied to and a region's boxes."""
+        s, a = self.session, cur.analysis
+        self.last = s.last_intervention = result
+        s.last_intervention_layer, s.last_intervention_region = cur.layer_name, region
         self.original.value = f"{a.probability:.3f}"
         self.reconstruction.value = f"{a.reconstruction_probability:.3f}"
         self.intervened.value = f"{result.probability:.3f}  ({result.delta_probability:+.3f})"
@@ -283,12 +277,8 @@ class InterventionWidget(Container):
             return None
         a = cur.analysis
         result = a.intervention().apply(neurons, how)
-        # the DICOM export (PACS dock) reports it with the image it was applied to
-        self.session.last_intervention = result
-        self.session.last_intervention_layer = cur.layer_name
-        self.session.last_intervention_region = None
         shown = ", ".join(map(str, neurons[:20])) + (" ..." if len(neurons) > 20 else "")
-        self._show(a, result, f"{how} {len(neurons)} neurons ({self._how(a)}): {shown}")
+        self._show(cur, result, f"{how} {len(neurons)} neurons ({self._how(a)}): {shown}")
         self._update_cam(cur, self.cam(a, neurons, how))
         return result
 
@@ -361,9 +351,7 @@ class InterventionWidget(Container):
                         self._cam_watched.add(id(lay))
                         lay.events.visible.connect(self._cam_visibility)
                     self._cam_stale[name] = (-lim, lim)
-            else:
-                lay.data = cam
-                lay.contrast_limits = (-lim, lim)
+                return
         elif name not in self._cam_pending:
             from napari.layers import Image
 
@@ -376,7 +364,8 @@ class InterventionWidget(Container):
             # until it is in, later updates replace its data
             self._cam_pending[name] = layer
             insert_in_turns(self.viewer, layer, self.native, on_error=self._cam_failed)
+            return
         else:
-            layer = self._cam_pending[name]
-            layer.data = cam
-            layer.contrast_limits = (-lim, lim)
+            lay = self._cam_pending[name]
+        lay.data = cam  # another grid, or a layer still being added: its data replaced
+        lay.contrast_limits = (-lim, lim)

@@ -43,8 +43,6 @@ from qtpy.QtWidgets import (
     QLineEdit,
     QListWidget,
     QShortcut,
-    QVBoxLayout,
-    QWidget,
 )
 
 from ...errors import DatabaseAuthError
@@ -52,12 +50,14 @@ from ...labels import LabelStore, default_path
 from ...labels.db import URL_ENV, is_server_url
 from ...labels.reading import neuron_texts, open_reader, progress_text, without_password
 from ._common import (
-    form_scroll,
+    ScrollingForm,
+    file_picker,
     get_session,
-    keep_alive,
     load_settings,
     notify_error,
+    row,
     save_settings,
+    start_worker,
 )
 
 
@@ -84,7 +84,7 @@ def _live_widget(viewer: Any) -> LabellingWidget | None:
         w = ref()
         try:
             if w is not None and w.viewer is viewer:
-                w.objectName()  # raises RuntimeError when Qt already deleted the widget
+                w.native.objectName()  # raises RuntimeError when Qt already deleted the dock
                 return w
         except RuntimeError:
             continue
@@ -151,7 +151,7 @@ def _on_key(key: str) -> Any:
     return on_key
 
 
-def ask_password(parent: QWidget, question: str) -> str | None:
+def ask_password(parent: Any, question: str) -> str | None:
     """A masked password prompt (None when cancelled). Kept in memory only, never saved."""
     text, ok = QInputDialog.getText(
         parent, "Database password", question, QLineEdit.EchoMode.Password
@@ -159,11 +159,12 @@ def ask_password(parent: QWidget, question: str) -> str | None:
     return text if ok and text else None
 
 
-class LabellingWidget(QWidget):
+class LabellingWidget(ScrollingForm, Container):
     """Dock widget: database, rater, neuron, verdict buttons + note, study queue, history, agreement."""
 
-    def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
+    def __init__(self, napari_viewer: Any) -> None:
+        super().__init__(labels=True)
+        self._scrolling(280)  # in a short dock the form scrolls, down to the verdict buttons
         self.viewer = napari_viewer
         self.session = get_session(napari_viewer)
         settings = load_settings()
@@ -178,79 +179,55 @@ class LabellingWidget(QWidget):
         # --- the form (magicgui) -----------------------------------------------------------------
         # $NAPARI_MAMMO_SAE_DB (set on the shell before starting napari) wins over the remembered one
         db = os.environ.get(URL_ENV) or settings.get("label_db") or str(default_path())
-        self.form_db = LineEdit(value=db, label="database")
-        self.form_db.tooltip = (
+        self.db_path = LineEdit(value=db, label="database", tooltip=(
             "SQLite file the verdicts are saved to (created when missing), or a study server: "
             "postgresql://USER@HOST:PORT/DATABASE (no password in it)"
-        )
+        ))  # fmt: skip
         db_browse = PushButton(text="...")
         db_browse.max_width = 28
-        self.form_rater = LineEdit(value=settings.get("rater", ""), label="rater")
-        self.form_study = LineEdit(value=settings.get("study", ""), label="study")
-        self.form_study.tooltip = (
-            "a reading study's id (from the coordinator); empty: free labelling"
+        self.rater = LineEdit(value=settings.get("rater", ""), label="rater")
+        self.rater.native.setPlaceholderText("your name or initials (a study server: your login)")
+        self.study_id = LineEdit(value=settings.get("study", ""), label="study",
+                                 tooltip="a reading study's id (from the coordinator); empty: free labelling")  # fmt: skip
+        open_study, close_study = PushButton(text="open study"), PushButton(text="close")
+        self.sae = LineEdit(value=self.session.sae_hash, label="SAE")
+        self.sae.native.setPlaceholderText("from the explorer, or paste a hash / pick the SAE file")
+        sae_browse = PushButton(
+            text="...", tooltip="hash an SAE weights file (model.safetensors or a .pt)"
         )
-        open_study = PushButton(text="open study")
-        close_study = PushButton(text="close")
-        self.form_sae = LineEdit(value=self.session.sae_hash, label="SAE")
-        sae_browse = PushButton(text="...")
         sae_browse.max_width = 28
-        sae_browse.tooltip = "hash an SAE weights file (model.safetensors or a .pt)"
         prev_b, next_b = PushButton(text="[ prev"), PushButton(text="next ]")
-        self.form_neuron = SpinBox(value=int(self.session.neuron or 0), max=1 << 20, label="neuron")
-        self.form_per_image = CheckBox(text="about this image only", value=False)
-        self.form_per_image.tooltip = (
+        self.neuron = SpinBox(value=int(self.session.neuron or 0), max=1 << 20, label="neuron")
+        self.neuron.native.setKeyboardTracking(False)
+        self.per_image = CheckBox(text="about this image only", value=False, tooltip=(
             "store the verdict for the explorer's current image (its SOPInstanceUID) instead of "
             "for the neuron as a whole"
-        )
-        self.form_note = LineEdit(label="note")
-        self.verdict_buttons = {
-            v: PushButton(text=f"{KEYS_BY_VERDICT[v.value]}  {v.value}") for v in VerdictChoice
-        }
-        self.form_progress = Label(value="")
-        export = PushButton(text="export CSV...")
-        import_ = PushButton(text="import CSV...")
-
-        def row(*widgets, label=""):
-            c = Container(widgets=list(widgets), layout="horizontal", labels=False, label=label)
-            c.margins = (0, 0, 0, 0)
-            return c
-
-        self.form = Container(
-            widgets=[
-                row(self.form_db, db_browse, label="database"),
-                self.form_rater,
-                row(self.form_study, open_study, close_study, label="study"),
-                row(self.form_sae, sae_browse, label="SAE"),
-                row(prev_b, self.form_neuron, next_b, label="neuron"),
-                self.form_per_image,
-                self.form_note,
-                row(*self.verdict_buttons.values(), label="verdict"),
-                self.form_progress,
-            ]
-        )
+        ))  # fmt: skip
+        self.note = LineEdit(label="note")
+        self.note.native.setPlaceholderText("optional note")
+        self.verdict_buttons = {}
+        for v in VerdictChoice:
+            key = KEYS_BY_VERDICT[v.value]
+            self.verdict_buttons[v] = b = PushButton(
+                text=f"{key}  {v.value}",
+                tooltip=f"record '{v.value}' for the current neuron (key {key})",
+            )
+            b.native.setStyleSheet(
+                f"QPushButton {{ border-left: 4px solid {VERDICT_COLOURS[v.value]}; }}"
+            )
+        self.progress = Label(value="")
+        self.progress.native.setWordWrap(True)
+        export, import_ = PushButton(text="export CSV..."), PushButton(text="import CSV...")
+        self.extend([
+            row(self.db_path, db_browse, label="database"), self.rater,
+            row(self.study_id, open_study, close_study, label="study"),
+            row(self.sae, sae_browse, label="SAE"), row(prev_b, self.neuron, next_b, label="neuron"),
+            self.per_image, self.note, row(*self.verdict_buttons.values(), label="verdict"),
+            self.progress,
+        ])  # fmt: skip
         self.io = row(export, import_)
 
-        # Qt handles the rest of the code (and older scripts and tests) use
-        self.db_path = self.form_db.native
-        self.rater = self.form_rater.native
-        self.rater.setPlaceholderText("your name or initials (a study server: your login)")
-        self.study_id = self.form_study.native
-        self.sae = self.form_sae.native
-        self.sae.setPlaceholderText("from the explorer, or paste a hash / pick the SAE file")
-        self.neuron = self.form_neuron.native
-        self.neuron.setKeyboardTracking(False)
-        self.per_image = self.form_per_image.native
-        self.note = self.form_note.native
-        self.note.setPlaceholderText("optional note")
-        self.buttons = {v.value: b.native for v, b in self.verdict_buttons.items()}
-        for v, b in self.buttons.items():
-            b.setStyleSheet(f"QPushButton {{ border-left: 4px solid {VERDICT_COLOURS[v]}; }}")
-            b.setToolTip(f"record '{v}' for the current neuron (key {KEYS_BY_VERDICT[v]})")
-        self.progress = self.form_progress.native
-        self.progress.setWordWrap(True)
-
-        # plain Qt: status, the read-only history list, the agreement text
+        # plain Qt, under the form: status, the read-only history list, the agreement text
         self.saved = QLabel("")
         self.saved.setWordWrap(True)
         self.history = QListWidget()  # notes wrap: a reader sees the whole note, no side-scrolling
@@ -261,42 +238,34 @@ class LabellingWidget(QWidget):
         self.agreement = QLabel("")
         self.agreement.setWordWrap(True)
         self.agreement.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-
-        # the form scrolls in a short dock: stacked docks must not push the window past the screen
-        body = QWidget()
-        layout = QVBoxLayout(body)
-        for part in [self.form.native, self.saved, QLabel("<b>history of this neuron</b>"),
-                     self.history, QLabel("<b>agreement</b>"), self.agreement,
-                     self.io.native]:  # fmt: skip
-            layout.addWidget(part)
-        layout.addStretch(1)
-        self.scroll = form_scroll(body, 280)  # down to the verdict buttons
-        outer = QVBoxLayout(self)
-        outer.setContentsMargins(0, 0, 0, 0)
-        outer.addWidget(self.scroll)
+        for part in [self.saved, QLabel("<b>history of this neuron</b>"), self.history,
+                     QLabel("<b>agreement</b>"), self.agreement, self.io.native]:  # fmt: skip
+            self.body.layout().addWidget(part)
+        self.body.layout().addStretch(1)
 
         for verdict, b in self.verdict_buttons.items():
             b.changed.connect(lambda _=None, v=verdict: self.record(v))
         prev_b.changed.connect(lambda _=None: self.step(-1))
         next_b.changed.connect(lambda _=None: self.step(+1))
-        csv = "CSV (*.csv)"
-        export.changed.connect(self._pick(self.export_csv, "Export verdicts", csv, "verdicts.csv"))
-        import_.changed.connect(self._pick(self.import_csv, "Import verdicts", csv))
-        sae_browse.changed.connect(
-            self._pick(self.hash_sae, "SAE weights", "SAE weights (*.safetensors *.pt *.pth)")
-        )
+        csv, pick = "CSV (*.csv)", functools.partial(file_picker, self.native)
+        export.changed.connect(pick(self.export_csv, "Export verdicts", csv, "verdicts.csv"))
+        import_.changed.connect(pick(self.import_csv, "Import verdicts", csv))
+        weights = "SAE weights (*.safetensors *.pt *.pth)"
+        sae_browse.changed.connect(pick(self.hash_sae, "SAE weights", weights))
         db_browse.changed.connect(self._db_dialog)
         open_study.changed.connect(lambda _=None: self.open_study())
         close_study.changed.connect(lambda _=None: self.close_study())
-        self.neuron.valueChanged.connect(self._spin_changed)
-        self.sae.editingFinished.connect(self.refresh)
-        self.per_image.toggled.connect(lambda _on: self.refresh())
-        self.rater.editingFinished.connect(lambda: save_settings(rater=self.rater.text().strip()))
-        self.db_path.editingFinished.connect(self._db_changed)
+        self.neuron.changed.connect(self._spin_changed)
+        self.sae.native.editingFinished.connect(self.refresh)
+        self.per_image.changed.connect(lambda _on: self.refresh())
+        self.rater.native.editingFinished.connect(
+            lambda: save_settings(rater=self.rater.value.strip())
+        )
+        self.db_path.native.editingFinished.connect(self._db_changed)
         self.session.neuron_changed.connect(self._neuron_changed)
         self.session.analysis_changed.connect(self._analysis_changed)
         self.session.verdicts_changed.connect(self.refresh)
-        self._flush_timer = QTimer(self)
+        self._flush_timer = QTimer(self.native)
         self._flush_timer.setInterval(3000)
         self._flush_timer.timeout.connect(self._flush_outbox)
         self._bind_keys()
@@ -305,9 +274,9 @@ class LabellingWidget(QWidget):
     # --- keys -----------------------------------------------------------------------------------
     def _bind_keys(self) -> None:
         _LIVE[id(self)] = weakref.ref(self)
-        self.destroyed.connect(functools.partial(_forget, id(self)))
+        self.native.destroyed.connect(functools.partial(_forget, id(self)))
         for key in KEYS:
-            shortcut = QShortcut(QKeySequence(key), self)
+            shortcut = QShortcut(QKeySequence(key), self.native)
             shortcut.setContext(Qt.ShortcutContext.WidgetWithChildrenShortcut)
             shortcut.activated.connect(functools.partial(self.key_action, key))
             # the viewer's own keymap (used when no layer is active) ...
@@ -326,25 +295,25 @@ class LabellingWidget(QWidget):
     def step(self, step: int) -> int:
         """Next (+1) / previous (-1) neuron: the study queue, else the explorer's list, else ids."""
         if self.reader is not None:
-            order, cur = self.reader.order, self.neuron.value()
+            order, cur = self.reader.order, self.neuron.value
             i = order.index(cur) if cur in order else -1
-            self.neuron.setValue(order[(i + step) % len(order)])
+            self.neuron.value = order[(i + step) % len(order)]
         elif self.session.top_neurons:
             self.session.step_neuron(step)
         else:
-            self.neuron.setValue(max(0, self.neuron.value() + step))
-        return self.neuron.value()
+            self.neuron.value = max(0, self.neuron.value + step)
+        return self.neuron.value
 
     # --- state ----------------------------------------------------------------------------------
     def sae_hash(self) -> str:
         """The SAE key verdicts are stored under (the study's, the field, else the explorer's)."""
         if self.reader is not None:
             return self.reader.design.sae_hash
-        return self.sae.text().strip() or self.session.sae_hash
+        return self.sae.value.strip() or self.session.sae_hash
 
     def target(self) -> str | Path:
         """The database: a postgresql:// URL as typed, or the SQLite file."""
-        text = self.db_path.text().strip()
+        text = self.db_path.value.strip()
         return text if is_server_url(text) else Path(text or default_path())
 
     def is_server(self) -> bool:
@@ -353,7 +322,7 @@ class LabellingWidget(QWidget):
     def image_uid(self) -> str | None:
         """SOPInstanceUID of the explorer's current image when 'this image only' is ticked."""
         cur = self.session.current
-        if not self.per_image.isChecked() or cur is None:
+        if not self.per_image.value or cur is None:
             return None
         uid = getattr(cur.analysis, "sop_instance_uid", "") or ""
         if not uid and cur.placement is not None:
@@ -362,13 +331,13 @@ class LabellingWidget(QWidget):
 
     def _analysis_changed(self, _session: Any = None) -> None:
         if self.session.sae_hash and self.reader is None:
-            self.sae.setText(self.session.sae_hash)
+            self.sae.value = self.session.sae_hash
         self.refresh()
 
     def _db_changed(self) -> None:
-        bare = without_password(self.db_path.text())
+        bare = without_password(self.db_path.value)
         if bare is not None:  # never kept in the field or the settings: asked for when connecting
-            self.db_path.setText(bare)
+            self.db_path.value = bare
             self.saved.setText(
                 "the password was taken out of the database URL: it is asked for when needed "
                 "and kept in memory only"
@@ -387,8 +356,8 @@ class LabellingWidget(QWidget):
             self.refresh()
 
     def _neuron_changed(self, neuron: int) -> None:
-        if self.neuron.value() != neuron:
-            self.neuron.setValue(int(neuron))
+        if self.neuron.value != neuron:
+            self.neuron.value = int(neuron)
         else:
             self.refresh()
 
@@ -418,18 +387,12 @@ class LabellingWidget(QWidget):
         self._op_worker = None
         if not self._ops:
             return
-        from napari.qt.threading import create_worker
-
         fn, on_done, on_error = self._ops.popleft()
-        worker = create_worker(fn, _ignore_errors=True)  # errors go to on_error, not re-raised
-        worker.returned.connect(on_done)
-        worker.errored.connect(on_error or self._op_failed)
-        worker.finished.connect(self._next_op)
-        keep_alive(worker)
-        self._op_worker = worker
-        worker.start()
+        self._op_worker = start_worker(fn, _ignore_errors=True, _connect={  # errors to on_error
+            "returned": on_done, "errored": on_error or self._op_failed, "finished": self._next_op,
+        })  # fmt: skip
 
-    def _op_failed(self, exc: BaseException) -> None:
+    def _op_failed(self, exc: BaseException | str) -> None:
         self._say(str(exc))
         notify_error(str(exc))
 
@@ -462,25 +425,25 @@ class LabellingWidget(QWidget):
     # --- study mode -------------------------------------------------------------------------------
     def open_study(self, study_id: str | None = None) -> None:
         """Open a reading study in the background: the reader's queue replaces the neuron list."""
-        study_id = (study_id if study_id is not None else self.study_id.text()).strip()
+        study_id = (study_id if study_id is not None else self.study_id.value).strip()
         if not study_id:
             self.saved.setText("type the study id the coordinator gave you, then open it")
             return
-        self.study_id.setText(study_id)
+        self.study_id.value = study_id
         save_settings(study=study_id)
-        reader = self.rater.text().strip() or None
+        reader = self.rater.value.strip() or None
         opening = functools.partial(open_reader, self.target(), study_id, reader, self._password)
-        self.progress.setText(f"opening study {study_id}...")
+        self.progress.value = f"opening study {study_id}..."
 
         def failed(exc: BaseException) -> None:
             if isinstance(exc, DatabaseAuthError) and self.is_server():
                 self._say(str(exc))
-                pw = ask_password(self, f"password for {self.db_path.text().strip()}")
+                pw = ask_password(self.native, f"password for {self.db_path.value.strip()}")
                 if pw:
                     self._password = pw
                     self.open_study(study_id)
                     return
-            self.progress.setText("no study open")
+            self.progress.value = "no study open"
             self._op_failed(exc)
 
         self._submit(opening, self._study_opened, failed)
@@ -491,16 +454,16 @@ class LabellingWidget(QWidget):
         self.close_study(quiet=True)
         self.reader = reader
         design = reader.design
-        self.rater.setText(reader.reader)
-        self.rater.setReadOnly(True)  # the study's reader is the database login
-        self.sae.setText(design.sae_hash)
-        self.sae.setReadOnly(True)
-        self.per_image.setChecked(False)
-        self.per_image.setEnabled(False)
+        self.rater.value = reader.reader
+        self.rater.native.setReadOnly(True)  # the study's reader is the database login
+        self.sae.value = design.sae_hash
+        self.sae.native.setReadOnly(True)
+        self.per_image.value = False
+        self.per_image.enabled = False
         self.session.concept = design.concept or self.session.concept
         self.session.study = StudyConsensus(reader.store, design.id, design.sae_hash)
         self._flush_timer.start()
-        self.neuron.setValue((reader.remaining() or reader.order)[0])  # the first one still to do
+        self.neuron.value = (reader.remaining() or reader.order)[0]  # the first one still to do
         self._show_progress()
         self.saved.setText(f"study {design.id} open: {len(design.neurons)} neurons, blinded")
         self.refresh()
@@ -512,27 +475,27 @@ class LabellingWidget(QWidget):
         reader, self.reader = self.reader, None
         self._flush_timer.stop()
         self.session.study = None
-        self.rater.setReadOnly(False)
-        self.sae.setReadOnly(False)
-        self.per_image.setEnabled(True)
+        self.rater.native.setReadOnly(False)
+        self.sae.native.setReadOnly(False)
+        self.per_image.enabled = True
         waiting = reader.waiting()
         self._submit(reader.store.close, lambda _r: None)
         if not quiet:
-            self.progress.setText(
-                "study closed" + (f"; {waiting} verdicts wait in the outbox" if waiting else "")
+            self.progress.value = "study closed" + (
+                f"; {waiting} verdicts wait in the outbox" if waiting else ""
             )
 
     def _show_progress(self) -> None:
         if self.reader is not None:
-            self.progress.setText(progress_text(self.reader))
+            self.progress.value = progress_text(self.reader)
 
     def _record_in_study(self, verdict: str) -> None:
-        reader, neuron, note = self.reader, self.neuron.value(), self.note.text()
+        reader, neuron, note = self.reader, self.neuron.value, self.note.value
         if neuron not in reader.design.neurons:
             self.saved.setText(f"NOT saved: neuron {neuron} is not in this study - use [ and ]")
             return
         self.saved.setText(f"sending neuron {neuron} {verdict}...")
-        self.note.clear()
+        self.note.value = ""
 
         def done(result: tuple[str, str]) -> None:
             status, _uid = result
@@ -546,8 +509,8 @@ class LabellingWidget(QWidget):
                 self._say(queued, "&#8987;", AMBER, tip=reader.last_error)
             if self.reader is reader:
                 nxt = reader.remaining()
-                if nxt and self.neuron.value() == neuron:
-                    self.neuron.setValue(nxt[0])  # on to the reader's next neuron
+                if nxt and self.neuron.value == neuron:
+                    self.neuron.value = nxt[0]  # on to the reader's next neuron
                 self._show_progress()
             self.session.verdicts_changed.emit()
 
@@ -583,14 +546,14 @@ class LabellingWidget(QWidget):
         if self.reader is not None:
             self._record_in_study(verdict)
             return None
-        rater = self.rater.text().strip()
+        rater = self.rater.value.strip()
         save_settings(rater=rater)
-        neuron, uid = self.neuron.value(), self.image_uid()
-        if self.per_image.isChecked() and uid is None:
+        neuron, uid = self.neuron.value, self.image_uid()
+        if self.per_image.value and uid is None:
             self.saved.setText("NOT saved: no analysed image - untick 'about this image only'")
             notify_error("verdict not saved: run the explorer on an image for per-image verdicts")
             return None
-        args = (self.sae_hash(), neuron, verdict, rater, self.note.text())
+        args = (self.sae_hash(), neuron, verdict, rater, self.note.value)
         kwargs = {"image_uid": uid, "concept": self.session.concept}
         if self.is_server():
             self.saved.setText(f"sending neuron {neuron} {verdict}...")
@@ -602,7 +565,7 @@ class LabellingWidget(QWidget):
         def done(_row: int) -> None:
             # add() returned: the row is committed (a local file: and synced, synchronous=FULL)
             self._saved(verdict, neuron, rater, " (this image)" if uid else "")
-            self.note.clear()
+            self.note.value = ""
             self.session.verdicts_changed.emit()  # refreshes this widget and the explorer's table
 
         return self._run(add, done, self._not_saved)
@@ -623,7 +586,7 @@ class LabellingWidget(QWidget):
         if not sae:
             self._show_texts(([], "no SAE yet: run the neuron explorer or enter the SAE"))
             return
-        neuron, reader, cur = self.neuron.value(), self.reader, self.session.current
+        neuron, reader, cur = self.neuron.value, self.reader, self.session.current
         box_iou = cur.box_iou if cur is not None else None  # verdicts vs the explorer's boxes
 
         def texts() -> tuple[list[str], str]:
@@ -644,72 +607,51 @@ class LabellingWidget(QWidget):
         self._show_texts(([], f"label database unavailable: {exc}"))
 
     # --- dialogs --------------------------------------------------------------------------------
-    def _pick(self, then: Any, caption: str, filter: str, save_as: str = "") -> Any:
-        """A button's callback: magicgui's file dialog (a save dialog when given ``save_as``),
-        then ``then(path)`` when a file was chosen."""
-
-        def pick(*_: Any) -> None:
-            from magicgui.widgets import show_file_dialog
-
-            mode = "w" if save_as else "r"
-            path = show_file_dialog(mode, caption, save_as, filter, parent=self)
-            if path:
-                then(path)
-
-        return pick
-
     def _db_dialog(self, *_: Any) -> None:
-        start = "" if self.is_server() else self.db_path.text()
+        start = "" if self.is_server() else self.db_path.value
         path, _ = QFileDialog.getSaveFileName(
-            self, "Label database", start, "SQLite (*.sqlite *.db)",
+            self.native, "Label database", start, "SQLite (*.sqlite *.db)",
             options=QFileDialog.Option.DontConfirmOverwrite,
         )  # fmt: skip
         if path:
-            self.db_path.setText(path)
+            self.db_path.value = path
             self._db_changed()
 
     def hash_sae(self, path: str | Path) -> Any:
         """Hash an SAE weights file in a worker thread; the field is filled when done."""
-        from napari.qt.threading import create_worker
-
         from ...models.folders import sae_sha256
 
         self.saved.setText(f"hashing {Path(path).name}...")
-        self.worker = create_worker(sae_sha256, path, _progress={"desc": "SAE hash"})
-        self.worker.returned.connect(self._hashed)
-        self.worker.errored.connect(lambda exc: notify_error(f"cannot hash the SAE: {exc}"))
-        self.worker.finished.connect(self._worker_done)
-        keep_alive(self.worker)
-        self.worker.start()
+        self.worker = start_worker(sae_sha256, path, _progress={"desc": "SAE hash"}, _connect={
+            "returned": self._hashed, "finished": self._worker_done,
+            "errored": lambda exc: notify_error(f"cannot hash the SAE: {exc}"),
+        })  # fmt: skip
         return self.worker
 
     def _hashed(self, digest: str) -> None:
-        self.sae.setText(digest)
+        self.sae.value = digest
         self.saved.setText("SAE hash set")
         self.refresh()
 
     def _worker_done(self) -> None:
         self.worker = None
 
-    def export_csv(self, path: str | Path) -> int:
-        """Export every verdict of this database (that this user may read); returns the count."""
-        try:
-            with self.store() as store:
-                n = store.export_csv(path)
-        except Exception as exc:
-            notify_error(f"export failed: {exc}")
-            return 0
-        self.saved.setText(f"exported {n} verdicts to {Path(path).name}")
-        return n
+    def export_csv(self, path: str | Path) -> int | None:
+        """Export every verdict of this database (that this user may read); returns the count
+        (None when it failed, or while a server's export runs in the background)."""
+        return self._csv("export", path, "exported {} verdicts to {}")
 
-    def import_csv(self, path: str | Path) -> int:
-        """Merge verdicts from a CSV; returns rows added."""
-        try:
+    def import_csv(self, path: str | Path) -> int | None:
+        """Merge verdicts from a CSV; returns rows added (None: failed, or sent to a server)."""
+        return self._csv("import", path, "imported {} new verdicts from {}")
+
+    def _csv(self, op: str, path: str | Path, said: str) -> int | None:
+        def work() -> int:
             with self.store() as store:
-                n = store.import_csv(path)
-        except Exception as exc:
-            notify_error(f"import failed: {exc}")
-            return 0
-        self.saved.setText(f"imported {n} new verdicts from {Path(path).name}")
-        self.session.verdicts_changed.emit()
-        return n
+                return getattr(store, f"{op}_csv")(path)
+
+        def done(n: int) -> None:
+            self.saved.setText(said.format(n, Path(path).name))
+            self.session.verdicts_changed.emit()  # an import: the history and table re-read it
+
+        return self._run(work, done, lambda exc: self._op_failed(f"{op} failed: {exc}"))

@@ -30,7 +30,7 @@ from magicgui.widgets import (
 )
 
 from ..inserts import insert_in_turns
-from ._common import ScrollingForm, get_session, keep_alive, notify_error, notify_info
+from ._common import ScrollingForm, get_session, notify_error, notify_info, start_worker
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +143,6 @@ class PacsDock(ScrollingForm, Container):
     # --- search ---------------------------------------------------------------------------------
     def search(self, *_: Any) -> Any:
         """Search in a worker thread; the table fills when it returns."""
-        from napari.qt.threading import create_worker
-
         try:
             client = self.client()
         except Exception as exc:  # noqa: BLE001 - a bad URL is reported, not raised into Qt
@@ -163,13 +161,10 @@ class PacsDock(ScrollingForm, Container):
             finally:
                 client.close()
 
-        worker = create_worker(work, _ignore_errors=True)  # errors go to _failed, not re-raised
-        worker.returned.connect(self._show_results)
-        worker.errored.connect(self._failed)
         self._busy(True, "searching...")
-        self.worker = keep_alive(worker)
-        worker.start()
-        return worker
+        self.worker = start_worker(work, _ignore_errors=True,  # errors go to _failed
+                                   _connect={"returned": self._show_results, "errored": self._failed})  # fmt: skip
+        return self.worker
 
     def _show_results(self, studies: list) -> None:
         self.studies = list(studies)
@@ -192,8 +187,6 @@ class PacsDock(ScrollingForm, Container):
 
     def open_selected(self, *_: Any) -> Any:
         """Retrieve the selected study in a worker thread and hang it in the viewer."""
-        from napari.qt.threading import create_worker
-
         study = self.selected()
         if study is None:
             self.status.value = "select a study first"
@@ -228,16 +221,13 @@ class PacsDock(ScrollingForm, Container):
                     skipped += 1
             return layer_data_tuples(records) if records else [], skipped
 
-        worker = create_worker(work, _ignore_errors=True)  # errors go to _failed, not re-raised
-        worker.yielded.connect(self._step)
-        worker.returned.connect(self._hang)
-        worker.errored.connect(self._failed)
-        worker.aborted.connect(self._cancelled)
         self.progress.value = 0
         self._busy(True, "retrieving...")
-        self.worker = keep_alive(worker)
-        worker.start()
-        return worker
+        self.worker = start_worker(work, _ignore_errors=True, _connect={  # errors go to _failed
+            "yielded": self._step, "returned": self._hang, "errored": self._failed,
+            "aborted": self._cancelled,
+        })  # fmt: skip
+        return self.worker
 
     def _step(self, value: tuple[int, int]) -> None:
         done, total = value
@@ -351,8 +341,6 @@ def _verdicts(session: Any, neurons: list[int]) -> dict[int, list[str]]:
 
 def start_export(viewer: Any, folder: str | Path, stow_url: str | None = None) -> Any:
     """Export every analysed image of the viewer's session in a worker thread; the worker."""
-    from napari.qt.threading import create_worker
-
     from ...dicom_export import ExportInput, InterventionSummary, export_analysis, stow
     from ...errors import ExportError
 
@@ -403,12 +391,8 @@ def start_export(viewer: Any, folder: str | Path, stow_url: str | None = None) -
             message += f"; {n} objects sent to {client.server.name}"
         return message
 
-    worker = create_worker(work, _ignore_errors=True)  # errors go to the notification
-    worker.returned.connect(notify_info)
-    worker.errored.connect(lambda exc: notify_error(str(exc)))
-    keep_alive(worker)
-    worker.start()
-    return worker
+    return start_worker(work, _ignore_errors=True,  # errors go to the notification
+                        _connect={"returned": notify_info, "errored": lambda e: notify_error(str(e))})  # fmt: skip
 
 
 def export_analysis_dialog(viewer: Any) -> None:

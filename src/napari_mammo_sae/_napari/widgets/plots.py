@@ -15,14 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton
+from magicgui.widgets import ComboBox, Container, Label, PushButton
 
 from ._common import (
     ScrollingForm,
+    figure_canvas,
     get_session,
     load_settings,
     notify_error,
     on_show,
+    path_edit,
     path_text,
     save_settings,
 )
@@ -70,18 +72,13 @@ class PlotsWidget(ScrollingForm, Container):
     def __init__(self, napari_viewer: Any) -> None:
         super().__init__(labels=True)
         self._scrolling(300)  # in a short dock the form scrolls
-        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-        from matplotlib.figure import Figure
-
         self.viewer = napari_viewer
         self.session = get_session(napari_viewer)
         settings = load_settings()
-        self.probe_path = FileEdit(label="probe", mode="r", filter="*.npz", nullable=True,
-                                   tooltip="probe .npz (default: the explorer's)")  # fmt: skip
-        self.report = FileEdit(label="report", mode="d", nullable=True,
-                               tooltip="evaluation report folder (optional)")  # fmt: skip
-        self.probe_path.value = settings.get("plots_probe") or None
-        self.report.value = settings.get("report_dir") or None
+        self.probe_path = path_edit("probe", "r", settings.get("plots_probe"), filter="*.npz",
+                                    tooltip="probe .npz (default: the explorer's)")  # fmt: skip
+        self.report = path_edit("report", "d", settings.get("report_dir"),
+                                tooltip="evaluation report folder (optional)")  # fmt: skip
         self._models: list[tuple[str, str]] = []  # (variant, concept) pairs of the report
         # choices from a callable: napari resets a docked widget's choices when layers change
         self.curves = ComboBox(label="curves", choices=self._curve_choices,
@@ -89,12 +86,11 @@ class PlotsWidget(ScrollingForm, Container):
         redraw = PushButton(text="redraw")
         self.status = Label(label="", value="")
         self.status.native.setWordWrap(True)
-        # constrained layout keeps the legends under the axes clear of the labels
-        self.figure = Figure(figsize=(4.2, 6.0), facecolor="white", layout="constrained")
-        self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setMinimumHeight(520)
         self.extend([self.probe_path, self.report, self.curves, redraw, self.status])
-        self.body.layout().addWidget(self.canvas, 1)
+        # constrained layout keeps the legends under the axes clear of the labels
+        self.figure, self.canvas = figure_canvas(
+            self, 520, figsize=(4.2, 6.0), facecolor="white", layout="constrained"
+        )
         self._probe_cache: tuple[tuple, Any] | None = None
         self._current_line: Any = None
         self._means: np.ndarray | None = None
