@@ -313,12 +313,12 @@ def _screenshot(viewer, a, neuron, image_layer, path: Path, qtbot) -> None:
     docks = [viewer.window._dock_widgets[n] for n in ("gallery", "labelling", "interventions")]
     viewer.window._qt_window.resizeDocks(docks, [620, 330, 282], Qt.Orientation.Vertical)
     corners = np.concatenate(rects)
-    viewer.camera.center = tuple(corners.mean(axis=0))
-    viewer.camera.zoom = 1.0
+    viewer.scene.camera.center = tuple(corners.mean(axis=0))
+    viewer.scene.camera.zoom = 1.0
     qtbot.wait(200)
     span = float(np.ptp(corners, axis=0).max())
     canvas = min(viewer.window._qt_viewer.canvas.size)
-    viewer.camera.zoom = canvas / max(12 * span, 40.0)  # about 40 mm around the clip
+    viewer.scene.camera.zoom = canvas / max(12 * span, 40.0)  # about 40 mm around the clip
     qtbot.wait(500)
     path.parent.mkdir(parents=True, exist_ok=True)
     viewer.screenshot(str(path), canvas_only=False)

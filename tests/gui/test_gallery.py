@@ -141,7 +141,7 @@ def test_clicking_a_crop_opens_the_image_with_the_overlay_on_the_cell(viewer, pr
     want = placement.edge_to_world(np.array([[(r0 + r1) / 2, (c0 + c1) / 2]]))[0]
     got = np.asarray(overlay.translate) + np.asarray(overlay.scale) * np.array([i, j])
     np.testing.assert_allclose(got, want, atol=1e-6)
-    np.testing.assert_allclose(viewer.camera.center[-2:], want, atol=1e-6)  # view on the cell
+    np.testing.assert_allclose(viewer.scene.camera.center[-2:], want, atol=1e-6)  # view on the cell
 
 
 def test_standalone_with_probe_file_and_store_only(viewer, probed, qtbot):

@@ -8,6 +8,7 @@ config directory - never patient data.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import weakref
@@ -122,14 +123,6 @@ def save_settings(**values: Any) -> None:
         log.warning("settings not saved: %s", exc)
 
 
-def form_scroll(body: Any, min_height: int) -> Any:
-    """``body`` in a scroll area that asks for the form's whole size (Qt's own asks for at most
-    24 lines), so a dock with room shows all of it and only a squeezed one scrolls, down to
-    ``min_height``. Stacked docks then do not push napari's window past the screen (napari issue
-    4579: the explorer and the interventions stacked needed 1,101 px of window)."""
-    return _form_scroll_class()(body, min_height)
-
-
 @lru_cache(maxsize=1)
 def _form_scroll_class() -> type:
     from qtpy.QtCore import QEvent, QSize, Qt
@@ -166,13 +159,16 @@ def _form_scroll_class() -> type:
 
 class ScrollingForm:
     """For a tall magicgui dock (first base, before ``Container``): ``_scrolling(min_height)``
-    puts the form in a ``form_scroll``. napari docks a magicgui widget's ``native``, so here
-    ``native`` is that scroll area and ``body`` the widget with the form's layout."""
+    puts the form in a scroll area that asks for the form's whole size (Qt's own asks for at most
+    24 lines), so a dock with room shows all of it and only a squeezed one scrolls, down to
+    ``min_height``. Stacked docks then do not push napari's window past the screen (napari issue
+    4579: the explorer and the interventions stacked needed 1,101 px of window). napari docks a
+    magicgui widget's ``native``: here that scroll area; ``body`` is the widget with the form."""
 
     _form_scroll: Any = None
 
     def _scrolling(self, min_height: int) -> None:
-        self._form_scroll = form_scroll(self.body, min_height)
+        self._form_scroll = _form_scroll_class()(self.body, min_height)
         self._form_scroll._magic_widget = self  # napari's dock finds the magicgui widget by it
 
     @property
@@ -304,33 +300,23 @@ def keep_alive(worker: Any) -> Any:
 def _await_workers(timeout_ms: int = 20_000) -> None:
     """At interpreter exit: stop our running workers and let their threads end before Qt goes."""
     for worker in list(_LIVE_WORKERS):
-        try:
+        with contextlib.suppress(RuntimeError):  # its Qt side is already gone
             worker.quit()
-        except RuntimeError:  # its Qt side is already gone
-            pass
-    try:
+    with contextlib.suppress(Exception):  # never raise at exit
         from napari.qt.threading import WorkerBase
 
         WorkerBase.await_workers(timeout_ms)
-    except Exception:  # never raise at exit
-        pass
 
 
 def notify_error(message: str) -> None:
-    """Show an error in the viewer (falls back to the log outside napari)."""
-    try:
-        from napari.utils.notifications import show_error
+    """Show an error in the viewer's notifications."""
+    from napari.utils.notifications import show_error
 
-        show_error(message)
-    except Exception:  # pragma: no cover - no napari notification manager
-        log.error(message)
+    show_error(message)
 
 
 def notify_info(message: str) -> None:
-    """Show an information message in the viewer."""
-    try:
-        from napari.utils.notifications import show_info
+    """Show an information message in the viewer's notifications."""
+    from napari.utils.notifications import show_info
 
-        show_info(message)
-    except Exception:  # pragma: no cover
-        log.info(message)
+    show_info(message)

@@ -194,6 +194,6 @@ class NeuronGallery(ScrollingForm, Container):
         self.viewer.layers.selection.active = image
         # centre the view on the strongest cell
         scale, translate = np.asarray(transform["scale"]), np.asarray(transform["translate"])
-        self.viewer.camera.center = tuple(translate + scale * np.asarray(t.cell))
+        self.viewer.scene.camera.center = tuple(translate + scale * np.asarray(t.cell))
         notify_info(f"opened {t.path.name} with neuron {neuron}")
         return [*layers, overlay]
