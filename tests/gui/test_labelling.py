@@ -479,6 +479,12 @@ def test_server_restart_the_dock_queues_then_sends(make_napari_viewer, settings,
     assert "saved" in w.saved.text() and "neuron 40 unsure by alice" in w.saved.text()
     with LabelStore(server.url("coordinator", name), password="coord-pw") as coord:
         assert [(v.study, v.verdict) for v in coord.verdicts(SAE, neuron=40)] == [("", "unsure")]
+    # a CSV export from the server runs in the background too (the viewer never waits on it)
+    out = settings / "alice.csv"
+    assert w.export_csv(out) is None  # queued: said in the status line when done
+    _wait(w, qtbot)
+    assert "exported 3 verdicts to alice.csv" in w.saved.text()
+    assert len(out.read_text().splitlines()) == 1 + 3
 
 
 def test_a_queued_verdict_the_server_refuses_is_kept_and_reported(make_napari_viewer, settings,
