@@ -275,18 +275,12 @@ _LIVE_WORKERS: set = set()
 
 
 def start_worker(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """napari's ``create_worker(fn, *args, **kwargs)`` (slots in ``_connect``), held by
-    :func:`keep_alive` before it starts."""
+    """napari's ``create_worker(fn, *args, **kwargs)`` (slots in ``_connect``), started and held
+    until it finishes, so closing a widget (or the viewer) mid-run cannot delete the worker's Qt
+    signals while its thread still emits - that aborts the whole process."""
     from napari.qt.threading import create_worker
 
-    worker = keep_alive(create_worker(fn, *args, _start_thread=False, **kwargs))
-    worker.start()
-    return worker
-
-
-def keep_alive(worker: Any) -> Any:
-    """Hold a worker until it finishes, so closing a widget (or the viewer) mid-run cannot delete
-    the worker's Qt signals while its thread still emits - that aborts the whole process."""
+    worker = create_worker(fn, *args, _start_thread=False, **kwargs)
     if not _LIVE_WORKERS:
         import atexit
 
@@ -294,6 +288,7 @@ def keep_alive(worker: Any) -> Any:
         atexit.register(_await_workers)
     _LIVE_WORKERS.add(worker)
     worker.finished.connect(lambda w=worker: _LIVE_WORKERS.discard(w))
+    worker.start()
     return worker
 
 

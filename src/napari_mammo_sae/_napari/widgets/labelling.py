@@ -639,19 +639,20 @@ class LabellingWidget(ScrollingForm, Container):
     def export_csv(self, path: str | Path) -> int | None:
         """Export every verdict of this database (that this user may read); returns the count
         (None when it failed, or while a server's export runs in the background)."""
-        return self._csv("export", path, "exported {} verdicts to {}")
+        return self._csv("export", path, "exported {} verdicts to {}", changed=False)
 
     def import_csv(self, path: str | Path) -> int | None:
         """Merge verdicts from a CSV; returns rows added (None: failed, or sent to a server)."""
-        return self._csv("import", path, "imported {} new verdicts from {}")
+        return self._csv("import", path, "imported {} new verdicts from {}", changed=True)
 
-    def _csv(self, op: str, path: str | Path, said: str) -> int | None:
+    def _csv(self, op: str, path: str | Path, said: str, changed: bool) -> int | None:
         def work() -> int:
             with self.store() as store:
                 return getattr(store, f"{op}_csv")(path)
 
         def done(n: int) -> None:
             self.saved.setText(said.format(n, Path(path).name))
-            self.session.verdicts_changed.emit()  # an import: the history and table re-read it
+            if changed:  # an import: the history and the explorer's table re-read the database
+                self.session.verdicts_changed.emit()
 
         return self._run(work, done, lambda exc: self._op_failed(f"{op} failed: {exc}"))
